@@ -1,0 +1,113 @@
+"""Backend registry and dispatch.
+
+A backend is a module that implements the three hot paths on flat tensors. The public ops in
+:mod:`fastcolor.ops` validate and reshape the user's tensors, pick a backend, and call it
+with this contract (``P`` = number of pixels per image, spatial axes flattened):
+
+``unavailable_reason(device_type: str) -> str | None``
+    None when the backend can run on that device type ("cpu" or "cuda"), else a sentence
+    naming what is missing.
+
+``soft_encode(ab, k, sigma) -> (indices, weights)``
+    ``ab``: float32 contiguous ``(N, 2, P)``. Returns int32 ``(N, k, P)`` bin indices, nearest
+    first (ties: lower bin index), and float32 ``(N, k, P)`` Gaussian weights summing to 1.
+
+``ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None)``
+    ``logits``: contiguous ``(N, 313, P)``, float32 / float16 / bfloat16 (float64 where the
+    backend says so). Target: either ``ab`` (float32 ``(N, 2, P)``, encoded on the fly with
+    ``k``, ``sigma``) or the precomputed ``indices``/``weights`` (``(N, k, P)``, int32 and
+    float32), the other being None. ``class_weights``: float32 ``(313,)`` or None (v = 1).
+    ``image_mask``: float32 ``(N,)`` or None (m = 1). ``pixel_scale``: float32 ``(N, P)`` or
+    None (s = 1), an upstream gradient. Returns ``(loss, grad)``: float32 ``(N, P)`` per-pixel
+    loss ``s_np m_n v_np * -sum_q Z_nqp log softmax_nqp``, and, when ``need_grad``, the
+    gradient ``grad_scale * s_np m_n v_np (softmax_nqp - Z_nqp)`` in the logits' dtype and
+    shape (None otherwise). Arithmetic is float32 whatever the logits' dtype.
+
+``annealed_mean(x, T, is_probs) -> ab``
+    ``x``: contiguous ``(N, 313, P)`` logits (or probabilities when ``is_probs``), ``T >= 1e-6``.
+    Returns float32 ``(N, 2, P)``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+
+#: backend name -> (module, device types it runs on)
+BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("fastcolor.backends.torch_backend", ("cpu", "cuda")),
+    "numba": ("fastcolor.backends.numba_backend", ("cpu",)),
+    "cpp": ("fastcolor.backends.compiled_backend", ("cpu",)),
+    "triton": ("fastcolor.backends.triton_backend", ("cuda",)),
+    "cuda": ("fastcolor.backends.compiled_backend", ("cuda",)),
+}
+
+#: The order ``backend="auto"`` tries, fastest measured first (bench/RESULTS.md).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpp", "numba", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
+}
+
+ENV_VAR = "FASTCOLOR_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+@lru_cache(maxsize=None)
+def _module(name: str) -> ModuleType | str:
+    try:
+        return importlib.import_module(BACKENDS[name][0])
+    except ImportError as exc:  # a missing optional dependency
+        return f"importing {BACKENDS[name][0]} failed: {exc}"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run on ``device_type``, or None if it can."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; expected one of {sorted(BACKENDS)} or 'auto'"
+    if device_type not in BACKENDS[name][1]:
+        return f"backend {name!r} runs on {'/'.join(BACKENDS[name][1])} tensors, not {device_type}"
+    mod = _module(name)
+    if isinstance(mod, str):
+        return mod
+    return mod.unavailable_reason(device_type)
+
+
+def available(device_type: str) -> list[str]:
+    """The backends that can run on ``device_type`` here, in auto order."""
+    return [n for n in AUTO_ORDER.get(device_type, ("torch",)) if unavailable_reason(n, device_type) is None]
+
+
+def resolve(backend: str, device_type: str) -> str:
+    """Turn ``backend`` ("auto" or a name) into the name of a backend that runs on ``device_type``.
+
+    ``"auto"`` honours the ``FASTCOLOR_BACKEND`` environment variable, then takes the first
+    available backend of :data:`AUTO_ORDER`. A named backend that cannot run raises
+    :class:`BackendUnavailable` with the reason.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            backend = env
+        else:
+            for name in AUTO_ORDER.get(device_type, ("torch",)):
+                if unavailable_reason(name, device_type) is None:
+                    return name
+            return "torch"
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def get(name: str) -> ModuleType:
+    """The module of an available backend (call :func:`resolve` first)."""
+    mod = _module(name)
+    if isinstance(mod, str):
+        raise BackendUnavailable(mod)
+    return mod

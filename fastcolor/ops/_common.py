@@ -1,0 +1,60 @@
+"""Argument checks and layout helpers shared by the public ops."""
+from __future__ import annotations
+
+import torch
+
+from fastcolor.gamut import Q
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, x, *, channels: int | None = None, floating: bool = True) -> torch.Tensor:
+    """Check that ``x`` is a tensor (N, C, *spatial) with ``C == channels``; return it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected shape (N, {channels or 'C'}, ...), got {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels on axis 1, shape (N, {channels}, ...), got {tuple(x.shape)}")
+    return x
+
+
+def check_same_layout(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` must share batch size, spatial shape and device with ``ref``."""
+    if x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+        raise ValueError(
+            f"{name}: expected batch and spatial shape {(ref.shape[0],) + tuple(ref.shape[2:])} "
+            f"matching {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+        )
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got {x.device}")
+
+
+def check_k_sigma(k, sigma) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+        raise ValueError(f"k: expected an integer in 1..16, got {k!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
+
+
+def flat(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N, C, *S) -> contiguous (N, C, P), optionally cast."""
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
+
+
+def check_class_weights(weights, device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        try:
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"weights: expected a ({Q},) tensor or array, got {type(weights).__name__}") from exc
+    if weights.shape != (Q,):
+        raise ValueError(f"weights: expected shape ({Q},), got {tuple(weights.shape)}")
+    return weights.to(device=device, dtype=torch.float32).contiguous()

@@ -1,0 +1,74 @@
+"""Soft-encoding of ab onto the k nearest bins, and the sparse target type it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastcolor import backends
+from fastcolor.gamut import Q
+from fastcolor.ops._common import check_k_sigma, check_tensor, flat
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """A sparse soft target: for every pixel the ``k`` nearest bins (nearest first) and weights.
+
+    ``indices``: int32 ``(N, k, *spatial)``; ``weights``: float32 ``(N, k, *spatial)``, summing to
+    1 over axis 1. This is what a data loader should hand to the GPU: k values per pixel
+    instead of 313. :meth:`dense` gives the ``(N, 313, *spatial)`` distribution.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.indices, torch.Tensor) or not isinstance(self.weights, torch.Tensor):
+            raise TypeError("SoftLabels: expected tensors for indices and weights")
+        if self.indices.shape != self.weights.shape or self.indices.dim() < 2:
+            raise ValueError(
+                f"SoftLabels: expected indices and weights of one shape (N, k, ...), "
+                f"got {tuple(self.indices.shape)} and {tuple(self.weights.shape)}"
+            )
+        if self.indices.dtype not in (torch.int16, torch.int32, torch.int64):
+            raise TypeError(f"SoftLabels.indices: expected an integer tensor, got {self.indices.dtype}")
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """The ``(N, 313, *spatial)`` float32 distribution."""
+        shape = (self.indices.shape[0], Q) + tuple(self.indices.shape[2:])
+        z = torch.zeros(shape, dtype=torch.float32, device=self.indices.device)
+        return z.scatter_(1, self.indices.long(), self.weights.float())
+
+    def to(self, *args, **kwargs) -> "SoftLabels":
+        """Move both tensors (e.g. ``labels.to("cuda", non_blocking=True)``); indices stay integers."""
+        kwargs.pop("dtype", None)
+        return SoftLabels(self.indices.to(*args, **kwargs), self.weights.to(*args, **kwargs))
+
+
+@torch.library.custom_op("fastcolor::soft_encode", mutates_args=())
+def _soft_encode_op(ab: torch.Tensor, k: int, sigma: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return backends.get(backend).soft_encode(ab, k, sigma)
+
+
+@_soft_encode_op.register_fake
+def _(ab, k, sigma, backend):
+    n, _, p = ab.shape
+    return ab.new_empty((n, k, p), dtype=torch.int32), ab.new_empty((n, k, p), dtype=torch.float32)
+
+
+def soft_encode(ab: torch.Tensor, k: int = 5, sigma: float = 5.0, backend: str = "auto") -> SoftLabels:
+    """Soft-encode ab ``(N, 2, *spatial)`` onto its ``k`` nearest of the 313 bins.
+
+    Gaussian weights ``exp(-d^2 / (2 sigma^2))`` normalised per pixel (Zhang et al. 2016: k = 5,
+    sigma = 5). Spec: :func:`fastcolor.reference.soft_encode`. Not differentiable.
+    """
+    check_tensor("ab", ab, channels=2)
+    check_k_sigma(k, sigma)
+    name = backends.resolve(backend, ab.device.type)
+    idx, w = _soft_encode_op(flat(ab, torch.float32), k, float(sigma), name)
+    shape = (ab.shape[0], k) + tuple(ab.shape[2:])
+    return SoftLabels(idx.reshape(shape), w.reshape(shape))

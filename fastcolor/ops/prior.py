@@ -1,0 +1,64 @@
+"""The class prior of a dataset and the rarity weights that rebalance the loss."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastcolor import reference
+from fastcolor.gamut import Q, ab_bins
+from fastcolor.ops._common import check_tensor
+
+
+def nearest_bin(ab: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest bin for every pixel: ``(N, 2, *S) -> (N, *S)`` int64.
+
+    Chunked over pixels so memory stays bounded for any image size.
+    """
+    check_tensor("ab", ab, channels=2)
+    pixels = ab.detach().movedim(1, -1).reshape(-1, 2).float()
+    bins = ab_bins(ab.device)
+    out = torch.empty(pixels.shape[0], dtype=torch.int64, device=ab.device)
+    for start in range(0, pixels.shape[0], 1 << 16):
+        chunk = pixels[start : start + (1 << 16)]
+        out[start : start + chunk.shape[0]] = torch.cdist(chunk, bins).argmin(1)
+    return out.reshape((ab.shape[0],) + tuple(ab.shape[2:]))
+
+
+class PriorAccumulator:
+    """Streams batches of ab and counts how often each bin is the nearest one.
+
+    >>> acc = PriorAccumulator()
+    >>> for batch in loader: acc.update(batch_ab)      # any number of batches, any sizes
+    >>> prior = acc.prior(smooth_sigma=5.0)            # (313,) float64, sums to 1
+    >>> weights = rarity_weights(prior, lam=0.5)
+    """
+
+    def __init__(self):
+        self.counts = np.zeros(Q, dtype=np.int64)
+
+    def update(self, ab: torch.Tensor) -> "PriorAccumulator":
+        idx = nearest_bin(ab)
+        self.counts += torch.bincount(idx.reshape(-1).cpu(), minlength=Q).numpy()
+        return self
+
+    @property
+    def pixels(self) -> int:
+        return int(self.counts.sum())
+
+    def prior(self, smooth_sigma: float | None = 5.0) -> np.ndarray:
+        """The normalised histogram, optionally smoothed over the ab plane (as the paper does)."""
+        if self.pixels == 0:
+            raise ValueError("PriorAccumulator: expected at least one pixel before prior(), got none")
+        p = self.counts / self.pixels
+        return reference.smooth_prior(p, smooth_sigma) if smooth_sigma else p
+
+
+def rarity_weights(prior, lam: float = 0.5) -> np.ndarray:
+    """Class-rebalancing weights ``w ~ ((1 - lam) p + lam / Q)^-1`` with ``sum p w = 1``.
+
+    Accepts a numpy array or tensor ``(313,)``; returns float64 numpy (pass it to the loss,
+    which moves it to the logits' device). Spec: :func:`fastcolor.reference.rarity_weights`.
+    """
+    if isinstance(prior, torch.Tensor):
+        prior = prior.detach().cpu().numpy()
+    return reference.rarity_weights(np.asarray(prior, dtype=np.float64), lam)
