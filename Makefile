@@ -1,0 +1,59 @@
+# fastcolor developer entry points.
+#   make test   - create .venv if needed, install, run the fast test suite
+#   make demo   - same install, then `python -m fastcolor demo`
+#   make bench  - same install, then pytest-benchmark over bench/
+#   make install (alias: venv) - just the install
+# Installing is idempotent: stamp files under .venv/ record what was done.
+# Changing setup.py/pyproject.toml/CMakeLists.txt reinstalls the package;
+# changing csrc/ or kernels/ only rebuilds the extension (incremental CMake).
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+# Keep in sync with [build-system].requires in pyproject.toml; installed into
+# the venv so builds can run --no-build-isolation (fast, incremental).
+BUILD_REQS  ?= "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+PYTEST_ARGS ?=
+
+TORCH_STAMP := $(VENV)/.stamp-torch
+DEPS_STAMP  := $(VENV)/.stamp-install
+EXT_STAMP   := $(VENV)/.stamp-ext
+EXT_SOURCES := CMakeLists.txt $(wildcard csrc kernels csrc/* kernels/*)
+
+.PHONY: test demo bench install venv clean-ext
+
+test: $(EXT_STAMP)
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+
+demo: $(EXT_STAMP)
+	$(PY) -m fastcolor demo
+
+bench: $(EXT_STAMP)
+	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+install venv: $(EXT_STAMP)
+
+$(TORCH_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+	echo "$(TORCH_SPEC)" > $@
+
+$(DEPS_STAMP): setup.py pyproject.toml CMakeLists.txt fastcolor/_version.py $(TORCH_STAMP)
+	$(PIP) install $(BUILD_REQS)
+	$(PIP) install --no-build-isolation -e '.[dev]'
+	touch $@ $(EXT_STAMP)
+
+# Rebuild the extension when a C++/CUDA source is newer than the last build,
+# or when the module vanished (e.g. git clean) and no failure was recorded.
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	@if [ ! -f $@ ] || [ -n "$$(find $(EXT_SOURCES) -newer $@ 2>/dev/null | head -1)" ] \
+	    || { ! ls fastcolor/_C.*.so >/dev/null 2>&1 && [ ! -f fastcolor/_build_failure.txt ]; }; then \
+	  echo "rebuilding fastcolor._C"; \
+	  $(PIP) install --no-deps --no-build-isolation -e . ; \
+	fi
+	@touch $@
+
+clean-ext:
+	rm -rf build/cmake-* fastcolor/_C.*.so fastcolor/_build_failure.txt $(EXT_STAMP)

@@ -1,0 +1,91 @@
+"""Loader and build report for the optional native extension ``fastcolor._C``.
+
+``load_extension()`` returns the compiled module or ``None`` (never raises);
+``build_info()`` returns a dict that always has ``"extension"`` (bool) and
+``"reason"`` (why ``_C`` is missing, or None), the ``_C.build_info()`` fields
+when the module is present, and the ``"torch"``, ``"numba"``, ``"triton"``
+versions (None when not importable). Nothing here touches CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+__all__ = ["load_extension", "build_info", "extension_error"]
+
+_FAILURE_FILE = Path(__file__).with_name("_build_failure.txt")
+
+_module = None
+_error: str | None = None
+_loaded = False
+
+
+def _build_failure_text() -> str | None:
+    try:
+        text = _FAILURE_FILE.read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def load_extension(force: bool = False):
+    """Return ``fastcolor._C`` or None if it is unavailable.
+
+    The environment variable ``FASTCOLOR_NO_EXT=1`` disables the extension at
+    runtime too (useful to test the pure-Python fallbacks). The result is
+    cached; ``force=True`` retries.
+    """
+    global _module, _error, _loaded
+    if _loaded and not force:
+        return _module
+    _module, _error = None, None
+    if os.environ.get("FASTCOLOR_NO_EXT", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        _error = "disabled by FASTCOLOR_NO_EXT=1"
+    else:
+        try:
+            _module = importlib.import_module("fastcolor._C")
+        except Exception as exc:  # ImportError, OSError from the loader, ...
+            _error = f"{type(exc).__name__}: {exc}"
+            failure = _build_failure_text()
+            if failure:
+                _error = f"{failure}\n(import error: {_error})"
+    _loaded = True
+    return _module
+
+
+def extension_error() -> str | None:
+    """Why the extension is unavailable (None if it loaded)."""
+    load_extension()
+    return _error
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        pass
+    try:
+        return getattr(importlib.import_module(name), "__version__", None)
+    except Exception:
+        return None
+
+
+def build_info() -> dict:
+    """Describe how fastcolor was built and which backends are importable."""
+    mod = load_extension()
+    info: dict = {"extension": mod is not None, "reason": None if mod is not None else _error}
+    if mod is not None:
+        try:
+            info.update(mod.build_info())
+        except Exception as exc:  # pragma: no cover - defensive
+            info["build_info_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        info.setdefault("cuda", False)
+        info.setdefault("openmp", False)
+    for name in ("torch", "numba", "triton"):
+        info[name] = _version(name)
+    return info
