@@ -1,0 +1,242 @@
+"""Image folders for colorization training.
+
+A data directory is either flat (images directly inside: one class, named after the
+directory) or has one subfolder per class. Any image PIL can open is accepted and turned
+into 8-bit sRGB (grayscale, palette, RGBA/LA over white, CMYK, 16-bit, EXIF orientation).
+Files that cannot be opened are found when the folder is indexed and skipped with one
+warning; a file that becomes unreadable later is skipped at load time (another sample is
+returned in its place), so an epoch never crashes on one bad file.
+
+Samples are dicts: ``L`` (1, S, S) in 0..100 and ``ab`` (2, S/stride, S/stride) in Lab
+units (``stride`` 4 for :class:`~fastcolor.models.ZhangNet`, 1 for
+:class:`~fastcolor.models.FusionNet`), plus ``index`` and, with an embedding cache,
+``embedding``. The loss gets ab values, never 313-bin vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from fastcolor.color import rgb_to_lab
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageItem", "load_rgb", "load_l", "index_images", "split_items", "save_split",
+           "load_split", "ColorizationDataset", "augmentation"]
+
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image: its path relative to the data directory and its class (subfolder name)."""
+
+    path: str
+    label: str
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """High-bit-depth single-channel arrays (PIL modes I;16*, I, F) -> uint8."""
+    arr = arr.astype(np.float64)
+    if mode == "F":
+        scale = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        scale = 65535.0
+    else:
+        scale = 255.0
+    return (np.clip(np.nan_to_num(arr) / scale, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any image as an upright 8-bit RGB PIL image. Raises ``OSError``/``ValueError`` if unreadable."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode == "RGB":
+            return im.copy()
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+
+
+def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """L (1, size, size) in 0..100 of the image at ``path`` resized to a square (for embeddings)."""
+    x = v2.functional.resize(_pil_to_tensor(load_rgb(path)), [size, size], antialias=True)
+    return rgb_to_lab(x)[:1]
+
+
+def _verify(path: Path) -> str | None:
+    """Cheap check (header + PIL verify, no full decode): None if fine, else the reason."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+
+
+def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True) -> list[ImageItem]:
+    """All images under ``root``: flat (class = the folder's name) or one subfolder per class.
+
+    ``classes`` restricts to those subfolders. Unreadable files are skipped with one
+    warning naming them all. Sorted by path, so the result is deterministic.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"root must be an existing directory of images, got {str(root)!r}")
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = {d.name: images_in(d) for d in subdirs}
+    per_class = {k: v for k, v in per_class.items() if v}
+    if not per_class:
+        per_class = {root.resolve().name: images_in(root)}
+    if classes is not None:
+        unknown = sorted(set(classes) - set(per_class))
+        if unknown:
+            raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), got unknown {unknown}")
+        per_class = {k: v for k, v in per_class.items() if k in set(classes)}
+    items, bad = [], []
+    for label, paths in per_class.items():
+        for p in paths:
+            reason = _verify(p) if verify else None
+            if reason is None:
+                items.append(ImageItem(p.relative_to(root).as_posix(), label))
+            else:
+                bad.append(f"{p.relative_to(root).as_posix()} ({reason})")
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root}: " + "; ".join(bad), stacklevel=2)
+    if not items:
+        raise ValueError(f"root: expected at least one readable image in {str(root)!r}, found none")
+    return items
+
+
+def split_items(items: Sequence[ImageItem], seed: int = 0,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, list[ImageItem]]:
+    """Deterministic stratified train/val/test split (per class, seeded shuffle of the sorted paths).
+
+    Classes with at least 3 images get at least one validation and one test image.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions!r}")
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[ImageItem]] = {"train": [], "val": [], "test": []}
+    for label in sorted({it.label for it in items}):
+        group = sorted((it for it in items if it.label == label), key=lambda it: it.path)
+        group = [group[i] for i in rng.permutation(len(group))]
+        n = len(group)
+        n_val, n_test = int(round(n * fractions[1])), int(round(n * fractions[2]))
+        if n >= 3:
+            n_val, n_test = max(n_val, int(fractions[1] > 0)), max(n_test, int(fractions[2] > 0))
+        out["val"] += group[:n_val]
+        out["test"] += group[n_val:n_val + n_test]
+        out["train"] += group[n_val + n_test:]
+    return out
+
+
+def save_split(path: str | os.PathLike, split: dict[str, list[ImageItem]], seed: int | None = None) -> None:
+    from fastcolor.io import atomic_write_json
+
+    atomic_write_json(path, {"seed": seed, **{k: [[it.path, it.label] for it in v] for k, v in split.items()}})
+
+
+def load_split(path: str | os.PathLike) -> dict[str, list[ImageItem]]:
+    raw = json.loads(Path(path).read_text())
+    return {k: [ImageItem(p, c) for p, c in raw[k]] for k in ("train", "val", "test")}
+
+
+def augmentation(degrees: float = 15.0, zoom: tuple[float, float] = (1.0, 1.25), shear: float = 8.0,
+                 hflip: bool = True) -> v2.Transform:
+    """The runtime augmentation: random zoom, rotation, shear and horizontal flip (uint8 tensors)."""
+    ts: list[v2.Transform] = [v2.RandomHorizontalFlip()] if hflip else []
+    ts.append(v2.RandomAffine(degrees=degrees, scale=zoom, shear=shear, interpolation=InterpolationMode.BILINEAR))
+    return v2.Compose(ts)
+
+
+class ColorizationDataset(Dataset):
+    """L and ab target tensors from a list of :class:`ImageItem` under ``root``.
+
+    Args:
+        root: the data directory the items' paths are relative to.
+        items: the images (e.g. one split of :func:`split_items`).
+        size: square size the images are resized to (the model's input size).
+        target_stride: ab targets are ``size / target_stride`` (area-averaged); 4 for Zhang, 1 for fusion.
+        augment: ``True`` for :func:`augmentation` defaults, a v2 transform, or ``False``.
+        embeddings: an :class:`~fastcolor.models.EmbeddingCache`; adds ``embedding`` to samples.
+    """
+
+    def __init__(self, root: str | os.PathLike, items: Sequence[ImageItem], size: int = 128, target_stride: int = 4,
+                 augment: bool | v2.Transform = False, embeddings: Any = None, max_retries: int = 20):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if not isinstance(target_stride, int) or target_stride < 1 or size % target_stride:
+            raise ValueError(f"target_stride must be a positive int dividing size={size}, got {target_stride!r}")
+        if len(items) == 0:
+            raise ValueError("items must contain at least one image, got none")
+        self.root = Path(root)
+        self.items = list(items)
+        self.size = size
+        self.target_stride = target_stride
+        self.transform = augmentation() if augment is True else (augment or None)
+        self.embeddings = embeddings
+        self.max_retries = max_retries
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The sample at ``index``; raises if the file cannot be read (see ``__getitem__``)."""
+        item = self.items[index]
+        path = self.root / item.path
+        x = _pil_to_tensor(load_rgb(path))
+        x = v2.functional.resize(x, [self.size, self.size], antialias=True)
+        if self.transform is not None:
+            x = self.transform(x)
+        lab = rgb_to_lab(x)
+        L, ab = lab[:1], lab[1:]
+        if self.target_stride > 1:
+            ab = F.avg_pool2d(ab, self.target_stride)
+        sample = {"L": L, "ab": ab, "index": index}
+        if self.embeddings is not None:
+            emb = self.embeddings.get(path)
+            if emb is None:
+                raise OSError(f"no cached embedding for {path}")
+            sample["embedding"] = emb
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Like :meth:`load`, but an unreadable file is reported once and the next readable one is returned."""
+        for attempt in range(min(self.max_retries, len(self.items))):
+            i = (index + attempt) % len(self.items)
+            try:
+                return self.load(i)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+                path = self.items[i].path
+                if path not in self._reported:
+                    self._reported.add(path)
+                    warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
+        raise RuntimeError(f"{self.max_retries} consecutive images from index {index} could not be read")

@@ -1,0 +1,61 @@
+"""Colorization networks: :class:`ZhangNet` (313-bin classification) and :class:`FusionNet`
+(Deep Koalarization regression), rebuildable from their ``config`` dicts."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastcolor.models.fusion import BACKBONES, Embedder, EmbeddingCache, FusionNet
+from fastcolor.models.zhang import ZhangNet
+
+__all__ = ["ZhangNet", "FusionNet", "Embedder", "EmbeddingCache", "BACKBONES", "build_model", "model_state",
+           "load_model_state", "PRESETS"]
+
+#: Named configurations accepted by :func:`build_model`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "zhang": {"arch": "zhang"},
+    "zhang_small": {"arch": "zhang", "base": 32, "mid_width": 256, "mid_dilations": [1, 2], "input_size": 128},
+    "zhang_tiny": {"arch": "zhang", "base": 8, "mid_width": 16, "mid_dilations": [2], "input_size": 32},
+    "fusion": {"arch": "fusion"},
+    "fusion_small": {"arch": "fusion", "input_size": 128, "width": 0.5, "backbone": "mobilenet_v3_small"},
+    "fusion_tiny": {"arch": "fusion", "input_size": 32, "width": 0.125, "backbone": "mobilenet_v3_small",
+                    "embed_size": 64},
+}
+
+
+def build_model(config: dict[str, Any] | str) -> nn.Module:
+    """A fresh model from a ``config`` dict (as found in ``model.config``) or a :data:`PRESETS` name."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"config must be a dict or one of {sorted(PRESETS)}, got {config!r}")
+        config = PRESETS[config]
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or a preset name, got {type(config).__name__}")
+    kwargs = dict(config)
+    arch = kwargs.pop("arch", None)
+    if arch == "zhang":
+        return ZhangNet(**kwargs)
+    if arch == "fusion":
+        return FusionNet(**kwargs)
+    raise ValueError(f"config['arch'] must be 'zhang' or 'fusion', got {arch!r}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable state to checkpoint: the state dict without a fusion model's frozen backbone."""
+    model = _unwrap(model)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("embedder.")}
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`model_state` output strictly (the frozen backbone keys are allowed to be absent)."""
+    model = _unwrap(model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("embedder.")]
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,159 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from fastcolor.color import rgb_to_lab
+from fastcolor.data import (ColorizationDataset, ImageItem, index_images, load_rgb, load_split, save_split,
+                            split_items)
+
+
+def _photo(name, size=48):
+    img = getattr(skimage.data, name)()
+    return Image.fromarray(img).resize((size, size))
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """Two classes of real photos plus odd formats and broken files."""
+    root = tmp_path / "data"
+    (root / "animals").mkdir(parents=True)
+    (root / "things").mkdir()
+    for i, name in enumerate(["chelsea", "cat", "astronaut"]):
+        _photo(name).save(root / "animals" / f"a{i}.png")
+    for i, name in enumerate(["coffee", "rocket", "astronaut"]):
+        _photo(name).rotate(90 * i).save(root / "things" / f"t{i}.jpg")
+    (root / "things" / "empty.png").write_bytes(b"")
+    (root / "things" / "garbage.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    (root / "things" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_index_skips_bad_files_with_one_warning(folder):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items = index_images(folder)
+    msgs = [str(x.message) for x in w if "unreadable" in str(x.message)]
+    assert len(msgs) == 1 and "empty.png" in msgs[0] and "garbage.jpg" in msgs[0]
+    assert len(items) == 6
+    assert {it.label for it in items} == {"animals", "things"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert index_images(folder, classes=["things"])[0].label == "things"
+    with pytest.raises(ValueError, match="classes"):
+        index_images(folder, classes=["plants"])
+    with pytest.raises(ValueError, match="root"):
+        index_images(folder / "missing")
+
+
+def test_flat_folder_is_one_class(tmp_path):
+    for i in range(3):
+        _photo("coffee").save(tmp_path / f"{i}.png")
+    items = index_images(tmp_path)
+    assert len(items) == 3 and {it.label for it in items} == {tmp_path.name}
+
+
+def test_split_is_deterministic_stratified_and_saved(tmp_path):
+    items = [ImageItem(f"{c}/{i:03d}.png", c) for c in "ab" for i in range(50)]
+    s1 = split_items(items, seed=3)
+    s2 = split_items(list(reversed(items)), seed=3)
+    assert s1 == s2
+    assert split_items(items, seed=4) != s1
+    assert [len(s1[k]) for k in ("train", "val", "test")] == [80, 10, 10]
+    assert sum(it.label == "a" for it in s1["val"]) == 5
+    all_paths = [it.path for k in s1 for it in s1[k]]
+    assert sorted(all_paths) == sorted(it.path for it in items)
+    save_split(tmp_path / "split.json", s1, seed=3)
+    assert json.loads((tmp_path / "split.json").read_text())["seed"] == 3
+    assert load_split(tmp_path / "split.json") == s1
+    with pytest.raises(ValueError, match="fractions"):
+        split_items(items, fractions=(0.5, 0.5, 0.5))
+
+
+def test_any_image_mode_becomes_rgb(tmp_path):
+    rgb = np.asarray(_photo("astronaut", 16))
+    cases = {
+        "gray.png": Image.fromarray(rgb[..., 0]),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "gray16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "bw.png": Image.fromarray(rgb[..., 0] > 128),
+    }
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        out = load_rgb(tmp_path / name)
+        assert out.mode == "RGB" and out.size == (16, 16), name
+    # 16-bit grey is scaled down, not clipped to white
+    g16 = np.asarray(load_rgb(tmp_path / "gray16.png"))[..., 0]
+    np.testing.assert_array_equal(g16, rgb[..., 0])
+    # transparent pixels are composited over white
+    rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    assert np.asarray(load_rgb(tmp_path / "clear.png")).min() == 255
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    im = Image.fromarray(np.zeros((10, 20, 3), np.uint8))  # 20 wide, 10 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert load_rgb(tmp_path / "rot.jpg").size == (10, 20)
+
+
+def test_dataset_shapes_and_values(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = index_images(folder)
+    ds = ColorizationDataset(folder, items, size=32, target_stride=4)
+    s = ds[0]
+    assert s["L"].shape == (1, 32, 32) and s["ab"].shape == (2, 8, 8)
+    assert s["L"].dtype == torch.float32 and 0 <= s["L"].min() and s["L"].max() <= 100
+    # without augmentation the target is the area average of the full-resolution ab
+    full = ColorizationDataset(folder, items, size=32, target_stride=1)[0]
+    assert full["ab"].shape == (2, 32, 32)
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(full["ab"], 4), s["ab"])
+    torch.testing.assert_close(full["L"], s["L"])
+    # the colour is really there: chelsea (a0) is an orange cat
+    assert full["ab"][1].mean() > 5
+    with pytest.raises(ValueError, match="target_stride"):
+        ColorizationDataset(folder, items, size=30, target_stride=4)
+
+
+def test_augmentation_changes_samples_but_keeps_shapes(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = index_images(folder)
+    plain = ColorizationDataset(folder, items, size=32, augment=False)
+    aug = ColorizationDataset(folder, items, size=32, augment=True)
+    torch.manual_seed(0)
+    a = [aug[0]["L"] for _ in range(4)]
+    assert all(x.shape == (1, 32, 32) for x in a)
+    assert any(not torch.allclose(x, plain[0]["L"]) for x in a)
+
+
+def test_file_broken_mid_epoch_is_skipped(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = index_images(folder)
+    ds = ColorizationDataset(folder, items, size=16)
+    (folder / items[2].path).write_bytes(b"")  # breaks after indexing
+    with pytest.warns(UserWarning, match="unreadable"):
+        s = ds[2]
+    assert s["index"] == 3
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert sum(b["L"].shape[0] for b in batches) == len(ds)
+    assert batches[0]["ab"].shape == (3, 2, 4, 4)
+
+
+def test_lab_of_loaded_image_matches_direct_conversion(folder):
+    ds = ColorizationDataset(folder, [ImageItem("animals/a0.png", "animals")], size=48, target_stride=1)
+    direct = rgb_to_lab(torch.from_numpy(np.array(_photo("chelsea"))).permute(2, 0, 1))
+    torch.testing.assert_close(ds[0]["ab"], direct[1:])
