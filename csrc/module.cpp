@@ -21,6 +21,8 @@ extern "C" int fastcolor_cudart_version_compiled();
 extern "C" int fastcolor_cuda_runtime_version();
 extern "C" int fastcolor_cuda_driver_version();
 extern "C" int fastcolor_cuda_device_count();
+extern "C" int fastcolor_cuda_selftest();
+extern "C" const char* fastcolor_cuda_error_string(int code);
 #endif
 
 namespace py = pybind11;
@@ -92,5 +94,12 @@ PYBIND11_MODULE(_C, m) {
         "cudaDriverGetVersion(); 0 when no driver is installed.");
   m.def("cuda_device_count", &fastcolor_cuda_device_count,
         "cudaGetDeviceCount(); 0 when no driver/GPU.");
+  m.def("cuda_selftest", []() -> std::string {
+        const int rc = fastcolor_cuda_selftest();
+        if (rc == 0) return "ok";
+        if (rc == -1) return "wrong result";
+        return fastcolor_cuda_error_string(rc);
+      },
+        "Launch a tiny kernel on the current device; 'ok' or the CUDA error text.");
 #endif
 }

@@ -180,3 +180,25 @@ def test_setup_records_build_failure(tmp_path):
     assert failure.exists()
     assert "failed" in failure.read_text()
     assert not list((lib / "fastcolor").glob("_C.*.so"))
+
+
+def test_cuda_selftest_never_crashes():
+    C = _ext.load_extension()
+    if C is None or not C.has_cuda:
+        pytest.skip("extension without CUDA")
+    res = C.cuda_selftest()
+    assert isinstance(res, str)
+    if C.cuda_device_count() > 0:
+        assert res == "ok"
+
+
+@pytest.mark.gpu
+def test_cuda_selftest_on_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    C = _ext.load_extension()
+    assert C is not None and C.has_cuda, fastcolor.build_info()["reason"]
+    assert C.cuda_device_count() >= 1
+    assert C.cuda_driver_version() > 0
+    assert C.cuda_selftest() == "ok"
