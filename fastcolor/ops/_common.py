@@ -41,7 +41,10 @@ def check_k_sigma(k, sigma) -> None:
 
 def flat(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(N, C, *S) -> contiguous (N, C, P), optionally cast."""
-    x = x.reshape(x.shape[0], x.shape[1], -1)
+    p = 1
+    for d in x.shape[2:]:
+        p *= d
+    x = x.reshape(x.shape[0], x.shape[1], p)
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
     return x.contiguous()
