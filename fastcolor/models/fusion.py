@@ -53,7 +53,11 @@ class Embedder(nn.Module):
         self.backbone_name = backbone
         self.input_size = int(input_size or default_size)
         self.softmax = softmax
-        self.net = getattr(torchvision.models, backbone)(weights=None, **kwargs)
+        # Without weights the backbone is random but reproducible (seed 0), so embeddings
+        # cached by one process match a model rebuilt later from its config.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = getattr(torchvision.models, backbone)(weights=None, **kwargs)
         if weights is not None:
             from fastcolor.io import load_state_file
 

@@ -1,0 +1,447 @@
+"""Training loop for :class:`~fastcolor.models.ZhangNet` and :class:`~fastcolor.models.FusionNet`.
+
+``train(TrainConfig(data_dir=..., run_dir=...))`` does, in the run directory:
+
+* ``split.json``: the seeded stratified 80/10/10 split (reused when resuming);
+* ``prior.safetensors``: class prior of the training ab (streamed through
+  :class:`fastcolor.PriorAccumulator`) and the rarity weights (``lam`` 0.5), Zhang models only;
+* ``last.safetensors`` after every epoch, ``best.safetensors`` when the validation loss
+  improves by at least ``min_delta``: single-file, atomically written checkpoints (model,
+  Adam state, training state as JSON metadata, never pickle); ``resume=True`` continues
+  from ``last.safetensors``;
+* ``model.safetensors`` + ``model.json``: the best weights and the model config;
+* ``metrics.jsonl`` (one JSON line per epoch), ``loss_curve.png``, ``train_config.json``.
+
+Losses: ``"rebalanced"`` (class-rebalanced soft cross-entropy), ``"ce"`` (unweighted), both
+for Zhang; ``"mse"`` (the Deep Koalarization regression loss on ab / 128) for fusion.
+
+Distributed: launch with ``torchrun --nproc_per_node=K`` (the environment variables decide);
+nccl on GPU, gloo on CPU. Rank 0 writes the files; all ranks end with identical weights.
+Checkpoints are written once per epoch, so a resumed run repeats the interrupted epoch.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fastcolor.data import ColorizationDataset, index_images, load_l, load_split, save_split, split_items
+from fastcolor.io import (append_jsonl, atomic_write_bytes, atomic_write_json, load_checkpoint, load_tensors,
+                          save_checkpoint, save_model, save_tensors)
+from fastcolor.models import EmbeddingCache, build_model, load_model_state, model_state
+
+__all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve"]
+
+LOSSES = ("rebalanced", "ce", "mse")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``train_config.json`` in the run directory."""
+
+    data_dir: str
+    run_dir: str
+    model: str | dict = "zhang_small"  #: a :data:`fastcolor.models.PRESETS` name or a model config dict
+    loss: str = "rebalanced"  #: "rebalanced" | "ce" (Zhang) | "mse" (fusion)
+    classes: list[str] | None = None  #: train on these class subfolders only (None: all)
+    image_size: int | None = None  #: default: the model's ``input_size``
+    batch_size: int = 100
+    epochs: int = 40
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    patience: int = 7  #: early stopping: epochs without a validation improvement >= min_delta
+    min_delta: float = 1e-3
+    seed: int = 0
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    augment: bool = True
+    workers: int = 2
+    prior_lam: float = 0.5
+    prior_sigma: float = 5.0
+    resume: bool = True
+    device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1", ...
+    backbone_weights: str | None = None  #: fusion: local weights file for the backbone
+    embedding_cache: str | None = None  #: fusion: cache directory (default ``<run_dir>/embeddings``)
+    max_steps_per_epoch: int | None = None  #: cut epochs short (smoke tests, demos)
+    progress: bool = True  #: tqdm bar on rank 0
+    plot: bool = True  #: loss_curve.png at the end (and after each epoch that took >= 5 s)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("batch_size", "epochs", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
+        self.betas = tuple(self.betas)
+        self.split = tuple(self.split)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_val_loss: float
+    best_epoch: int
+    epochs_completed: int  #: epochs finished in total, resumed ones included
+    stopped_early: bool
+    history: list[dict[str, Any]]
+    resumed_from_epoch: int | None  #: the last epoch of the checkpoint resumed from, None for a fresh run
+    model: torch.nn.Module = field(repr=False)  #: the model as it ended training (best weights: model.safetensors)
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.run_dir / "model.safetensors"
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Deep Koalarization loss: per image ``1/(2HW) sum (pred - target)^2``, averaged over the batch
+    (``"mean"``) or per image (``"none"``). Spec: :func:`fastcolor.reference.regression_loss`."""
+    if pred.shape != target.shape or pred.dim() < 2 or pred.shape[1] != 2:
+        raise ValueError(f"pred, target: expected equal shapes (N, 2, ...), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    per_image = (pred.float() - target.float()).square().flatten(1).mean(1)
+    if reduction == "none":
+        return per_image
+    if reduction == "mean":
+        return per_image.mean()
+    raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _setup_distributed(device: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+
+def _device(pref: str, d: _Dist) -> torch.device:
+    if pref == "auto":
+        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{d.local_rank}")
+    return dev
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def compute_class_prior(dataset: ColorizationDataset, batch_size: int = 100, workers: int = 0,
+                        smooth_sigma: float = 5.0) -> np.ndarray:
+    """Smoothed empirical prior (313,) of the dataset's ab targets, streamed batch by batch."""
+    import fastcolor
+
+    acc = fastcolor.PriorAccumulator()
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        acc.update(batch["ab"])
+    return acc.prior(smooth_sigma=smooth_sigma)
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Train/validation loss per epoch as a PNG (matplotlib Agg), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    if history:
+        best = min(history, key=lambda h: h["val_loss"])
+        ax.axvline(best["epoch"], color="gray", ls=":", label=f"best (epoch {best['epoch']})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, d: _Dist):
+        self.cfg, self.d = cfg, d
+        self.run_dir = Path(cfg.run_dir)
+        self.device = _device(cfg.device, d)
+
+    # -- setup -----------------------------------------------------------------------------
+    def prepare_split(self):
+        split_path = self.run_dir / "split.json"
+        if self.d.main and not split_path.is_file():
+            items = index_images(self.cfg.data_dir, self.cfg.classes)
+            save_split(split_path, split_items(items, self.cfg.seed, self.cfg.split), seed=self.cfg.seed)
+        self.d.barrier()
+        self.split = load_split(split_path)
+        if not self.split["train"] or not self.split["val"]:
+            raise ValueError(f"data_dir: need at least one training and one validation image, got "
+                             f"{len(self.split['train'])} and {len(self.split['val'])} ({self.cfg.data_dir})")
+
+    def build(self, model_config):
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        if isinstance(model_config, dict) and model_config.get("arch") == "fusion" and self.cfg.backbone_weights:
+            model_config = {**model_config, "backbone_weights": self.cfg.backbone_weights}
+        self.model = build_model(model_config).to(self.device)
+        arch = self.model.config["arch"]
+        if (arch == "fusion") != (self.cfg.loss == "mse"):
+            raise ValueError(f"loss must be 'mse' for a fusion model and 'rebalanced' or 'ce' for a Zhang model, "
+                             f"got loss={self.cfg.loss!r} for arch={arch!r}")
+        self.size = self.cfg.image_size or self.model.config["input_size"]
+        self.stride = self.model.output_stride
+
+    def datasets(self):
+        cache = None
+        if self.model.config["arch"] == "fusion":
+            cache_dir = self.cfg.embedding_cache or self.run_dir / "embeddings"
+            cache = EmbeddingCache(cache_dir, self.model.embedder)
+            if self.d.main:
+                root = Path(self.cfg.data_dir)
+                paths = [root / it.path for k in ("train", "val", "test") for it in self.split[k]]
+                size = self.model.embedder.input_size
+                cache.precompute(paths, lambda p: load_l(p, size), device=self.device)
+            self.d.barrier()
+        mk = lambda items, aug: ColorizationDataset(self.cfg.data_dir, items, self.size, self.stride, aug, cache)  # noqa: E731
+        self.train_ds = mk(self.split["train"], self.cfg.augment)
+        self.val_ds = mk(self.split["val"], False)
+        self.prior_ds = mk(self.split["train"], False)
+
+    def class_weights(self) -> torch.Tensor | None:
+        if self.model.config["arch"] != "zhang":
+            return None
+        import fastcolor
+
+        path = self.run_dir / "prior.safetensors"
+        if self.d.main and not path.is_file():
+            prior = compute_class_prior(self.prior_ds, self.cfg.batch_size, self.cfg.workers, self.cfg.prior_sigma)
+            w = fastcolor.rarity_weights(prior, lam=self.cfg.prior_lam)
+            save_tensors(path, {"prior": torch.from_numpy(prior), "weights": torch.from_numpy(np.asarray(w))},
+                         {"lam": self.cfg.prior_lam, "smooth_sigma": self.cfg.prior_sigma})
+        self.d.barrier()
+        tensors, _ = load_tensors(path)
+        return tensors["weights"].to(self.device, torch.float32) if self.cfg.loss == "rebalanced" else None
+
+    def loss(self, model, batch, weights):
+        import fastcolor
+
+        L = batch["L"].to(self.device, non_blocking=True)
+        ab = batch["ab"].to(self.device, non_blocking=True)
+        if self.model.config["arch"] == "fusion":
+            pred = model(L, batch["embedding"].to(self.device, non_blocking=True))
+            return regression_loss(pred, ab / 128.0)
+        return fastcolor.rebalanced_cross_entropy(model(L), ab, weights=weights)
+
+    def loader(self, ds, epoch: int, shuffle: bool) -> DataLoader:
+        sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,
+                                     seed=self.cfg.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch, self.d.rank))
+        return DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers,
+                          generator=g, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    # -- one epoch -------------------------------------------------------------------------
+    def run_epoch(self, model, opt, weights, epoch: int) -> float:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(_epoch_seed(self.cfg.seed, epoch, self.d.rank))
+        model.train()
+        loader = self.loader(self.train_ds, epoch, shuffle=True)
+        steps = len(loader) if self.cfg.max_steps_per_epoch is None else min(len(loader), self.cfg.max_steps_per_epoch)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=not (self.cfg.progress and self.d.main))
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            loss = self.loss(model, batch, weights)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = batch["L"].shape[0]
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=self.device)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        return self._mean(total)
+
+    @torch.no_grad()
+    def validate(self, model, weights) -> float:
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in self.loader(self.val_ds, 0, shuffle=False):
+            n = batch["L"].shape[0]
+            total += torch.tensor([self.loss(model, batch, weights).item() * n, n], dtype=torch.float64,
+                                  device=self.device)
+        return self._mean(total)
+
+    def _mean(self, total: torch.Tensor) -> float:
+        if self.d.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+    def _sync_buffers(self):
+        """BatchNorm running stats: every rank takes rank 0's, so weights end identical."""
+        if self.d.world > 1:
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+
+
+def train(config: TrainConfig | dict) -> RunResult:
+    """Train a model as described by ``config``; see the module docstring for the run directory."""
+    if isinstance(config, dict):
+        config = TrainConfig(**config)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
+    cfg = config
+    d = _setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
+    t = _Trainer(cfg, d)
+    run_dir = t.run_dir
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # temp files of writes killed half-way
+            stale.unlink(missing_ok=True)
+        atomic_write_json(run_dir / "train_config.json", asdict(cfg))
+    d.barrier()
+
+    last_path, best_path = run_dir / "last.safetensors", run_dir / "best.safetensors"
+    ckpt = load_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
+    t.prepare_split()
+    t.build(ckpt["model_config"] if ckpt else cfg.model)
+    t.datasets()
+    weights = t.class_weights()
+    model = t.model
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                           weight_decay=cfg.weight_decay)
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_val, best_epoch, bad_epochs, stopped_early = 0, math.inf, -1, 0, False
+    resumed_from = None
+    if ckpt is not None:
+        load_model_state(model, {k: v.to(t.device) for k, v in ckpt["model_state"].items()})
+        opt.load_state_dict(ckpt["optimizer_state"])
+        meta = ckpt["meta"]
+        history, best_val, best_epoch = meta["history"], meta["best_val_loss"], meta["best_epoch"]
+        bad_epochs, stopped_early = meta["bad_epochs"], meta["stopped_early"]
+        resumed_from = meta["epoch"]
+        start_epoch = meta["epoch"] + 1
+        del ckpt
+
+    ddp_model = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
+
+    title = f"{model.config['arch']} / {cfg.loss}"
+    epoch = start_epoch
+    while epoch < cfg.epochs and not stopped_early:
+        t0 = time.time()
+        train_loss = t.run_epoch(ddp_model, opt, weights, epoch)
+        t._sync_buffers()
+        val_loss = t.validate(model, weights)
+        improved = val_loss < best_val - cfg.min_delta
+        if improved:
+            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
+        else:
+            bad_epochs += 1
+        stopped_early = bad_epochs >= cfg.patience
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best": improved,
+                        "seconds": round(time.time() - t0, 3), "lr": opt.param_groups[0]["lr"]})
+        if d.main:
+            meta = {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs, "stopped_early": stopped_early, "world_size": d.world}
+            state = model_state(model)
+            if improved:
+                save_checkpoint(best_path, state, model.config, None, **meta)
+            save_checkpoint(last_path, state, model.config, opt, **meta)
+            append_jsonl(run_dir / "metrics.jsonl", history)
+            if cfg.plot and history[-1]["seconds"] >= 5.0:  # short epochs: plot at the end only
+                plot_loss_curve(history, run_dir / "loss_curve.png", title)
+        epoch += 1
+
+    if d.main:
+        if best_path.is_file():
+            best = build_model(model.config)
+            load_model_state(best, load_checkpoint(best_path)["model_state"])
+            save_model(run_dir / "model.safetensors", best)
+        if cfg.plot and history:
+            plot_loss_curve(history, run_dir / "loss_curve.png", title)
+        atomic_write_json(run_dir / "result.json", {"best_val_loss": best_val, "best_epoch": best_epoch,
+                                                    "epochs_completed": len(history), "stopped_early": stopped_early})
+    d.barrier()
+    return RunResult(run_dir=run_dir, best_val_loss=best_val, best_epoch=best_epoch, epochs_completed=len(history),
+                     stopped_early=stopped_early, history=history, resumed_from_epoch=resumed_from, model=model)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m fastcolor.train config.json`` (or under torchrun): train from a JSON TrainConfig."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m fastcolor.train CONFIG.json")
+    res = train(TrainConfig(**json.loads(Path(args[0]).read_text())))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(res.run_dir), "best_val_loss": res.best_val_loss,
+                          "best_epoch": res.best_epoch, "epochs": res.epochs_completed}))
+
+
+if __name__ == "__main__":
+    _main()
