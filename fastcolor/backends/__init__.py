@@ -81,6 +81,15 @@ def available(device_type: str) -> list[str]:
     return [n for n in AUTO_ORDER.get(device_type, ("torch",)) if unavailable_reason(n, device_type) is None]
 
 
+def _assume_constant(fn):
+    # The backend chosen for a device is fixed for the life of a compiled graph: dynamo calls
+    # resolve() while tracing and bakes its answer in, instead of tracing imports.
+    import torch
+
+    return torch.compiler.assume_constant_result(fn)
+
+
+@_assume_constant
 def resolve(backend: str, device_type: str) -> str:
     """Turn ``backend`` ("auto" or a name) into the name of a backend that runs on ``device_type``.
 

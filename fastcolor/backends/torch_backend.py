@@ -43,33 +43,44 @@ def dense_target(indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return z.scatter_(1, indices.long(), weights.float())
 
 
-def per_pixel_loss(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale=None):
-    """Differentiable per-pixel loss (N, P) in float32 (float64 for float64 logits)."""
+def _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute):
+    """m_n v_np s_np as an (N, P) tensor, or None when all three are absent."""
+    f = None
+    if class_weights is not None:
+        f = class_weights.to(compute)[indices[:, 0].long()]
+    if image_mask is not None:
+        m = image_mask.to(compute)[:, None]
+        f = m.expand(indices.shape[0], indices.shape[2]) if f is None else f * m
+    if pixel_scale is not None:
+        f = pixel_scale.to(compute) if f is None else f * pixel_scale.to(compute)
+    return f
+
+
+def _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale):
     if indices is None:
         indices, weights = soft_encode(ab, k, sigma)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = dense_target(indices, weights).to(compute)
     logp = torch.log_softmax(logits.to(compute), dim=1)
+    f = _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute)
     loss = -(z * logp).sum(1)
-    if class_weights is not None:
-        loss = loss * class_weights.to(compute)[indices[:, 0].long()]
-    if image_mask is not None:
-        loss = loss * image_mask.to(compute)[:, None]
-    if pixel_scale is not None:
-        loss = loss * pixel_scale.to(compute)
-    return loss
+    return (loss if f is None else loss * f), logp, z, f
+
+
+def per_pixel_loss(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale=None):
+    """Differentiable per-pixel loss (N, P) in float32 (float64 for float64 logits)."""
+    return _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)[0]
 
 
 def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None):
-    args = (ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)
+    """The contract's fused op, written out: loss and the analytic gradient (no autograd inside)."""
+    loss, logp, z, f = _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)
     if not need_grad:
-        with torch.no_grad():
-            return per_pixel_loss(logits, *args), None
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(True)
-        loss = per_pixel_loss(x, *args)
-        (grad,) = torch.autograd.grad(loss.sum() * grad_scale, x)
-    return loss.detach(), grad
+        return loss, None
+    grad = logp.exp_().sub_(z)
+    if f is not None:
+        grad.mul_(f[:, None, :])
+    return loss, grad.mul_(grad_scale).to(logits.dtype)
 
 
 def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
