@@ -1,0 +1,290 @@
+"""Triton kernels of the triton backend (host code: :mod:`fastcolor.backends.triton_backend`).
+
+Layout: every tensor is contiguous ``(N, C, P)`` (class / channel stride ``P``), so a tile is
+``[classes, pixels]`` with pixels contiguous: every load and store is coalesced along pixels.
+All pointer offsets are computed in int64.
+
+The kernels:
+
+* ``ce_kernel``: the fused, class-rebalanced soft-target cross-entropy and its gradient. One
+  program owns ``BP`` pixels of one image and holds all 313 logits of each in registers (a
+  ``[256, BP]`` and a ``[64, BP]`` tile: 320 rows, 7 masked). It reads the logits once, writes
+  the per-pixel loss and the gradient ``c (softmax - Z)`` once: first ``c softmax`` densely, then,
+  after a CTA barrier, the k target entries ``c (softmax_j - Z_j)`` on top of it (k scattered
+  stores per pixel into lines it has just written), so no per-element work depends on k.
+* ``encode_kernel``: the k nearest bins and their Gaussian weights.
+* ``annealed_mean_kernel``: one read of the logits (or probabilities), two dot products.
+
+The k nearest bins of a pixel are searched in a ``(2R+1) x (2R+1)`` window of grid cells around
+it (R = 2 for k <= 5, else 3), by k rounds of argmin (ties: lower bin index). The window is
+provably enough when the k-th distance found is below the distance from the pixel to any cell
+outside the window (with a relative margin for float rounding); when a program holds a pixel for
+which it is not, the program re-runs the selection over all 313 bins for its whole block. That
+happens only for ab far outside the sRGB gamut: never for any sRGB colour (checked for k <= 16).
+
+This module is imported twice: normally (``triton.jit``, GPU) and, for CPU tensors under the
+interpreter, as a second module instance whose ``_FORCE_INTERPRET`` global is set before it
+runs, which makes every function an ``InterpretedFunction`` whatever the environment said at
+the time triton was first imported.
+"""
+import triton
+import triton.language as tl
+
+if globals().get("_FORCE_INTERPRET", False):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def jit(fn):
+        return InterpretedFunction(fn)
+else:
+    jit = triton.jit
+
+Q = tl.constexpr(313)
+A_MIN = tl.constexpr(-90.0)
+B_MIN = tl.constexpr(-110.0)
+A_CELLS = tl.constexpr(20)
+B_CELLS = tl.constexpr(22)
+GRID = tl.constexpr(10.0)
+INV_GRID = tl.constexpr(0.1)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+BIG = tl.constexpr(1 << 20)
+#: bins table: (2, BINS_STRIDE) float32, row 0 = a, row 1 = b, zero beyond Q.
+BINS_STRIDE = tl.constexpr(512)
+#: relative margin of the window-sufficiency test against float32 rounding.
+MARGIN = tl.constexpr(1.0e-5)
+
+
+@jit
+def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
+                SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
+    """k nearest bins among a window of cells: (idx [KP, BP] int32, d2 [KP, BP] f32, need_full [BP])."""
+    ok = (a == a) & (b == b)
+    ta = tl.where(ok, (a - A_MIN) * INV_GRID, 0.0)
+    tb = tl.where(ok, (b - B_MIN) * INV_GRID, 0.0)
+    ta = tl.minimum(tl.maximum(ta, 0.0), A_CELLS - 1.0)
+    tb = tl.minimum(tl.maximum(tb, 0.0), B_CELLS - 1.0)
+    ca = (ta + 0.5).to(tl.int32)  # ta >= 0: truncation is floor, so this is the nearest cell
+    cb = (tb + 0.5).to(tl.int32)
+    c = tl.arange(0, WIN)
+    da = c // SIDE - R
+    db = c % SIDE - R
+    ia = ca[None, :] + da[:, None]
+    ib = cb[None, :] + db[:, None]
+    inwin = (c < SIDE * SIDE)[:, None] & (ia >= 0) & (ia < A_CELLS) & (ib >= 0) & (ib < B_CELLS)
+    q = tl.load(cell_ptr + ia * B_CELLS + ib, mask=inwin, other=-1)
+    ea = a[None, :] - (A_MIN + GRID * ia.to(tl.float32))
+    eb = b[None, :] - (B_MIN + GRID * ib.to(tl.float32))
+    d = ea * ea + eb * eb
+    d = tl.where(q >= 0, d, float("inf"))
+
+    kk = tl.arange(0, KP)[:, None]
+    sel_q = tl.zeros([KP, BP], dtype=tl.int32)
+    sel_d = tl.zeros([KP, BP], dtype=tl.float32)
+    dk = tl.zeros([BP], dtype=tl.float32)
+    for j in tl.static_range(K):
+        dmin = tl.min(d, axis=0)
+        qj = tl.min(tl.where(d == dmin[None, :], q, BIG), axis=0)
+        d = tl.where(q == qj[None, :], float("inf"), d)
+        sel_q = tl.where(kk == j, qj[None, :], sel_q)
+        sel_d = tl.where(kk == j, dmin[None, :], sel_d)
+        dk = dmin
+
+    # Lower bound on the distance to any bin outside the window: the nearest of the four
+    # half-planes beyond it that still hold grid cells.
+    inf = float("inf")
+    g_alo = tl.where(ca - R - 1 >= 0, a - (A_MIN + GRID * (ca - R - 1).to(tl.float32)), inf)
+    g_ahi = tl.where(ca + R + 1 < A_CELLS, (A_MIN + GRID * (ca + R + 1).to(tl.float32)) - a, inf)
+    g_blo = tl.where(cb - R - 1 >= 0, b - (B_MIN + GRID * (cb - R - 1).to(tl.float32)), inf)
+    g_bhi = tl.where(cb + R + 1 < B_CELLS, (B_MIN + GRID * (cb + R + 1).to(tl.float32)) - b, inf)
+    gap = tl.maximum(tl.minimum(tl.minimum(g_alo, g_ahi), tl.minimum(g_blo, g_bhi)), 0.0)
+    enough = dk * (1.0 + MARGIN) < gap * gap
+    need_full = ok & (enough == 0)
+    return sel_q, sel_d, need_full
+
+
+@jit
+def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexpr):
+    """k nearest bins over all 313, by k rounds of 'lexicographic successor' of (d2, index)."""
+    kk = tl.arange(0, KP)[:, None]
+    sel_q = tl.zeros([KP, BP], dtype=tl.int32)
+    sel_d = tl.zeros([KP, BP], dtype=tl.float32)
+    prev_d = tl.full([BP], -1.0, tl.float32)
+    prev_q = tl.full([BP], -1, tl.int32)
+    for j in tl.static_range(K):
+        best_d = tl.full([BP], float("inf"), tl.float32)
+        best_q = tl.full([BP], BIG, tl.int32)
+        for c0 in range(0, 320, 64):
+            qc = c0 + tl.arange(0, 64)
+            qm = qc < Q
+            ba = tl.load(bins_ptr + qc, mask=qm, other=0.0)
+            bb = tl.load(bins_ptr + BINS_STRIDE + qc, mask=qm, other=0.0)
+            ea = a[None, :] - ba[:, None]
+            eb = b[None, :] - bb[:, None]
+            d = ea * ea + eb * eb
+            q2 = qc[:, None]
+            after = (d > prev_d[None, :]) | ((d == prev_d[None, :]) & (q2 > prev_q[None, :]))
+            valid = after & qm[:, None]
+            dm = tl.where(valid, d, float("inf"))
+            cmin = tl.min(dm, axis=0)
+            cq = tl.min(tl.where(valid & (dm == cmin[None, :]), q2, BIG), axis=0)
+            better = (cmin < best_d) | ((cmin == best_d) & (cq < best_q))
+            best_d = tl.where(better, cmin, best_d)
+            best_q = tl.where(better, cq, best_q)
+        sel_q = tl.where(kk == j, best_q[None, :], sel_q)
+        sel_d = tl.where(kk == j, best_d[None, :], sel_d)
+        prev_d = best_d
+        prev_q = best_q
+    return sel_q, sel_d
+
+
+@jit
+def _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K: tl.constexpr, KP: tl.constexpr,
+            R: tl.constexpr, SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
+    """(idx [KP, BP] int32, unnormalised weights g [KP, BP] f32 (0 beyond K), 1 / sum g [BP])."""
+    sel_q, sel_d, need_full = _knn_window(a, b, cell_ptr, K, KP, R, SIDE, WIN, BP)
+    if tl.max(need_full.to(tl.int32), axis=0) > 0:
+        f_q, f_d = _knn_full(a, b, bins_ptr, K, KP, BP)
+        sel_q = tl.where(need_full[None, :], f_q, sel_q)
+        sel_d = tl.where(need_full[None, :], f_d, sel_d)
+    kk = tl.arange(0, KP)[:, None]
+    d0 = tl.sum(tl.where(kk == 0, sel_d, 0.0), axis=0)
+    g = tl.exp2(tl.where(kk < K, d0[None, :] - sel_d, float("-inf")) * (inv_two_sigma2 * LOG2E))
+    inv_g = 1.0 / tl.sum(g, axis=0)
+    # NaN ab: numpy's stable argsort order (0, 1, ..., k-1) and NaN weights.
+    ok = (a == a) & (b == b)
+    sel_q = tl.where(ok[None, :], sel_q, kk + tl.zeros([KP, BP], dtype=tl.int32))
+    inv_g = tl.where(ok, inv_g, float("nan"))
+    return sel_q, g, inv_g
+
+
+@jit
+def _load_classes(xbase, p, pm2, P, other):
+    """The 313 classes of pixels p as a [256, BP] and a [64, BP] float32 tile (rows >= 313: other)."""
+    qa = tl.arange(0, 256)
+    qb = 256 + tl.arange(0, 64)
+    qbm = (qb < Q)[:, None]
+    offs_a = qa.to(tl.int64)[:, None] * P + p[None, :]
+    offs_b = qb.to(tl.int64)[:, None] * P + p[None, :]
+    xa = tl.load(xbase + offs_a, mask=pm2, other=other).to(tl.float32)
+    xb = tl.load(xbase + offs_b, mask=qbm & pm2, other=other).to(tl.float32)
+    return xa, xb, offs_a, offs_b, qbm
+
+
+@jit
+def encode_kernel(ab_ptr, idx_ptr, w_ptr, cell_ptr, bins_ptr, P, inv_two_sigma2,
+                  K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, SIDE: tl.constexpr,
+                  WIN: tl.constexpr, BP: tl.constexpr):
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pm = p < P
+    abase = ab_ptr + n * 2 * P
+    a = tl.load(abase + p, mask=pm, other=0.0)
+    b = tl.load(abase + P + p, mask=pm, other=0.0)
+    sel_q, g, inv_g = _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K, KP, R, SIDE, WIN, BP)
+    kk = tl.arange(0, KP)[:, None]
+    offs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+    m = (kk < K) & pm[None, :]
+    tl.store(idx_ptr + offs, sel_q, mask=m)
+    tl.store(w_ptr + offs, g * inv_g[None, :], mask=m)
+
+
+@jit
+def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr, bins_ptr,
+              loss_ptr, grad_ptr, P, inv_two_sigma2, grad_scale,
+              K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, SIDE: tl.constexpr,
+              WIN: tl.constexpr, ENCODE: tl.constexpr, HAS_CW: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+              BP: tl.constexpr):
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pm = p < P
+    pm2 = pm[None, :]
+    xbase = x_ptr + n * Q * P
+    # The logits tile: all 313 classes of BP pixels, issued first (the encoding below overlaps it).
+    xa, xb, offs_a, offs_b, qbm = _load_classes(xbase, p, pm2, P, 0.0)
+    xb = tl.where(qbm, xb, float("-inf"))
+
+    # The target: k bins and weights per pixel, encoded here or read.
+    kk = tl.arange(0, KP)[:, None]
+    if ENCODE:
+        abase = ab_ptr + n * 2 * P
+        a = tl.load(abase + p, mask=pm, other=0.0)
+        b = tl.load(abase + P + p, mask=pm, other=0.0)
+        sel_q, g, inv_g = _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K, KP, R, SIDE, WIN, BP)
+    else:
+        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+        tm = (kk < K) & pm2
+        sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
+        g = tl.load(w_ptr + toffs, mask=tm, other=0.0)
+        inv_g = tl.full([BP], 1.0, tl.float32)
+    valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
+    # The logits at the target bins (lines this program is reading anyway: cache hits).
+    x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
+
+    # log-sum-exp
+    m = tl.maximum(tl.max(xa, axis=0), tl.max(xb, axis=0))
+    ea = tl.exp2((xa - m[None, :]) * LOG2E)
+    eb = tl.exp2((xb - m[None, :]) * LOG2E)
+    s = tl.sum(ea, axis=0) + tl.sum(eb, axis=0)
+    lse = m + tl.log2(s) * LN2
+
+    # per-pixel scale s * m * v
+    scale = tl.full([BP], 1.0, tl.float32)
+    if HAS_CW:
+        q0 = tl.sum(tl.where(kk == 0, sel_q, 0), axis=0)
+        v = tl.load(cw_ptr + q0, mask=pm & (q0 >= 0) & (q0 < Q), other=0.0)
+        scale = scale * v
+    if HAS_MASK:
+        scale = scale * tl.load(mask_ptr + n)
+    if HAS_PS:
+        scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
+
+    ce = tl.sum(tl.where(valid, g * (lse[None, :] - x_sel), 0.0), axis=0) * inv_g
+    tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
+
+    if WRITE_GRAD:
+        gbase = grad_ptr + n * Q * P
+        c = grad_scale * scale
+        c1 = c / s
+        tl.store(gbase + offs_a, (ea * c1[None, :]).to(grad_ptr.dtype.element_ty), mask=pm2)
+        tl.store(gbase + offs_b, (eb * c1[None, :]).to(grad_ptr.dtype.element_ty), mask=qbm & pm2)
+        # The k target entries, written over the dense ones after every thread of the program
+        # has stored its part (same addresses, other threads: the barrier orders them).
+        tl.debug_barrier()
+        e_sel = tl.exp2((x_sel - m[None, :]) * LOG2E)
+        corr = c1[None, :] * e_sel - (c * inv_g)[None, :] * g
+        tl.store(gbase + sel_q.to(tl.int64) * P + p[None, :], corr.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+@jit
+def annealed_mean_kernel(x_ptr, out_ptr, bins_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr):
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pm = p < P
+    xa, xb, _, _, qbm = _load_classes(x_ptr + n * Q * P, p, pm[None, :], P, 1.0)
+    if IS_PROBS:
+        # softmax(log(x) / T) = exp2(log2(x) / T) / sum
+        ya = tl.log2(xa)
+        yb = tl.log2(xb)
+        k = inv_t
+    else:
+        ya = xa
+        yb = xb
+        k = inv_t * LOG2E
+    yb = tl.where(qbm, yb, float("-inf"))
+    m = tl.maximum(tl.max(ya, axis=0), tl.max(yb, axis=0))
+    ea = tl.exp2((ya - m[None, :]) * k)
+    eb = tl.exp2((yb - m[None, :]) * k)
+    qa = tl.arange(0, 256)
+    qb = 256 + tl.arange(0, 64)
+    ba_a = tl.load(bins_ptr + qa)[:, None]
+    bb_a = tl.load(bins_ptr + BINS_STRIDE + qa)[:, None]
+    ba_b = tl.load(bins_ptr + qb)[:, None]
+    bb_b = tl.load(bins_ptr + BINS_STRIDE + qb)[:, None]
+    s = tl.sum(ea, axis=0) + tl.sum(eb, axis=0)
+    sa = tl.sum(ea * ba_a, axis=0) + tl.sum(eb * ba_b, axis=0)
+    sb = tl.sum(ea * bb_a, axis=0) + tl.sum(eb * bb_b, axis=0)
+    inv_s = 1.0 / s
+    obase = out_ptr + n * 2 * P
+    tl.store(obase + p, sa * inv_s, mask=pm)
+    tl.store(obase + P + p, sb * inv_s, mask=pm)
