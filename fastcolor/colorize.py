@@ -58,6 +58,7 @@ def colorize_tensor(model: torch.nn.Module, L_full: torch.Tensor, size: int | No
     if not isinstance(L_full, torch.Tensor) or L_full.dim() not in (3, 4) or L_full.shape[-3] != 1:
         got = tuple(L_full.shape) if isinstance(L_full, torch.Tensor) else type(L_full).__name__
         raise ValueError(f"L_full must be a tensor of shape (N, 1, H, W) or (1, H, W), got {got}")
+    _arch(model)
     single = L_full.dim() == 3
     L_full = L_full[None] if single else L_full
     size = int(size or getattr(model, "config", {}).get("input_size") or 0)

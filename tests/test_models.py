@@ -138,3 +138,32 @@ def test_bad_inputs_name_the_argument():
         ZhangNet.tiny()(torch.rand(1, 1, 30, 32))
     with pytest.raises(ValueError, match="mid_dilations"):
         ZhangNet(mid_dilations=())
+
+
+def test_colorize_keeps_full_resolution_l():
+    import numpy as np
+    import skimage.data
+
+    from fastcolor.color import rgb_to_l
+    from fastcolor.colorize import colorize_image, colorize_tensor, predict_ab
+
+    torch.manual_seed(0)
+    img = skimage.data.coffee()[::4, ::4]  # (100, 150, 3): not the model's size, not square
+    L = rgb_to_l(torch.from_numpy(img.copy()).permute(2, 0, 1))
+    for model in (ZhangNet.tiny(), FusionNet.tiny()):
+        rgb = colorize_tensor(model, L)
+        assert rgb.shape == (3, 100, 150) and 0 <= rgb.min() and rgb.max() <= 1
+        # the output's lightness is the input's (the model only supplies ab); out-of-gamut
+        # colours clipped to [0, 1] shift L a little at a few pixels
+        diff = (rgb_to_l(rgb) - L).abs()
+        assert diff.median() < 0.05 and (diff > 1.5).float().mean() < 0.05
+        out = colorize_image(model, img)
+        assert out.shape == (100, 150, 3) and out.dtype == np.uint8
+    m = ZhangNet.tiny().eval()
+    with torch.no_grad():
+        ab = predict_ab(m, torch.full((1, 1, 32, 32), 50.0), T=1e-3)
+    assert ab.shape == (1, 2, 8, 8)
+    with pytest.raises(TypeError, match="model"):
+        colorize_tensor(torch.nn.Conv2d(1, 1, 1), L)
+    with pytest.raises(ValueError, match="L_full"):
+        colorize_tensor(m, torch.zeros(3, 8, 8))
