@@ -27,6 +27,9 @@ extern "C" const char* fastcolor_cuda_error_string(int code);
 
 namespace py = pybind11;
 
+// The kernels' bindings (csrc/fc_bindings.cpp, kernel engineer): cpu_*/cuda_* functions.
+void register_kernels(py::module_& m);
+
 namespace {
 
 std::string cxx_standard() {
@@ -102,4 +105,5 @@ PYBIND11_MODULE(_C, m) {
       },
         "Launch a tiny kernel on the current device; 'ok' or the CUDA error text.");
 #endif
+  register_kernels(m);  // after build_info: it adds the kernel list to build_info()
 }

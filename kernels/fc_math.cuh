@@ -1,0 +1,402 @@
+// fastcolor per-pixel maths, written once and compiled twice: by g++ into the CPU
+// loops (csrc/fc_cpu.cpp) and by nvcc into the CUDA kernels (kernels/fc_kernels.cu).
+//
+// Everything here is a small inline function on scalars. The CPU code calls them
+// inside loops over contiguous pixels so that GCC vectorises them (no libm calls in
+// the hot loops: fc::exp_ and fc::log_ are branch-free polynomials); the CUDA code
+// calls them once per (thread, class) with the fast hardware exp.
+//
+// Spec of every function: fastcolor/reference.py (float64); here arithmetic is float32.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define FC_HD __host__ __device__
+#define FC_INLINE __forceinline__
+#define FC_UNROLL _Pragma("unroll")
+#else
+#define FC_HD
+#define FC_INLINE inline __attribute__((always_inline))
+#define FC_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace fc {
+
+// ----------------------------------------------------------------------------- gamut
+// The 313 bins (fastcolor/gamut.py): a grid of spacing 10, a = -90 + 10 ia (ia = 0..19),
+// b = -110 + 10 ib (ib = 0..21). Column ia holds the rows ib = kBLo[ia]..kBHi[ia]; bin
+// indices run column after column (ordered by (a, b)), starting at kQStart[ia].
+// tests/test_compiled_backend.py checks these tables against gamut.AB_BINS (via _C.gamut_bins).
+constexpr int Q = 313;
+constexpr int A_CELLS = 20;
+constexpr int B_CELLS = 22;
+constexpr float A_MIN = -90.0f;
+constexpr float B_MIN = -110.0f;
+constexpr float GRID = 10.0f;
+constexpr int K_MAX = 16;
+
+#define FC_B_LO_INIT {16, 13, 11, 9, 8, 7, 6, 6, 5, 4, 3, 3, 2, 1, 1, 0, 0, 0, 0, 2}
+#define FC_B_HI_INIT {20, 20, 20, 20, 21, 21, 21, 21, 21, 21, 20, 20, 20, 20, 19, 19, 19, 18, 18, 11}
+#define FC_Q_START_INIT {0, 5, 13, 23, 35, 49, 64, 80, 96, 113, 131, 149, 167, 186, 206, 225, 245, 265, 284, 303}
+
+static constexpr signed char kBLo[A_CELLS] = FC_B_LO_INIT;
+static constexpr signed char kBHi[A_CELLS] = FC_B_HI_INIT;
+static constexpr short kQStart[A_CELLS] = FC_Q_START_INIT;
+#if defined(__CUDACC__)
+static __constant__ signed char dBLo[A_CELLS] = FC_B_LO_INIT;
+static __constant__ signed char dBHi[A_CELLS] = FC_B_HI_INIT;
+static __constant__ short dQStart[A_CELLS] = FC_Q_START_INIT;
+#endif
+
+FC_HD FC_INLINE int col_b_lo(int ia) {
+#if defined(__CUDA_ARCH__)
+  return dBLo[ia];
+#else
+  return kBLo[ia];
+#endif
+}
+FC_HD FC_INLINE int col_b_hi(int ia) {
+#if defined(__CUDA_ARCH__)
+  return dBHi[ia];
+#else
+  return kBHi[ia];
+#endif
+}
+FC_HD FC_INLINE int col_q_start(int ia) {
+#if defined(__CUDA_ARCH__)
+  return dQStart[ia];
+#else
+  return kQStart[ia];
+#endif
+}
+
+FC_HD FC_INLINE float fmin_(float a, float b) { return a < b ? a : b; }
+FC_HD FC_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
+FC_HD FC_INLINE int imin_(int a, int b) { return a < b ? a : b; }
+FC_HD FC_INLINE int imax_(int a, int b) { return a > b ? a : b; }
+
+FC_HD FC_INLINE uint32_t f2u(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+FC_HD FC_INLINE float u2f(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+constexpr float kInf = __builtin_huge_valf();
+
+// ----------------------------------------------------------------------------- exp / log
+// exp_(x): float32 exp, |rel err| < 2 ulp on [-87, 88]; exp_(-inf) = 0, exp_(NaN) = NaN,
+// 0 below -87 (values < 1.7e-38 do not matter for softmax weights), inf above 88.7.
+// CPU: Cephes polynomial written branch-free (selects only) so loops over pixels
+// vectorise at -O3 with any ISA; round-to-nearest by the 1.5*2^23 trick (no roundps in SSE2).
+FC_HD FC_INLINE float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // ex2.approx: 2 ulp + tiny absolute error, ample for softmax
+#else
+  const float xc = fmin_(fmax_(x, -87.0f), 88.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;          // round(xc / ln 2)
+  const int32_t ni = (int32_t)(f2u(t) - f2u(shifter));
+  float r = xc - n * 0.693359375f;      // Cody-Waite: ln 2 = C1 + C2
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  float y = p * u2f((uint32_t)(ni + 127) << 23);
+  y = x < -87.0f ? 0.0f : y;
+  y = x > 88.0f ? kInf : y;
+  return x != x ? x : y;
+#endif
+}
+
+// log_(x): float32 natural log (Cephes logf), ~1 ulp; log_(0) = -inf, log_(x < 0) = NaN,
+// log_(inf) = inf, log_(NaN) = NaN, subnormals handled. Branch-free on the CPU.
+FC_HD FC_INLINE float log_(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  const bool sub = x < 1.17549435e-38f;  // subnormal, zero, negative
+  const float xs = sub ? x * 8388608.0f : x;
+  const uint32_t u = f2u(xs);
+  int32_t e = (int32_t)((u >> 23) & 0xff) - 126 - (sub ? 23 : 0);
+  float m = u2f((u & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
+  const bool lo = m < 0.707106781186547524f;
+  e = lo ? e - 1 : e;
+  m = lo ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float ef = (float)e;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float r = m + y + ef * 0.693359375f;
+  r = x == 0.0f ? -kInf : r;
+  r = x < 0.0f ? u2f(0x7fc00000u) : r;
+  r = x == kInf ? kInf : r;
+  return x != x ? x : r;
+#endif
+}
+
+// ----------------------------------------------------------------------------- half types (CPU)
+// Bit conversions for float16 / bfloat16 storage on the CPU (CUDA uses cuda_fp16/cuda_bf16).
+// Round-to-nearest-even, subnormals, inf and NaN handled; branch-free so they vectorise.
+FC_HD FC_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t shifted = em << 13;
+  const float normal = u2f(shifted) * 5.192296858534828e+33f;  // 2^112: rebias (also subnormals)
+  const uint32_t bits = em >= 0x7c00u ? (shifted | 0x7f800000u) : f2u(normal);
+  return u2f(bits | sign);
+}
+
+FC_HD FC_INLINE uint16_t float_to_half_bits(float f) {
+  // M. Maratyszcza's FP16 library (MIT), fp16_ieee_from_fp32_value.
+  const float scale_to_inf = 5.192296858534828e+33f;   // 2^112
+  const float scale_to_zero = 7.703719777548943e-34f;  // 2^-110
+  const uint32_t w = f2u(f);
+  const float af = u2f(w & 0x7fffffffu);
+  float base = (af * scale_to_inf) * scale_to_zero;
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = u2f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f2u(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+  const uint32_t mantissa_bits = bits & 0x00000fffu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+FC_HD FC_INLINE float bf16_bits_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+FC_HD FC_INLINE uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (uint16_t)(f != f ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// ----------------------------------------------------------------------------- soft-encoding
+// The k nearest bins of (a, b) by squared Euclidean distance (float32), ties -> lower bin
+// index, ordered nearest first, with Gaussian weights normalised to 1 (reference.soft_encode).
+//
+// Search: the window of (2R+1)^2 grid cells around the nearest grid point (R = 2, or 3 for
+// k > 10), clipped to the grid, visited nearest cell first (so that after the first few
+// candidates almost every other one is rejected by one well-predicted comparison). A bin
+// outside the window is at least `gap` away, gap = the distance from (a, b) to the nearest
+// grid line just outside the window (sides at the grid's edge have no bins beyond them).
+// If the k-th best distance found is < gap^2 (strictly, computed with the very same float
+// operations as the distances, which are monotone in |a - c|), no outside bin can enter
+// the top k, and the window's answer equals the full scan's. Otherwise (pixels near or
+// beyond the gamut's edge) all 313 bins are scanned. Non-finite ab gives bins 0..k-1 with
+// NaN weights, as the reference does (all its distances are NaN/inf and tie).
+
+// Window offsets (di, dj) sorted by di^2 + dj^2: the first 25 are the 5x5 window, all 49 the 7x7.
+#define FC_OFF_DI_INIT {0, -1, 0, 0, 1, -1, -1, 1, 1, -2, 0, 0, 2, -2, -2, -1, -1, 1, 1, 2, 2, -2, -2, 2, 2, -3, 0, 0, 3, -3, -3, -1, -1, 1, 1, 3, 3, -3, -3, -2, -2, 2, 2, 3, 3, -3, -3, 3, 3}
+#define FC_OFF_DJ_INIT {0, 0, -1, 1, 0, -1, 1, -1, 1, 0, -2, 2, 0, -1, 1, -2, 2, -2, 2, -1, 1, -2, 2, -2, 2, 0, -3, 3, 0, -1, 1, -3, 3, -3, 3, -1, 1, -2, 2, -3, 3, -3, 3, -2, 2, -3, 3, -3, 3}
+static constexpr signed char kOffDi[49] = FC_OFF_DI_INIT;
+static constexpr signed char kOffDj[49] = FC_OFF_DJ_INIT;
+#if defined(__CUDACC__)
+static __constant__ signed char dOffDi[49] = FC_OFF_DI_INIT;
+static __constant__ signed char dOffDj[49] = FC_OFF_DJ_INIT;
+#endif
+FC_HD FC_INLINE int off_di(int i) {
+#if defined(__CUDA_ARCH__)
+  return dOffDi[i];
+#else
+  return kOffDi[i];
+#endif
+}
+FC_HD FC_INLINE int off_dj(int i) {
+#if defined(__CUDA_ARCH__)
+  return dOffDj[i];
+#else
+  return kOffDj[i];
+#endif
+}
+
+struct TopK {
+  float d[K_MAX];
+  int q[K_MAX];
+};
+
+constexpr int kNoBin = 0x7fffffff;
+
+FC_HD FC_INLINE void topk_reset(TopK& t) {
+  FC_UNROLL
+  for (int j = 0; j < K_MAX; ++j) {
+    t.d[j] = kInf;
+    t.q[j] = kNoBin;
+  }
+}
+
+// (d1, q1) before (d2, q2): nearer, or as near with a lower bin index.
+FC_HD FC_INLINE bool before(float d1, int q1, float d2, int q2) { return d1 < d2 || (d1 == d2 && q1 < q2); }
+
+// Insert (d, q) into the sorted list of the k best; thr / thr_q mirror its k-th entry
+// (scalars, so the GPU needs no dynamic indexing).
+FC_HD FC_INLINE void topk_insert(TopK& t, int k, float d, int q, float& thr, int& thr_q) {
+  if (!before(d, q, thr, thr_q)) return;
+#if defined(__CUDA_ARCH__)
+  // Fully unrolled with static indices: the list stays in registers.
+  bool moving = true;
+  FC_UNROLL
+  for (int j = K_MAX - 1; j >= 0; --j) {
+    if (j < k && moving) {
+      if (j > 0 && before(d, q, t.d[j > 0 ? j - 1 : 0], t.q[j > 0 ? j - 1 : 0])) {
+        t.d[j] = t.d[j > 0 ? j - 1 : 0];
+        t.q[j] = t.q[j > 0 ? j - 1 : 0];
+      } else {
+        t.d[j] = d;
+        t.q[j] = q;
+        moving = false;
+      }
+      if (j == k - 1) {
+        thr = t.d[j];
+        thr_q = t.q[j];
+      }
+    }
+  }
+#else
+  int j = k - 1;
+  while (j > 0 && before(d, q, t.d[j - 1], t.q[j - 1])) {
+    t.d[j] = t.d[j - 1];
+    t.q[j] = t.q[j - 1];
+    --j;
+  }
+  t.d[j] = d;
+  t.q[j] = q;
+  thr = t.d[k - 1];
+  thr_q = t.q[k - 1];
+#endif
+}
+
+// All 313 bins, in index order.
+FC_HD FC_INLINE void scan_all(float a, float b, int k, TopK& t, float& thr, int& thr_q) {
+  int q = 0;
+  for (int ia = 0; ia < A_CELLS; ++ia) {
+    const float da = a - (A_MIN + GRID * (float)ia);
+    const float da2 = da * da;
+    const int hi = col_b_hi(ia);
+    for (int ib = col_b_lo(ia); ib <= hi; ++ib, ++q) {
+      const float db = b - (B_MIN + GRID * (float)ib);
+      topk_insert(t, k, da2 + db * db, q, thr, thr_q);
+    }
+  }
+}
+
+// Encode one pixel. Writes idx[j * stride], w[j * stride] for j < k (1 <= k <= K_MAX).
+// neg_inv_2s2 = -1 / (2 sigma^2). Returns the nearest bin.
+template <typename IdxT>
+FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2, IdxT* idx, float* w,
+                                      int64_t stride) {
+  TopK t;
+  topk_reset(t);
+  float thr = kInf;
+  int thr_q = kNoBin;
+  const bool finite = (a - a == 0.0f) && (b - b == 0.0f);
+  if (finite) {
+    const int R = k <= 10 ? 2 : 3;
+    // nearest grid point, clamped to the grid (far-off ab lands on the edge)
+    const float fa = fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
+    const float fb = fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(B_CELLS - 1));
+    const int ia0 = (int)fa, ib0 = (int)fb;  // floor (non-negative)
+    const int ncells = R == 2 ? 25 : 49;
+    for (int c = 0; c < ncells; ++c) {
+      const int ia = ia0 + off_di(c), ib = ib0 + off_dj(c);
+      if (ia < 0 || ia >= A_CELLS) continue;
+      const int lo = col_b_lo(ia);
+      if (ib < lo || ib > col_b_hi(ia)) continue;
+      const float da = a - (A_MIN + GRID * (float)ia);
+      const float db = b - (B_MIN + GRID * (float)ib);
+      topk_insert(t, k, da * da + db * db, col_q_start(ia) + ib - lo, thr, thr_q);
+    }
+    const int ia_lo = imax_(ia0 - R, 0), ia_hi = imin_(ia0 + R, A_CELLS - 1);
+    const int ib_lo = imax_(ib0 - R, 0), ib_hi = imin_(ib0 + R, B_CELLS - 1);
+    float gap = kInf;
+    if (ia_lo > 0) gap = fmin_(gap, a - (A_MIN + GRID * (float)(ia_lo - 1)));
+    if (ia_hi < A_CELLS - 1) gap = fmin_(gap, (A_MIN + GRID * (float)(ia_hi + 1)) - a);
+    if (ib_lo > 0) gap = fmin_(gap, b - (B_MIN + GRID * (float)(ib_lo - 1)));
+    if (ib_hi < B_CELLS - 1) gap = fmin_(gap, (B_MIN + GRID * (float)(ib_hi + 1)) - b);
+    if (!(thr < gap * gap)) {  // not provably enough: scan all 313 bins
+      topk_reset(t);
+      thr = kInf;
+      thr_q = kNoBin;
+      scan_all(a, b, k, t, thr, thr_q);
+    }
+  }
+  // Gaussian weights relative to the nearest distance (stays finite for far-off ab).
+  // Non-finite ab (or distances overflowing float32, |ab| > 1e19): bins 0..k-1, NaN weights.
+  const float nan = u2f(0x7fc00000u);
+  float e[K_MAX] = {};
+  float sum = 0.0f;
+  const float d0 = t.d[0];
+  FC_UNROLL
+  for (int j = 0; j < K_MAX; ++j) {
+    if (j < k) {
+      const bool ok = finite && t.q[j] < Q;
+      e[j] = ok ? exp_((t.d[j] - d0) * neg_inv_2s2) : nan;
+      sum += e[j];
+    }
+  }
+  const float inv = 1.0f / sum;
+  FC_UNROLL
+  for (int j = 0; j < K_MAX; ++j) {
+    if (j < k) {
+      const bool ok = finite && t.q[j] < Q;
+      idx[j * stride] = (IdxT)(ok ? t.q[j] : j);
+      w[j * stride] = e[j] * inv;
+    }
+  }
+  return (finite && t.q[0] < Q) ? t.q[0] : 0;
+}
+
+// ----------------------------------------------------------------------------- small helpers
+// Bin centre coordinates by index (annealed mean). Host: computed tables; device: the
+// CUDA code keeps its own __constant__ copy filled from the same function.
+struct BinCoords {
+  float a[Q];
+  float b[Q];
+};
+
+constexpr BinCoords make_bin_coords() {
+  BinCoords c{};
+  const signed char lo[A_CELLS] = FC_B_LO_INIT;
+  const signed char hi[A_CELLS] = FC_B_HI_INIT;
+  int q = 0;
+  for (int ia = 0; ia < A_CELLS; ++ia)
+    for (int ib = lo[ia]; ib <= hi[ia]; ++ib, ++q) {
+      c.a[q] = A_MIN + GRID * (float)ia;
+      c.b[q] = B_MIN + GRID * (float)ib;
+    }
+  return c;
+}
+
+}  // namespace fc
