@@ -70,6 +70,7 @@ class TrainConfig:
     prior_sigma: float = 5.0
     resume: bool = True
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  #: "fp32" or "bf16" (autocast of forward and loss; weights stay fp32)
     backbone_weights: str | None = None  #: fusion: local weights file for the backbone
     embedding_cache: str | None = None  #: fusion: cache directory (default ``<run_dir>/embeddings``)
     max_steps_per_epoch: int | None = None  #: cut epochs short (smoke tests, demos)
@@ -85,6 +86,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
         self.betas = tuple(self.betas)
@@ -273,10 +276,11 @@ class _Trainer:
 
         L = batch["L"].to(self.device, non_blocking=True)
         ab = batch["ab"].to(self.device, non_blocking=True)
-        if self.model.config["arch"] == "fusion":
-            pred = model(L, batch["embedding"].to(self.device, non_blocking=True))
-            return regression_loss(pred, ab / 128.0)
-        return fastcolor.rebalanced_cross_entropy(model(L), ab, weights=weights)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            if self.model.config["arch"] == "fusion":
+                pred = model(L, batch["embedding"].to(self.device, non_blocking=True))
+                return regression_loss(pred, ab / 128.0)
+            return fastcolor.rebalanced_cross_entropy(model(L), ab, weights=weights)
 
     def loader(self, ds, epoch: int, shuffle: bool) -> DataLoader:
         sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,

@@ -95,6 +95,8 @@ def test_loss_must_fit_the_model(photos, tmp_path):
         TrainConfig(data_dir=".", run_dir=".", loss="l1")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(data_dir=".", run_dir=".", batch_size=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(data_dir=".", run_dir=".", precision="fp16")
 
 
 def test_early_stopping(photos, tmp_path):
