@@ -22,10 +22,22 @@ DEPS_STAMP  := $(VENV)/.stamp-install
 EXT_STAMP   := $(VENV)/.stamp-ext
 EXT_SOURCES := CMakeLists.txt $(wildcard csrc kernels csrc/* kernels/*)
 
-.PHONY: test demo bench install venv clean-ext
+.PHONY: test demo bench install venv clean-ext build-info
+
+# pip hides setup.py's output on success, so say loudly whether _C was built.
+SHOW_EXT := $(PY) -c "from fastcolor._ext import build_info as b; i = b(); \
+  print('fastcolor._C: built,', 'CUDA ' + str(i.get('cuda_archs')) if i.get('cuda') else 'CPU only', \
+        '| OpenMP' if i.get('openmp') else '') if i['extension'] else \
+  print('!' * 70 + '\nWARNING fastcolor._C NOT available:', i['reason'], '\n' + '!' * 70)"
+
+# make turns any failing recipe into exit status 2; keep pytest's own status
+# (1 failures, 5 no tests ran, ...) in $(PYTEST_RC) for .ci/run.
+PYTEST_RC := $(VENV)/.pytest-exit
 
 test: $(EXT_STAMP)
-	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+	@rm -f $(PYTEST_RC)
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS) \
+	  || { rc=$$?; echo $$rc > $(PYTEST_RC); echo "pytest exited with $$rc"; exit $$rc; }
 
 demo: $(EXT_STAMP)
 	$(PY) -m fastcolor demo
@@ -43,6 +55,7 @@ $(TORCH_STAMP):
 $(DEPS_STAMP): setup.py pyproject.toml CMakeLists.txt fastcolor/_version.py $(TORCH_STAMP)
 	$(PIP) install $(BUILD_REQS)
 	$(PIP) install --no-build-isolation -e '.[dev]'
+	@$(SHOW_EXT)
 	touch $@ $(EXT_STAMP)
 
 # Rebuild the extension when a C++/CUDA source is newer than the last build,
@@ -51,9 +64,12 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	@if [ ! -f $@ ] || [ -n "$$(find $(EXT_SOURCES) -newer $@ 2>/dev/null | head -1)" ] \
 	    || { ! ls fastcolor/_C.*.so >/dev/null 2>&1 && [ ! -f fastcolor/_build_failure.txt ]; }; then \
 	  echo "rebuilding fastcolor._C"; \
-	  $(PIP) install --no-deps --no-build-isolation -e . ; \
+	  $(PIP) install --no-deps --no-build-isolation -e . && $(SHOW_EXT); \
 	fi
 	@touch $@
+
+build-info: $(EXT_STAMP)
+	$(PY) -c "import pprint, fastcolor._ext as e; pprint.pprint(e.build_info())"
 
 clean-ext:
 	rm -rf build/cmake-* fastcolor/_C.*.so fastcolor/_build_failure.txt $(EXT_STAMP)
