@@ -1,5 +1,7 @@
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ from PIL import Image
 from fastcolor.color import rgb_to_lab
 from fastcolor.data import (ColorizationDataset, ImageItem, index_images, load_rgb, load_split, save_split,
                             split_items)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 
 def _photo(name, size=48):

@@ -18,7 +18,7 @@ from fastcolor.metrics import (AucAccumulator, ab_mse, ab_r2, auc, bin_accuracy,
 from fastcolor.reference import regression_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import make_photo_folder  # noqa: E402
+from test_train import make_photo_folder, one_thread  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,15 @@ from fastcolor.train import TrainConfig, regression_loss, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: intra-op threads only add contention (6x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_photo_folder(root: Path, per_photo: int = 4, size: int = 40, classes: bool = False) -> Path:
     """Random crops of skimage photos (one class per photo with ``classes``)."""
     rng = np.random.default_rng(0)
@@ -175,7 +184,8 @@ train(TrainConfig(data_dir=sys.argv[1], run_dir=sys.argv[2], model="zhang_tiny",
 
 def test_killed_run_resumes_from_last_complete_checkpoint(photos, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(photos), str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = run / "last.safetensors"
