@@ -87,6 +87,8 @@ def test_backbone_weights_load_from_local_file(tmp_path):
     for f in ("w.safetensors", "w.pth"):
         e2 = Embedder("mobilenet_v3_small", weights=tmp_path / f, input_size=64)
         torch.testing.assert_close(e2.net.features[0][0].weight, sd["features.0.0.weight"])
+    # embeddings cached with other backbone weights are not reused
+    assert EmbeddingCache(tmp_path / "c", e1).identity != EmbeddingCache(tmp_path / "c", e2).identity
     with pytest.raises(ValueError, match="backbone"):
         Embedder("vgg999")
     assert set(BACKBONES) >= {"resnet50", "mobilenet_v3_small", "inception_v3"}

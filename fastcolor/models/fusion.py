@@ -58,8 +58,12 @@ class Embedder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.net = getattr(torchvision.models, backbone)(weights=None, **kwargs)
+        self.weights_id = None
         if weights is not None:
             from fastcolor.io import load_state_file
+
+            st = Path(weights).stat() if Path(weights).is_file() else None
+            self.weights_id = f"{Path(weights).resolve()}|{st.st_mtime_ns if st else ''}"
 
             self.net.load_state_dict(load_state_file(weights))
         self.net.requires_grad_(False)
@@ -183,7 +187,8 @@ class EmbeddingCache:
         if identity is None:
             if embedder is None:
                 raise ValueError("embedder or identity must be given")
-            identity = {"backbone": embedder.backbone_name, "size": embedder.input_size, "softmax": embedder.softmax}
+            identity = {"backbone": embedder.backbone_name, "size": embedder.input_size, "softmax": embedder.softmax,
+                        "weights": embedder.weights_id}
         self.identity = json.dumps(identity, sort_keys=True)
 
     def key(self, path: str | os.PathLike) -> str:
