@@ -2,7 +2,7 @@
 // one image, vectorised inner loops over the tile's contiguous pixels.
 //
 // Layout (N, 313, P): a tile is 313 rows of TP contiguous values, P apart. Each tile is
-// converted to float32 into a per-thread buffer of 313 x TP floats (80 KB for TP = 64,
+// converted to float32 into a per-thread buffer of 313 x TP floats (160 KB for TP = 128,
 // resident in L2), so the logits are read from memory once and the gradient written once:
 //   pass 1  read + convert, running max per pixel
 //   pass 2  e = exp(x - max) in place, sum per pixel (the buffer is hot in L2)
@@ -40,7 +40,7 @@ namespace fc {
 namespace cpu {
 namespace {
 
-constexpr int TP = 64;  // pixels per tile: 313 x 64 x 4 B = 80 KB of buffer per thread
+constexpr int TP = 128;  // pixels per tile: 313 x 128 x 4 B = 160 KB of buffer per thread (L2)
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FC_X86 1
