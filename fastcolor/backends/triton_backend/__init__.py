@@ -13,9 +13,11 @@ GPU). It is allowed only when ``TRITON_INTERPRET=1`` is set; the kernels used fo
 always interpreted ones, built on first use whatever the variable said when triton was imported,
 so the order in which test modules import this backend does not matter.
 
-Launch configuration: a fixed heuristic (:func:`ce_config`), overridable for experiments through
-:data:`CONFIG_OVERRIDE` (``{"ce": (BP, num_warps), "am": ..., "enc": ...}``) or the environment
-variable ``FASTCOLOR_TRITON_CONFIG`` (e.g. ``ce=32x4,am=64x8``).
+Launch configuration: a fixed heuristic (:func:`config`), overridable for experiments through
+:data:`CONFIG_OVERRIDE` (``{"ce": (BP, num_warps, maxnreg), "am": ..., "enc": ...}``) or the
+environment variable ``FASTCOLOR_TRITON_CONFIG`` (e.g. ``ce=32x4x160,am=64x8``). With a
+``(N, 2, P)`` ab target the loss kernel encodes it itself ("fused"); ``FASTCOLOR_TRITON_ENCODE=separate``
+runs the encode kernel first and feeds its output to the loss kernel (for comparisons).
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ else:
 
 SUPPORTS_FLOAT64 = False
 
-#: experiment hook: {"ce": (BP, num_warps), "am": (BP, num_warps), "enc": (BP, num_warps)}
-CONFIG_OVERRIDE: dict[str, tuple[int, int]] = {}
+#: experiment hook: {"ce" | "am" | "enc": (BP, num_warps[, maxnreg])}
+CONFIG_OVERRIDE: dict[str, tuple] = {}
 
 _lock = threading.Lock()
 _kernel_modules: dict[bool, object] = {}
@@ -106,50 +108,63 @@ def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return t
 
 
-def _parse_env_config() -> dict[str, tuple[int, int]]:
+def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
     out = {}
     spec = os.environ.get("FASTCOLOR_TRITON_CONFIG", "").strip()
     for part in filter(None, (s.strip() for s in spec.split(","))):
         try:
             name, val = part.split("=")
-            bp, nw = val.lower().split("x")
-            out[name.strip()] = (int(bp), int(nw))
+            fields = [int(v) for v in val.lower().split("x")]
+            bp, nw = fields[:2]
+            out[name.strip()] = (bp, nw, fields[2] if len(fields) > 2 and fields[2] > 0 else None)
         except ValueError:
-            raise ValueError(f"FASTCOLOR_TRITON_CONFIG: expected e.g. 'ce=32x4,am=64x8', got {spec!r}") from None
+            raise ValueError(f"FASTCOLOR_TRITON_CONFIG: expected e.g. 'ce=32x4x160,am=64x8', got {spec!r}") from None
     return out
 
 
-def ce_config(dtype: torch.dtype) -> tuple[int, int]:
-    """(pixels per program, warps) of the loss kernel.
+def config(kind: str, dtype: torch.dtype) -> tuple[int, int, int | None]:
+    """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc").
 
-    A program holds 320 x BP logits in registers: ~80 per thread for (32, 4 warps) in float32 and
-    (64, 8 warps) in 16-bit, which keeps 2-3 programs per SM (40 KB of loads in flight each) and
-    class rows of 128 B (float32) / 128 B (16-bit) per load: full cache lines.
+    The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
+    4 warps, whatever the dtype. Capped at 160 registers (no spills, checked with ptxas for sm_90),
+    three programs fit on an SM (12 warps, 120 KB of logits in flight). BP = 32 gives each class row
+    a 128 B (float32) / 64 B (16-bit) contiguous, aligned segment when P % 32 == 0.
+    The encode kernel's BP = 32 * warps gives every thread one pixel's whole candidate window, so
+    its k rounds of argmin never leave the thread.
     """
-    return _config("ce", dtype)
-
-
-def _config(kind: str, dtype: torch.dtype) -> tuple[int, int]:
     over = CONFIG_OVERRIDE.get(kind) or _parse_env_config().get(kind)
     if over:
-        return over
+        return tuple(over) + (None,) * (3 - len(over))
     if kind == "enc":
-        return (64, 4)
-    return (32, 4) if dtype == torch.float32 else (64, 8)
+        return (128, 4, None)
+    return (32, 4, 160)
+
+
+def encode_mode() -> str:
+    """"fused" (default: the loss kernel encodes ab itself) or "separate" (the encode kernel writes
+    indices and weights, the loss kernel reads them), from ``FASTCOLOR_TRITON_ENCODE``."""
+    mode = os.environ.get("FASTCOLOR_TRITON_ENCODE", "fused").strip().lower() or "fused"
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"FASTCOLOR_TRITON_ENCODE: expected 'fused' or 'separate', got {mode!r}")
+    return mode
 
 
 def _knn_params(k: int) -> dict:
     kp = max(2, 1 << (k - 1).bit_length())
-    r = 2 if k <= 5 else 3
+    r = 2 if k <= 12 else 3  # 5 x 5 cells hold the 12 nearest of any point inside the gamut
     side = 2 * r + 1
     win = 1 << (side * side - 1).bit_length()
     return dict(K=k, KP=kp, R=r, SIDE=side, WIN=win)
 
 
-def _launch(kernel, grid, args, consts, num_warps, device):
+def _launch(kernel, grid, args, consts, cfg, device):
     if device.type == "cuda":
+        _, nw, maxnreg = cfg
+        opts = {"num_warps": nw}
+        if maxnreg:
+            opts["maxnreg"] = maxnreg
         with torch.cuda.device(device):
-            kernel[grid](*args, **consts, num_warps=num_warps)
+            kernel[grid](*args, **consts, **opts)
     else:
         kernel[grid](*args, **consts)
 
@@ -166,10 +181,10 @@ def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, t
     ab = ab.float().contiguous()
     km = _kernels(ab.device)
     cells, bins = _device_tables(ab.device)
-    bp, nw = _config("enc", torch.float32)
-    grid = (triton.cdiv(p, bp), n)
-    _launch(km.encode_kernel, grid, (ab, idx, w, cells, bins, p, 1.0 / (2.0 * sigma * sigma)),
-            dict(**_knn_params(k), BP=bp), nw, ab.device)
+    cfg = config("enc", torch.float32)
+    grid = (triton.cdiv(p, cfg[0]), n)
+    _launch(km.encode_kernel, grid, (ab, idx, w, cells, bins, p, 1.0 / (2.0 * float(sigma) ** 2)),
+            dict(**_knn_params(k), BP=cfg[0]), cfg, ab.device)
     return idx, w
 
 
@@ -187,6 +202,9 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
         return loss, grad
     logits = logits.contiguous()
     encode = indices is None
+    if encode and encode_mode() == "separate":
+        indices, weights = soft_encode(ab, int(k), sigma)
+        encode = False
     if encode:
         if ab is None:
             raise ValueError("ce_forward: expected ab or (indices, weights)")
@@ -203,15 +221,15 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     ps = pixel_scale.float().contiguous() if pixel_scale is not None else None
     km = _kernels(dev)
     cells, bins = _device_tables(dev)
-    bp, nw = _config("ce", logits.dtype)
-    grid = (triton.cdiv(p, bp), n)
+    cfg = config("ce", logits.dtype)
+    grid = (triton.cdiv(p, cfg[0]), n)
     args = (logits, ab if encode else loss, dummy_i, dummy_w,
             cw if cw is not None else loss, im if im is not None else loss, ps if ps is not None else loss,
             cells, bins, loss, grad if grad is not None else loss,
             p, 1.0 / (2.0 * float(sigma) * float(sigma)), float(grad_scale))
     consts = dict(**_knn_params(kk), ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None,
-                  HAS_PS=ps is not None, WRITE_GRAD=bool(need_grad), BP=bp)
-    _launch(km.ce_kernel, grid, args, consts, nw, dev)
+                  HAS_PS=ps is not None, WRITE_GRAD=bool(need_grad), BP=cfg[0])
+    _launch(km.ce_kernel, grid, args, consts, cfg, dev)
     return loss, grad
 
 
@@ -227,8 +245,8 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
     x = x.contiguous()
     km = _kernels(x.device)
     _, bins = _device_tables(x.device)
-    bp, nw = _config("am", x.dtype)
-    grid = (triton.cdiv(p, bp), n)
+    cfg = config("am", x.dtype)
+    grid = (triton.cdiv(p, cfg[0]), n)
     _launch(km.annealed_mean_kernel, grid, (x, out, bins, p, 1.0 / float(T)),
-            dict(IS_PROBS=bool(is_probs), BP=bp), nw, x.device)
+            dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
     return out

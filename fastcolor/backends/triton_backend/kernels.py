@@ -30,13 +30,24 @@ the time triton was first imported.
 import triton
 import triton.language as tl
 
+import os
+
 if globals().get("_FORCE_INTERPRET", False):
     from triton.runtime.interpreter import InterpretedFunction
 
     def jit(fn):
         return InterpretedFunction(fn)
+
+    _interp = True
 else:
     jit = triton.jit
+    _interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Interpreted: reductions go through tl.reduce with triton's own combine functions, which the
+#: interpreter maps onto numpy, instead of tl.max / tl.min / tl.sum, which are @triton.jit
+#: functions of triton.language that cannot be called from an interpreted kernel unless
+#: TRITON_INTERPRET=1 was set before triton was first imported.
+INTERP = tl.constexpr(_interp)
 
 Q = tl.constexpr(313)
 A_MIN = tl.constexpr(-90.0)
@@ -52,6 +63,31 @@ BIG = tl.constexpr(1 << 20)
 BINS_STRIDE = tl.constexpr(512)
 #: relative margin of the window-sufficiency test against float32 rounding.
 MARGIN = tl.constexpr(1.0e-5)
+
+
+@jit
+def _max(x, axis: tl.constexpr):
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._elementwise_max)
+    else:
+        return tl.max(x, axis=axis)
+
+
+@jit
+def _min(x, axis: tl.constexpr):
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._elementwise_min)
+    else:
+        return tl.min(x, axis=axis)
+
+
+@jit
+def _sum(x, axis: tl.constexpr):
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+    else:
+        return tl.sum(x, axis=axis)
+
 
 
 @jit
@@ -78,12 +114,12 @@ def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constex
     d = tl.where(q >= 0, d, float("inf"))
 
     kk = tl.arange(0, KP)[:, None]
-    sel_q = tl.zeros([KP, BP], dtype=tl.int32)
-    sel_d = tl.zeros([KP, BP], dtype=tl.float32)
-    dk = tl.zeros([BP], dtype=tl.float32)
+    sel_q = tl.full([KP, BP], 0, tl.int32)
+    sel_d = tl.full([KP, BP], 0, tl.float32)
+    dk = tl.full([BP], 0, tl.float32)
     for j in tl.static_range(K):
-        dmin = tl.min(d, axis=0)
-        qj = tl.min(tl.where(d == dmin[None, :], q, BIG), axis=0)
+        dmin = _min(d, 0)
+        qj = _min(tl.where(d == dmin[None, :], q, BIG), 0)
         d = tl.where(q == qj[None, :], float("inf"), d)
         sel_q = tl.where(kk == j, qj[None, :], sel_q)
         sel_d = tl.where(kk == j, dmin[None, :], sel_d)
@@ -106,15 +142,15 @@ def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constex
 def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexpr):
     """k nearest bins over all 313, by k rounds of 'lexicographic successor' of (d2, index)."""
     kk = tl.arange(0, KP)[:, None]
-    sel_q = tl.zeros([KP, BP], dtype=tl.int32)
-    sel_d = tl.zeros([KP, BP], dtype=tl.float32)
+    sel_q = tl.full([KP, BP], 0, tl.int32)
+    sel_d = tl.full([KP, BP], 0, tl.float32)
     prev_d = tl.full([BP], -1.0, tl.float32)
     prev_q = tl.full([BP], -1, tl.int32)
     for j in tl.static_range(K):
         best_d = tl.full([BP], float("inf"), tl.float32)
         best_q = tl.full([BP], BIG, tl.int32)
-        for c0 in range(0, 320, 64):
-            qc = c0 + tl.arange(0, 64)
+        for c0 in range(0, 320, 32):
+            qc = c0 + tl.arange(0, 32)
             qm = qc < Q
             ba = tl.load(bins_ptr + qc, mask=qm, other=0.0)
             bb = tl.load(bins_ptr + BINS_STRIDE + qc, mask=qm, other=0.0)
@@ -125,8 +161,8 @@ def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexp
             after = (d > prev_d[None, :]) | ((d == prev_d[None, :]) & (q2 > prev_q[None, :]))
             valid = after & qm[:, None]
             dm = tl.where(valid, d, float("inf"))
-            cmin = tl.min(dm, axis=0)
-            cq = tl.min(tl.where(valid & (dm == cmin[None, :]), q2, BIG), axis=0)
+            cmin = _min(dm, 0)
+            cq = _min(tl.where(valid & (dm == cmin[None, :]), q2, BIG), 0)
             better = (cmin < best_d) | ((cmin == best_d) & (cq < best_q))
             best_d = tl.where(better, cmin, best_d)
             best_q = tl.where(better, cq, best_q)
@@ -142,17 +178,17 @@ def _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K: tl.constexpr, KP: tl.co
             R: tl.constexpr, SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
     """(idx [KP, BP] int32, unnormalised weights g [KP, BP] f32 (0 beyond K), 1 / sum g [BP])."""
     sel_q, sel_d, need_full = _knn_window(a, b, cell_ptr, K, KP, R, SIDE, WIN, BP)
-    if tl.max(need_full.to(tl.int32), axis=0) > 0:
+    if _max(need_full.to(tl.int32), 0) > 0:
         f_q, f_d = _knn_full(a, b, bins_ptr, K, KP, BP)
         sel_q = tl.where(need_full[None, :], f_q, sel_q)
         sel_d = tl.where(need_full[None, :], f_d, sel_d)
     kk = tl.arange(0, KP)[:, None]
-    d0 = tl.sum(tl.where(kk == 0, sel_d, 0.0), axis=0)
+    d0 = _sum(tl.where(kk == 0, sel_d, 0.0), 0)
     g = tl.exp2(tl.where(kk < K, d0[None, :] - sel_d, float("-inf")) * (inv_two_sigma2 * LOG2E))
-    inv_g = 1.0 / tl.sum(g, axis=0)
+    inv_g = 1.0 / _sum(g, 0)
     # NaN ab: numpy's stable argsort order (0, 1, ..., k-1) and NaN weights.
     ok = (a == a) & (b == b)
-    sel_q = tl.where(ok[None, :], sel_q, kk + tl.zeros([KP, BP], dtype=tl.int32))
+    sel_q = tl.where(ok[None, :], sel_q, kk + tl.full([KP, BP], 0, tl.int32))
     inv_g = tl.where(ok, inv_g, float("nan"))
     return sel_q, g, inv_g
 
@@ -200,10 +236,6 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
     pm = p < P
     pm2 = pm[None, :]
     xbase = x_ptr + n * Q * P
-    # The logits tile: all 313 classes of BP pixels, issued first (the encoding below overlaps it).
-    xa, xb, offs_a, offs_b, qbm = _load_classes(xbase, p, pm2, P, 0.0)
-    xb = tl.where(qbm, xb, float("-inf"))
-
     # The target: k bins and weights per pixel, encoded here or read.
     kk = tl.arange(0, KP)[:, None]
     if ENCODE:
@@ -218,20 +250,25 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
         g = tl.load(w_ptr + toffs, mask=tm, other=0.0)
         inv_g = tl.full([BP], 1.0, tl.float32)
     valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
+    # The logits tile: all 313 classes of BP pixels (loaded after the encoding, so that the
+    # encoding's registers are free again: fewer registers, more programs per SM).
+    xa, xb, offs_a, offs_b, qbm = _load_classes(xbase, p, pm2, P, 0.0)
+    xb = tl.where(qbm, xb, float("-inf"))
     # The logits at the target bins (lines this program is reading anyway: cache hits).
     x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
 
     # log-sum-exp
-    m = tl.maximum(tl.max(xa, axis=0), tl.max(xb, axis=0))
-    ea = tl.exp2((xa - m[None, :]) * LOG2E)
-    eb = tl.exp2((xb - m[None, :]) * LOG2E)
-    s = tl.sum(ea, axis=0) + tl.sum(eb, axis=0)
+    m = tl.maximum(_max(xa, 0), _max(xb, 0))
+    ml = (m * LOG2E)[None, :]
+    ea = tl.exp2(tl.fma(xa, LOG2E, -ml))
+    eb = tl.exp2(tl.fma(xb, LOG2E, -ml))
+    s = _sum(ea, 0) + _sum(eb, 0)
     lse = m + tl.log2(s) * LN2
 
     # per-pixel scale s * m * v
     scale = tl.full([BP], 1.0, tl.float32)
     if HAS_CW:
-        q0 = tl.sum(tl.where(kk == 0, sel_q, 0), axis=0)
+        q0 = _sum(tl.where(kk == 0, sel_q, 0), 0)
         v = tl.load(cw_ptr + q0, mask=pm & (q0 >= 0) & (q0 < Q), other=0.0)
         scale = scale * v
     if HAS_MASK:
@@ -239,7 +276,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
     if HAS_PS:
         scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
 
-    ce = tl.sum(tl.where(valid, g * (lse[None, :] - x_sel), 0.0), axis=0) * inv_g
+    ce = _sum(tl.where(valid, g * (lse[None, :] - x_sel), 0.0), 0) * inv_g
     tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
 
     if WRITE_GRAD:
@@ -272,7 +309,7 @@ def annealed_mean_kernel(x_ptr, out_ptr, bins_ptr, P, inv_t, IS_PROBS: tl.conste
         yb = xb
         k = inv_t * LOG2E
     yb = tl.where(qbm, yb, float("-inf"))
-    m = tl.maximum(tl.max(ya, axis=0), tl.max(yb, axis=0))
+    m = tl.maximum(_max(ya, 0), _max(yb, 0))
     ea = tl.exp2((ya - m[None, :]) * k)
     eb = tl.exp2((yb - m[None, :]) * k)
     qa = tl.arange(0, 256)
@@ -281,9 +318,9 @@ def annealed_mean_kernel(x_ptr, out_ptr, bins_ptr, P, inv_t, IS_PROBS: tl.conste
     bb_a = tl.load(bins_ptr + BINS_STRIDE + qa)[:, None]
     ba_b = tl.load(bins_ptr + qb)[:, None]
     bb_b = tl.load(bins_ptr + BINS_STRIDE + qb)[:, None]
-    s = tl.sum(ea, axis=0) + tl.sum(eb, axis=0)
-    sa = tl.sum(ea * ba_a, axis=0) + tl.sum(eb * ba_b, axis=0)
-    sb = tl.sum(ea * bb_a, axis=0) + tl.sum(eb * bb_b, axis=0)
+    s = _sum(ea, 0) + _sum(eb, 0)
+    sa = _sum(ea * ba_a, 0) + _sum(eb * ba_b, 0)
+    sb = _sum(ea * bb_a, 0) + _sum(eb * bb_b, 0)
     inv_s = 1.0 / s
     obase = out_ptr + n * 2 * P
     tl.store(obase + p, sa * inv_s, mask=pm)
