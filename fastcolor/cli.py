@@ -1,0 +1,941 @@
+"""The ``fastcolor`` command line (also ``python -m fastcolor``).
+
+Subcommands: ``colorize``, ``train``, ``eval``, ``bench``, ``demo``, ``info``. Each has
+``--help`` with examples. Exit status: 0 on success, 2 on bad usage or bad input (a
+one-line ``fastcolor: error: ...`` on stderr, no traceback), 1 when something failed
+while running (e.g. out of GPU memory), 130 when interrupted. ``--debug`` (anywhere on
+the command line) prints the traceback as well.
+
+Everything here is a thin layer over the library: :func:`fastcolor.train.train`,
+:func:`fastcolor.metrics.evaluate`, :mod:`fastcolor.colorize`, :mod:`fastcolor.bench`
+and :mod:`fastcolor.demo`. :func:`main` takes an argv list and returns the exit status,
+so it can be called in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+PROG = "fastcolor"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: CLI model names -> :data:`fastcolor.models.PRESETS` keys.
+MODELS = {
+    "zhang": "zhang", "zhang-small": "zhang_small", "zhang-tiny": "zhang_tiny",
+    "fusion": "fusion", "fusion-small": "fusion_small", "fusion-tiny": "fusion_tiny",
+}
+
+#: Output suffixes written as they are; any other input suffix is written as .png.
+_WRITABLE = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".bmp": "BMP",
+             ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".tga": "TGA"}
+#: Of those, the ones that can keep an alpha channel.
+_ALPHA_OK = {".png", ".tif", ".tiff", ".webp", ".tga"}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class CLIError(Exception):
+    """A failure to report as one line ``fastcolor: error: <message>`` with exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _note(msg: str) -> None:
+    """A remark on stderr (kept out of stdout, which may be JSON)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    _note(f"warning: {_one_line(msg, 2000)}")
+
+
+# ----------------------------------------------------------------------------- argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors become one :class:`CLIError` line (exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise CLIError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _size(text: str) -> int:
+    v = _positive_int(text)
+    if v < 8 or v % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the networks downsample by 8), got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # On subcommands the default is SUPPRESS so that `fastcolor --debug colorize ...` is not
+    # overwritten by the subcommand's own default.
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="on error, print the full traceback too")
+
+
+def _sub(subs, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    p = subs.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_formatter)
+    _add_common(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, formatter_class=_formatter,
+        description="Fast Zhang, Isola & Efros (ECCV16) colorization: train, evaluate, colorize, benchmark.",
+        epilog="""\
+examples:
+  fastcolor demo                                   # everything, on the photos bundled with scikit-image
+  fastcolor train photos/ --model zhang-small --out runs/zhang
+  fastcolor colorize old_photos/ -o colorized/ --weights runs/zhang
+  fastcolor eval runs/zhang photos/
+  fastcolor bench --device cpu
+  fastcolor info
+
+exit status: 0 success, 2 bad usage or bad input, 1 failure while running, 130 interrupted.
+'fastcolor COMMAND --help' shows each command's options and examples.""")
+    from fastcolor import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_common(parser, top=True)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # -- colorize -------------------------------------------------------------------------------
+    p = _sub(subs, "colorize", "colorize image files or folders with trained weights",
+             """\
+Colorize grayscale (or colour: only their lightness is used) images.
+
+The network sees each image resized to --size x --size; the predicted ab is upsampled
+and joined with the ORIGINAL full-resolution L, so every output has its input's size and
+lightness. Grayscale, RGB and RGBA inputs are accepted (alpha is kept where the output
+format can store it). Folders are searched recursively.
+
+Outputs: with one input file and an -o that ends in an image suffix, -o is the output
+file. Otherwise -o is a folder: a file input becomes OUT/<name>, a folder input's images
+keep their path relative to that folder. The format follows the input's suffix (.png
+for uncommon formats, and for inputs with alpha whose format cannot store it).
+Files are written atomically (temp file + rename). An existing output is never replaced
+unless --overwrite is given (--skip-existing leaves existing outputs alone instead).
+
+Unreadable inputs are skipped with a warning; the exit status is 0 if at least one
+image was colorized and 2 if none could be.
+
+No pretrained weights ship with fastcolor (none can be downloaded): train a model with
+'fastcolor train' (or run 'fastcolor demo') and pass its run directory to --weights.""",
+             """\
+examples:
+  fastcolor colorize photo.jpg -o photo_color.png --weights runs/zhang
+  fastcolor colorize scans/ more/old.png -o colorized/ --weights runs/zhang/model.safetensors
+  fastcolor colorize scans/ -o colorized/ --weights demo_out/runs/fusion-small --device cpu
+  fastcolor colorize scans/ -o colorized/ --weights runs/zhang --temperature 0.2 --size 256""")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders (searched recursively)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (one input) or folder")
+    p.add_argument("--weights", metavar="PATH",
+                   help="a run directory from 'fastcolor train', its model.safetensors, or a checkpoint")
+    p.add_argument("--model", choices=sorted(MODELS), metavar="{zhang,zhang-small,fusion,...}",
+                   help="the kind of model expected; checked against --weights (and picks one run when "
+                        "--weights is a folder of runs, e.g. demo_out)")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38,
+                   help="annealed-mean temperature, Zhang models only (default: %(default)s; lower = bolder)")
+    p.add_argument("--size", type=_size, metavar="N", help="side the network sees (default: the model's training size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per forward pass "
+                   "(default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--skip-existing", action="store_true", help="leave existing output files alone")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_colorize)
+
+    # -- train ----------------------------------------------------------------------------------
+    p = _sub(subs, "train", "train a colorization model on a folder of images",
+             """\
+Train a Zhang et al. network (313-bin classification with the fused class-rebalanced
+cross-entropy) or the Deep Koalarization fusion network (ab regression) on DATA.
+
+DATA is a folder of images (one class) or of class subfolders. It is split 80/10/10
+(train/validation/test, per class, seeded). The run directory gets the split, the class
+prior and rarity weights, atomically written checkpoints after every epoch
+(last.safetensors, best.safetensors), the best model (model.safetensors + model.json),
+metrics.jsonl, loss_curve.png and result.json. Training stops early when the validation
+loss stops improving (--patience).
+
+A run directory that already holds a checkpoint is only continued with --resume.
+Fusion models use a torchvision backbone with RANDOM weights unless --backbone-weights
+names a local file (nothing is downloaded).""",
+             """\
+examples:
+  fastcolor train photos/ --out runs/zhang                      # zhang-small, rebalanced loss
+  fastcolor train photos/ --model fusion-small --out runs/fusion --epochs 20
+  fastcolor train photos/ --model zhang --size 256 --class beach --class forest --out runs/z256
+  fastcolor train photos/ --out runs/zhang --resume             # continue after an interruption
+then:
+  fastcolor eval runs/zhang photos/
+  fastcolor colorize old/ -o colorized/ --weights runs/zhang""")
+    p.add_argument("data", metavar="DATA", help="folder of images, or of one subfolder per class")
+    p.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory to write")
+    p.add_argument("--model", choices=sorted(MODELS), default="zhang-small", metavar="{zhang,zhang-small,fusion,...}",
+                   help=f"one of {', '.join(MODELS)} (default: %(default)s)")
+    p.add_argument("--loss", choices=["auto", "rebalanced", "ce", "mse"], default="auto",
+                   help="rebalanced/ce for Zhang models, mse for fusion (default: auto = rebalanced or mse)")
+    p.add_argument("--epochs", type=_positive_int, default=40, metavar="E", help="default: %(default)s")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
+    p.add_argument("--size", type=_size, metavar="N", help="training image side (default: the model's, e.g. 128 "
+                   "for zhang-small); recorded in the model, so colorize uses it too")
+    p.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                   help="train on this class subfolder only (repeatable)")
+    p.add_argument("--workers", type=int, default=2, metavar="W", help="data loader processes (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--lr", type=_positive_float, default=3e-4, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--patience", type=_positive_int, default=7, help="early-stopping patience in epochs "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--max-steps-per-epoch", type=_positive_int, metavar="S", help="cut epochs short (quick tries)")
+    p.add_argument("--backbone-weights", metavar="FILE", help="fusion: local weights file for the backbone")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips/rotations/zooms")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    # -- eval -----------------------------------------------------------------------------------
+    p = _sub(subs, "eval", "metrics tables of a trained model",
+             """\
+Evaluate a trained model on DATA and print the metrics tables (per class and split):
+313-bin and coarse accuracy and cross-entropy (Zhang models), ab MSE and R^2, raw and
+class-rebalanced AuC, PSNR, SSIM and colourfulness. metrics.md, metrics.json and
+comparison.png are written to --out (default: RUN_DIR/eval).
+
+With a run directory and the DATA it was trained on, its own split is used (--split);
+on any other folder every image in it is evaluated (split 'all').""",
+             """\
+examples:
+  fastcolor eval runs/zhang photos/
+  fastcolor eval runs/zhang photos/ --json > metrics.json
+  fastcolor eval runs/zhang holiday_photos/ --compare runs/fusion --out eval_holiday
+  fastcolor eval runs/zhang/model.safetensors photos/ --split all --max-images 50""")
+    p.add_argument("weights", metavar="RUN_DIR_or_WEIGHTS", help="run directory or model/checkpoint file")
+    p.add_argument("data", metavar="DATA", help="folder of images")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown tables")
+    p.add_argument("--out", "-o", metavar="DIR", help="where to write metrics.md/json and comparison.png")
+    p.add_argument("--compare", metavar="RUN", help="a second model, shown next to the first in the grid")
+    p.add_argument("--split", nargs="+", choices=["train", "val", "test", "all"], default=["train", "test"],
+                   help="splits of the run to evaluate, or 'all' images in DATA (default: train test)")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, help="default: %(default)s")
+    p.add_argument("--max-images", type=_positive_int, metavar="N", help="at most N images per split")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
+    p.set_defaults(func=cmd_eval)
+
+    # -- bench ----------------------------------------------------------------------------------
+    p = _sub(subs, "bench", "time every available backend against the torch baseline",
+             """\
+Time soft-encoding, the fused rebalanced cross-entropy (forward + backward) and the
+annealed-mean decoding on every backend available on the device, and print the speed-up
+of each over the torch baseline (delegates to 'python -m fastcolor.bench'). Arguments
+after the ones below are passed on to fastcolor.bench (see 'python -m fastcolor.bench --help').""",
+             """\
+examples:
+  fastcolor bench                   # CPU: torch vs numba vs cpp
+  fastcolor bench --device cuda     # GPU: torch vs triton vs cuda
+  fastcolor bench --json > bench.json""")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+    # -- demo -----------------------------------------------------------------------------------
+    p = _sub(subs, "demo", "train, evaluate, colorize and benchmark on bundled photos (a few minutes, no network)",
+             """\
+Show the whole library working, on the colour photos that ship with scikit-image
+(no download): hold one photo back, train the small Zhang model (fused rebalanced loss)
+and the small fusion model (mobilenet_v3_small backbone with RANDOM weights: nothing can
+be downloaded) on augmented crops of the others, evaluate both, colorize the held-back
+photo at full resolution and run a quick CPU benchmark of the backends. Writes the
+comparison grid, the metrics tables (markdown + JSON), the loss curves and the benchmark
+table into --out. A few minutes of training on eight photos makes a demonstration, not a
+good colorizer.""",
+             """\
+examples:
+  fastcolor demo                    # about 2-3 minutes on 2 CPU cores, writes demo_out/
+  fastcolor demo --out /tmp/demo --quick   # tiny models, seconds: checks that everything runs""")
+    p.add_argument("--out", "-o", default="demo_out", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one epoch (a smoke test, ~30 s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.set_defaults(func=cmd_demo)
+
+    # -- info -----------------------------------------------------------------------------------
+    p = _sub(subs, "info", "version, build and the backends available per device",
+             "Print the version, how the native extension was built and which backend each op uses per device.",
+             """\
+examples:
+  fastcolor info
+  fastcolor info --json
+  FASTCOLOR_BACKEND=numba fastcolor info   # what 'auto' picks with the override""")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def _one_line_warnings(debug: bool) -> Iterator[None]:
+    """Python warnings (e.g. 'skipping unreadable image') as ``fastcolor: warning: ...`` lines."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        def show(message, category, filename, lineno, file=None, line=None):
+            _warn(str(message))
+
+        warnings.showwarning = show
+        yield
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # known before parsing, so that usage errors honour it too
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "bench":
+            raise CLIError(f"unrecognized arguments: {' '.join(extra)} (see 'fastcolor {args.command or ''} --help')"
+                           .replace("  ", " "))
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            raise CLIError("a command is required, e.g. 'fastcolor demo' or 'fastcolor colorize --help'")
+        with _one_line_warnings(debug):
+            if args.command == "bench":
+                return int(args.func(args, extra) or EXIT_OK)
+            return int(args.func(args) or EXIT_OK)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line (and an exit status)
+        if debug:
+            traceback.print_exc()
+        code, msg = _describe(exc)
+        hint = "" if debug or isinstance(exc, CLIError) else " (run with --debug for the traceback)"
+        print(f"{PROG}: error: {_one_line(msg)}{hint}", file=sys.stderr)
+        return code
+
+
+def _describe(exc: BaseException) -> tuple[int, str]:
+    """(exit status, message) for an exception that reached :func:`main`."""
+    if isinstance(exc, CLIError):
+        return exc.code, str(exc)
+    if _is_oom(exc):
+        return EXIT_FAILURE, f"ran out of memory: {exc}"
+    from fastcolor.backends import BackendUnavailable
+
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_USAGE, f"{exc.strerror or 'no such file or directory'}: {exc.filename}" if exc.filename else str(exc)
+    if isinstance(exc, (ValueError, BackendUnavailable, PermissionError)):
+        return EXIT_USAGE, str(exc)
+    return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {choice}: no CUDA device is available here (torch {torch.__version__}, "
+                       f"built with CUDA {torch.version.cuda}); use --device cpu")
+    return choice
+
+
+def _find_runs(folder: Path, depth: int = 2) -> list[Path]:
+    """Run directories (with model.safetensors) at most ``depth`` levels below ``folder``."""
+    found: list[Path] = []
+    if depth <= 0:
+        return found
+    try:
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for d in subdirs:
+        if (d / "model.safetensors").is_file():
+            found.append(d)
+        else:
+            found += _find_runs(d, depth - 1)
+    return found
+
+
+def _arch_of(path: Path) -> str | None:
+    from fastcolor.io import read_checkpoint_meta
+
+    try:
+        return read_checkpoint_meta(path).get("model_config", {}).get("arch")
+    except Exception:  # noqa: BLE001 - not a model file: no arch
+        return None
+
+
+def no_weights_message(model: str | None) -> str:
+    name = model or "zhang-small"
+    return (f"no trained weights given: fastcolor ships no pretrained weights and cannot download any. "
+            f"Train a model first, e.g. 'fastcolor train PHOTOS/ --model {name} --out runs/{name}', then pass "
+            f"'--weights runs/{name}' (or run 'fastcolor demo' and pass --weights demo_out/runs/zhang-small)")
+
+
+def resolve_weights(weights: str | None, model: str | None = None) -> Path:
+    """The model file to load for ``--weights`` (run dir, model file, checkpoint, folder of runs)."""
+    if weights is None:
+        raise CLIError(no_weights_message(model))
+    path = Path(weights)
+    if not path.exists():
+        raise CLIError(f"--weights: no such file or directory: {weights}")
+    want = MODELS[model].split("_")[0] if model else None
+    if path.is_dir():
+        for name in ("model.safetensors", "best.safetensors"):
+            if (path / name).is_file():
+                if name != "model.safetensors":
+                    _note(f"{path} has no model.safetensors yet (training not finished?): using {name}")
+                path = path / name
+                break
+        else:
+            runs = _find_runs(path)
+            if want:
+                runs = [r for r in runs if _arch_of(r / "model.safetensors") == want]
+            if len(runs) == 1:
+                _note(f"using the run {runs[0]}")
+                path = runs[0] / "model.safetensors"
+            elif runs:
+                listed = ", ".join(str(r) for r in runs[:6])
+                raise CLIError(f"--weights {weights} holds several runs ({listed}); pass one of them"
+                               + ("" if want else " or choose with --model"))
+            else:
+                raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
+                               f"'fastcolor train' writes one")
+    arch = _arch_of(path)
+    if arch is None:
+        raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
+                       f"file written by 'fastcolor train')")
+    if want and arch != want:
+        raise CLIError(f"--model {model} was asked for but --weights {weights} holds a {arch} model")
+    return path
+
+
+def load_weights(weights: str | None, model: str | None, device: str):
+    from fastcolor.io import load_model
+
+    path = resolve_weights(weights, model)
+    try:
+        return load_model(path, device)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CLIError(f"--weights {weights}: could not load the model: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- colorize
+
+
+@dataclass
+class _Job:
+    src: Path
+    dst: Path
+    shown: str  #: the source as named for messages
+
+
+def _image_files(folder: Path, exclude: Path | None) -> list[Path]:
+    from fastcolor.data import IMAGE_EXTENSIONS
+
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rootp = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or (rootp / d).resolve() != exclude))
+        out += [rootp / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return out
+
+
+def _output_suffix(src: Path, has_alpha: bool) -> str:
+    suffix = src.suffix.lower()
+    if suffix not in _WRITABLE or (has_alpha and suffix not in _ALPHA_OK):
+        return ".png"
+    return src.suffix
+
+
+def _header(path: Path) -> tuple[str | None, str | None]:
+    """(PIL mode, None) if ``path`` opens as an image, else (None, the reason)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode + ("A" if im.mode == "P" and "transparency" in im.info else ""), None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        return None, _one_line(f"{type(exc).__name__}: {exc}", 200)
+
+
+def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
+                  skip_existing: bool = False) -> tuple[list[_Job], list[str], int]:
+    """(jobs, skipped-with-reason, existing outputs left alone) for the colorize command."""
+    from fastcolor.data import IMAGE_EXTENSIONS
+
+    out = Path(output)
+    sources: list[tuple[Path, Path | None, str]] = []  # (file, path under OUT or None = as file, shown)
+    single_file_out = (len(inputs) == 1 and Path(inputs[0]).is_file() and out.suffix.lower() in IMAGE_EXTENSIONS
+                       and not out.is_dir())
+    out_resolved = out.resolve()
+    for name in inputs:
+        p = Path(name)
+        if not p.exists():
+            raise CLIError(f"no such file or directory: {name}")
+        if p.is_dir():
+            files = _image_files(p, out_resolved)
+            if not files:
+                _warn(f"no image files in folder {name}")
+            sources += [(f, f.relative_to(p), str(f)) for f in files]
+        else:
+            sources.append((p, None if single_file_out else Path(p.name), name))
+    if not sources:
+        raise CLIError(f"no image files found in {', '.join(inputs)}")
+
+    jobs, skipped, existing, seen = [], [], 0, {}
+    for src, rel, shown in sources:
+        mode, reason = _header(src)
+        if mode is None:
+            skipped.append(f"{shown}: not a readable image ({reason})")
+            continue
+        has_alpha = mode in _ALPHA_MODES or mode.endswith("A")
+        dst = out if rel is None else (out / rel).with_suffix(_output_suffix(rel, has_alpha))
+        if dst.resolve() == src.resolve():
+            raise CLIError(f"the output for {shown} would replace the input itself; choose another -o")
+        if dst.resolve() in seen:
+            raise CLIError(f"{seen[dst.resolve()]} and {shown} would both be written to {dst}; "
+                           f"colorize them in separate runs or into different -o folders")
+        seen[dst.resolve()] = shown
+        if dst.exists() and not overwrite:
+            if skip_existing:
+                existing += 1
+                continue
+            others = sum(1 for s, r, _ in sources if r is not None and (out / r).exists()) - 1
+            more = f" (and {others} more)" if others > 0 else ""
+            raise CLIError(f"output {dst} already exists{more}; pass --overwrite to replace or --skip-existing "
+                           f"to keep existing outputs")
+        jobs.append(_Job(src, dst, shown))
+    return jobs, skipped, existing
+
+
+def _encode(rgb_u8, alpha, dst: Path) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(rgb_u8, "RGB")
+    fmt = _WRITABLE.get(dst.suffix.lower(), "PNG")
+    if alpha is not None:
+        if dst.suffix.lower() in _ALPHA_OK:
+            im.putalpha(alpha)
+        else:
+            _warn(f"{dst.name}: its format cannot store transparency; the alpha channel is dropped")
+    buf = io.BytesIO()
+    kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
+    """Write atomically (complete temp file, fsync, then rename), readable like any new file
+    (mode 0o666 less the umask). Without ``overwrite`` an existing ``path`` is never replaced,
+    even one created while we were working: the temp file is hard-linked to ``path``, which
+    fails if the name is taken."""
+    from fastcolor.io import atomic_write_bytes
+
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    atomic_write_bytes(part, data)
+    taken = CLIError(f"output {path} appeared while colorizing; not replaced (pass --overwrite)")
+    try:
+        os.chmod(part, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(part, path)
+            return
+        try:
+            os.link(part, path)
+        except FileExistsError:
+            raise taken from None
+        except OSError:  # file systems without hard links: check, then rename
+            if path.exists():
+                raise taken from None
+            os.replace(part, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+
+
+def _read_image(path: Path):
+    """(L (1, H, W) float32 in 0..100, alpha PIL band or None)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from fastcolor.colorize import to_l_tensor
+    from fastcolor.data import load_rgb
+
+    rgb = load_rgb(path)  # any mode -> upright 8-bit RGB (alpha composited over white)
+    alpha = None
+    with Image.open(path) as im:
+        if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+            alpha = ImageOps.exif_transpose(im.convert("RGBA")).getchannel("A")
+    return to_l_tensor(np.array(rgb)).float(), alpha  # np.array: a writable copy for torch
+
+
+def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batch_size: int = 8,
+                   overwrite: bool = False, progress: bool = True,
+                   on_skip: Callable[[str], None] | None = None) -> list[Path]:
+    """Colorize ``jobs`` with ``model``; returns the written paths. Unreadable inputs are passed to
+    ``on_skip`` (a message) and left out. Running out of memory raises :class:`CLIError`."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from fastcolor.color import l_ab_to_rgb
+    from fastcolor.colorize import predict_ab
+
+    device = next(model.parameters()).device
+    model.eval()
+    written: list[Path] = []
+    bar = tqdm(total=len(jobs), unit="img", desc="colorize", disable=None if progress else True, file=sys.stderr)
+    try:
+        for start in range(0, len(jobs), batch_size):
+            batch, Ls, alphas = [], [], []
+            for job in jobs[start:start + batch_size]:
+                try:
+                    L, alpha = _read_image(job.src)
+                except Exception as exc:  # noqa: BLE001 - a bad file is skipped, not fatal
+                    reason = _one_line(f"{type(exc).__name__}: {exc}", 200)
+                    (on_skip or _warn)(f"{job.shown}: could not be decoded ({reason})")
+                    bar.update(1)
+                    continue
+                batch.append(job)
+                Ls.append(L)
+                alphas.append(alpha)
+            if not batch:
+                continue
+            L_in = torch.cat([F.interpolate(L[None], size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False) for L in Ls]).to(device)
+            try:
+                with torch.no_grad():
+                    ab = predict_ab(model, L_in, T).float().cpu()
+            except Exception as exc:  # noqa: BLE001
+                if _is_oom(exc):
+                    where = "GPU memory" if device.type == "cuda" else "memory"
+                    raise CLIError(f"ran out of {where} colorizing {len(batch)} image(s) at --size {size} on "
+                                   f"{device} ({_one_line(str(exc), 160)}); nothing was written for them. Try a "
+                                   f"smaller --batch-size or --size, or --device cpu", EXIT_FAILURE) from exc
+                raise
+            if not torch.isfinite(ab).all():
+                raise CLIError("the model produced non-finite colours (NaN/inf): the weights are broken; "
+                               "nothing was written for this batch", EXIT_FAILURE)
+            for job, L, alpha, ab_i in zip(batch, Ls, alphas, ab):
+                ab_full = F.interpolate(ab_i[None], size=L.shape[-2:], mode="bilinear", align_corners=False)
+                rgb = l_ab_to_rgb(L[None], ab_full)[0]
+                rgb_u8 = (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+                write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
+                written.append(job.dst)
+                bar.update(1)
+    finally:
+        bar.close()
+    return written
+
+
+def cmd_colorize(args) -> int:
+    t0 = time.perf_counter()
+    weights = resolve_weights(args.weights, args.model)  # before any work: no weights, no point
+    jobs, skipped, existing = plan_colorize(args.inputs, args.output, args.overwrite, args.skip_existing)
+    for s in skipped:
+        _warn(f"skipping {s}")
+    if not jobs:
+        if existing and not skipped:
+            _say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
+            return EXIT_OK
+        raise CLIError(f"nothing was colorized: none of the {len(skipped)} input file(s) could be read")
+    device = _device(args.device)
+    model = load_weights(str(weights), args.model, device)
+    size = args.size or int(model.config["input_size"])
+    late: list[str] = []
+
+    def on_skip(msg: str) -> None:
+        late.append(msg)
+        _warn(f"skipping {msg}")
+
+    written = colorize_files(model, jobs, size, args.temperature, args.batch_size, args.overwrite,
+                             progress=not args.quiet, on_skip=on_skip)
+    n_skip = len(skipped) + len(late)
+    if not written:
+        raise CLIError(f"nothing was colorized: none of the {n_skip} input file(s) could be read")
+    if not args.quiet:
+        where = written[0] if len(written) == 1 else Path(args.output)
+        extra = f"; skipped {n_skip} unreadable" if n_skip else ""
+        extra += f"; left {existing} existing" if existing else ""
+        _say(f"colorized {len(written)} image(s) -> {where} in {time.perf_counter() - t0:.1f} s "
+             f"({model.config['arch']} model, size {size}, {device}{extra})")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    from fastcolor.io import read_checkpoint_meta
+    from fastcolor.models import PRESETS
+    from fastcolor.train import TrainConfig, train
+
+    data, run = Path(args.data), Path(args.out)
+    if not data.is_dir():
+        raise CLIError(f"DATA must be a folder of images, got {args.data!r} ({'not a folder' if data.exists() else 'no such folder'})")
+    if run.resolve() == data.resolve() or data.resolve() in run.resolve().parents:
+        raise CLIError(f"--out {args.out} is inside DATA {args.data}: its PNGs would be taken for training images; "
+                       f"choose a run directory outside the data")
+    config = dict(PRESETS[MODELS[args.model]])
+    arch = config["arch"]
+    loss = args.loss if args.loss != "auto" else ("mse" if arch == "fusion" else "rebalanced")
+    if (arch == "fusion") != (loss == "mse"):
+        raise CLIError(f"--loss {loss} does not fit --model {args.model}: use rebalanced or ce for Zhang models, "
+                       f"mse for fusion models")
+    if args.size:
+        config["input_size"] = args.size
+    last = run / "last.safetensors"
+    if last.is_file():
+        if not args.resume:
+            meta = read_checkpoint_meta(last).get("meta", {})
+            raise CLIError(f"{args.out} already holds a run (last completed epoch {meta.get('epoch', '?')}); pass "
+                           f"--resume to continue it, or choose another --out")
+        _note(f"resuming {args.out} from its last checkpoint")
+    elif args.resume:
+        _note(f"nothing to resume in {args.out}: starting a new run")
+    if args.device.startswith("cuda"):
+        _device(args.device)
+    if arch == "fusion" and not args.backbone_weights:
+        _note("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
+              "file): expect it to help little")
+    cfg = TrainConfig(
+        data_dir=str(data), run_dir=str(run), model=config, loss=loss, classes=args.classes, image_size=args.size,
+        batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
+        augment=args.augment, workers=args.workers, resume=True, device=args.device,
+        precision=args.precision, backbone_weights=args.backbone_weights, max_steps_per_epoch=args.max_steps_per_epoch,
+        progress=not args.quiet)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
+    new = [h for h in res.history if h["epoch"] > first]
+    if not new:
+        _say(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (--epochs {args.epochs})")
+        return EXIT_OK
+    for h in new:
+        if not args.quiet:
+            _say(f"epoch {h['epoch']:3d}  train {h['train_loss']:.4f}  val {h['val_loss']:.4f}"
+                 f"{'  best' if h['best'] else ''}  ({h['seconds']:.1f} s)")
+    stop = " (stopped early)" if res.stopped_early else ""
+    _say(f"trained {args.model} ({loss} loss) for {res.epochs_completed} epoch(s){stop} in "
+         f"{time.perf_counter() - t0:.0f} s; best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+    _say(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
+    _say(f"next: fastcolor eval {run} {data}")
+    _say(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _split_matches_data(run_dir: Path, data: Path) -> bool:
+    from fastcolor.data import load_split
+
+    split_file = run_dir / "split.json"
+    if not split_file.is_file():
+        return False
+    items = [it for part in load_split(split_file).values() for it in part]
+    return bool(items) and all((data / it.path).is_file() for it in items[:20])
+
+
+def cmd_eval(args) -> int:
+    from fastcolor.metrics import evaluate
+
+    src = Path(args.weights)
+    if not src.exists():
+        raise CLIError(f"no such run directory or weights file: {args.weights}")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise CLIError(f"DATA must be a folder of images, got {args.data!r}")
+    model_file = resolve_weights(args.weights)
+    compare = str(resolve_weights(args.compare)) if args.compare else None
+    run_dir = model_file.parent
+    out = Path(args.out) if args.out else run_dir / "eval"
+    device = _device(args.device)
+    use_split = "all" not in args.split and _split_matches_data(run_dir, data)
+    if "all" not in args.split and (run_dir / "split.json").is_file() and not use_split:
+        _note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
+    kwargs = dict(data_dir=data, out_dir=out, compare=compare, T=args.temperature, batch_size=args.batch_size,
+                  device=device, max_images=args.max_images)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*antialias.*")
+        if use_split:
+            report = evaluate(run_dir, splits=args.split, **kwargs)
+        else:
+            # evaluate() uses the split.json beside a model file; a link in a fresh folder has none.
+            with tempfile.TemporaryDirectory(prefix="fastcolor-eval-") as tmp:
+                link = Path(tmp) / "model.safetensors"
+                try:
+                    link.symlink_to(model_file.resolve())
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(model_file, link)
+                report = evaluate(link, **kwargs)
+            report["source"] = str(model_file)
+    if args.json:
+        _say(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        _say(Path(report["files"]["markdown"]).read_text().rstrip())
+    _note(f"wrote {', '.join(report['files'].values())}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- bench / demo / info
+
+
+def cmd_bench(args, extra: Sequence[str] = ()) -> int:
+    try:
+        from fastcolor import bench
+    except ImportError as exc:
+        raise CLIError(f"the benchmark module fastcolor.bench is not available in this install ({exc})",
+                       EXIT_FAILURE) from exc
+    if args.device == "cuda":
+        _device("cuda")
+    argv = ["--device", args.device] + (["--json"] if args.json else []) + list(extra)
+    rc = bench.main(argv)
+    return int(rc or 0)
+
+
+def cmd_demo(args) -> int:
+    from fastcolor.demo import run_demo
+
+    device = _device(args.device)
+    run_demo(args.out, quick=args.quick, device=device, seed=args.seed)
+    return EXIT_OK
+
+
+def info_dict() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    import fastcolor
+    from fastcolor import backends
+
+    devices: dict[str, Any] = {}
+    for dev in ("cpu", "cuda"):
+        present = dev == "cpu" or torch.cuda.is_available()
+        rows = {}
+        for name in backends.AUTO_ORDER[dev]:
+            reason = backends.unavailable_reason(name, dev) if present else "no CUDA device here"
+            rows[name] = {"available": reason is None, "reason": reason}
+        try:
+            auto = backends.resolve("auto", dev) if present else None
+        except backends.BackendUnavailable as exc:
+            auto = f"error: {exc}"
+        devices[dev] = {"present": present, "auto_order": list(backends.AUTO_ORDER[dev]), "auto": auto,
+                        "backends": rows}
+    if torch.cuda.is_available():
+        devices["cuda"]["name"] = torch.cuda.get_device_name()
+    return {"version": fastcolor.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "env": {backends.ENV_VAR: os.environ.get(backends.ENV_VAR)},
+            "build_info": fastcolor.build_info(), "devices": devices}
+
+
+def cmd_info(args) -> int:
+    info = info_dict()
+    if args.json:
+        _say(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    b = info["build_info"]
+    _say(f"fastcolor {info['version']}  (python {info['python']}, torch {b.get('torch')}, numba {b.get('numba')}, "
+         f"triton {b.get('triton')})")
+    if b["extension"]:
+        cuda = f"CUDA kernels for sm {b.get('cuda_archs')}" if b.get("has_cuda_kernels") else "no CUDA kernels"
+        _say(f"native extension fastcolor._C: built with {b.get('compiler')}, {b.get('build_type')}, "
+             f"OpenMP {'on' if b.get('openmp') else 'off'}, CPU ISA {b.get('cpu_isa')}, {cuda}")
+    else:
+        _say(f"native extension fastcolor._C: NOT available: {_one_line(b.get('reason') or '?', 300)}")
+    env = info["env"][next(iter(info["env"]))]
+    _say(f"backends (FASTCOLOR_BACKEND={env or 'unset'}):")
+    for dev, d in info["devices"].items():
+        head = f"  {dev:<5}" + ("" if d["present"] else " (no device here)")
+        _say(f"{head}  auto -> {d['auto'] or '-'}")
+        for name, r in d["backends"].items():
+            mark = "yes" if r["available"] else f"no: {_one_line(r['reason'], 120)}"
+            _say(f"      {name:<7} {mark}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
