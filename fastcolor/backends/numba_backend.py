@@ -34,6 +34,7 @@ is writable they are compiled without a cache instead of failing at import.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 
 import numpy as np
@@ -92,6 +93,9 @@ if numba is not None:
     # atomic incref/decref of every array argument per pixel.
     _jit = njit(fastmath=_FM, cache=CACHE, inline="always", nogil=True)
     _ijit = njit(fastmath=_FM, cache=CACHE, nogil=True)
+    # Per-tile bodies: real calls (one per tile of TILE pixels, so the argument refcounts
+    # cost nothing), compiled once and shared by the kernels: less to compile.
+    _tjit = njit(fastmath=_FM, cache=CACHE, nogil=True, no_cpython_wrapper=True)
     _pjit = njit(parallel=True, fastmath=_FM, cache=CACHE, nogil=True)
 else:  # pragma: no cover
     CACHE = False
@@ -99,7 +103,7 @@ else:  # pragma: no cover
     def _identity(f):
         return f
 
-    _jit = _ijit = _pjit = _identity
+    _jit = _ijit = _tjit = _pjit = _identity
 
     def prange(*a):
         return range(*a)
@@ -245,6 +249,8 @@ def _flog(x):
 #: Bin centres as float32 (exact: multiples of 10) and the grid -> bin table, flattened.
 _BA = np.ascontiguousarray(AB_BINS[:, 0], dtype=np.float32)
 _BB = np.ascontiguousarray(AB_BINS[:, 1], dtype=np.float32)
+_BA64 = np.ascontiguousarray(AB_BINS[:, 0], dtype=np.float64)
+_BB64 = np.ascontiguousarray(AB_BINS[:, 1], dtype=np.float64)
 _CELL = np.ascontiguousarray(CELL_TO_BIN.reshape(-1), dtype=np.int32)
 _AMIN, _BMIN, _GRID = _F(A_MIN), _F(B_MIN), _F(GRID)
 _INV_GRID = _F(1.0 / GRID)
@@ -274,22 +280,6 @@ def _window_size(k: int) -> int:
 
 
 @_jit
-def _insert(d, q, bd, bi, k):
-    """Insert candidate (d, q) into the sorted top-k list (bd, bi). Candidates arrive in
-    increasing q, and only a strictly smaller distance moves ahead, so ties keep the lower
-    bin index first. NaN distances are never inserted."""
-    if not (d < bd[k - 1]):
-        return
-    j = k - 1
-    while j > 0 and d < bd[j - 1]:
-        bd[j] = bd[j - 1]
-        bi[j] = bi[j - 1]
-        j -= 1
-    bd[j] = d
-    bi[j] = q
-
-
-@_jit
 def _window_lo(f, s, cells):
     """First lattice index of the size-s window around grid coordinate f (|f| < 1e4),
     shifted to lie inside [0, cells). Even s: floor(f) - s/2 + 1 (the pixel's cell in the
@@ -304,25 +294,38 @@ def _window_lo(f, s, cells):
 
 
 @_jit
-def _full_scan(a, b, k, bd, bi, m0):
-    """The k nearest of all 313 bins of (a, b) into bd[m0 + m * TILE], bi[...] (m < k),
-    scalar (the rare fallback). Unfilled slots keep +inf and indices 0..k-1, so NaN/Inf ab
-    gives indices 0..k-1 and (from inf - inf) NaN weights, as the reference does."""
-    sd = np.empty(K_MAX, np.float32)
-    si = np.empty(K_MAX, np.int32)
+def _full_scan(a, b, k, bd, bi, m0, sd, si):
+    """The k nearest of all 313 bins of (a, b), scalar (the rare fallback), in float64 so
+    that far-off ab (|ab| ~ 1e6: squared distances ~ 1e12) still ranks the bins and weighs
+    them as the reference does. Writes bi[m0 + m * TILE] and bd[...] = d_m - d_0 (what the
+    weights need). Unfilled slots keep +inf and indices 0..k-1: NaN/Inf ab gives indices
+    0..k-1 and (inf - inf) NaN weights, as the reference does. sd, si: float64/int32 scratch."""
+    a64 = np.float64(a)
+    b64 = np.float64(b)
     for m in range(k):
-        sd[m] = _INF
+        sd[m] = np.inf
         si[m] = m
     for q in range(Q):
-        da = a - _BA[q]
-        db = b - _BB[q]
-        _insert(da * da + db * db, q, sd, si, k)
+        # Insertion into the sorted list: q increases and only a strictly smaller distance
+        # moves ahead, so ties keep the lower bin index first; NaN is never inserted.
+        # (Written out: an inlined helper with an early return ran 20x slower.)
+        da = a64 - _BA64[q]
+        db = b64 - _BB64[q]
+        d = da * da + db * db
+        if d < sd[k - 1]:
+            j = k - 1
+            while j > 0 and d < sd[j - 1]:
+                sd[j] = sd[j - 1]
+                si[j] = si[j - 1]
+                j -= 1
+            sd[j] = d
+            si[j] = q
     for m in range(k):
-        bd[m0 + m * TILE] = sd[m]
+        bd[m0 + m * TILE] = np.float32(sd[m] - sd[0])
         bi[m0 + m * TILE] = si[m]
 
 
-@_jit
+@_tjit
 def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
     """Soft-encode the tw pixels (at[j], bt[j]) of a tile: the k nearest bins into
     bi[m * TILE + j] (m = 0 nearest; ties: lower index first), their squared distances into
@@ -418,9 +421,11 @@ def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
             bd0[j] = d if lt else d0
     # -- the window was not provably enough: full scan (rare)
     bdk = bd[(k - 1) * TILE: (k - 1) * TILE + tw]
+    sd = np.empty(K_MAX, np.float64)
+    si = np.empty(K_MAX, np.int32)
     for j in range(tw):
         if not (bdk[j] < bnd[j]):
-            _full_scan(at[j], bt[j], k, bd, bi, j)
+            _full_scan(at[j], bt[j], k, bd, bi, j, sd, si)
     # -- Gaussian weights, normalised (inf - inf = NaN for NaN/Inf ab, as the reference)
     bd0 = bd[0:tw]
     tot = cd  # reuse as the running sum
@@ -443,6 +448,19 @@ def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
 
 def _chunks(ntiles: int) -> int:
     return max(1, min(ntiles, numba.get_num_threads() * 8))
+
+
+@_tjit
+def _tile_max(x, mode, xb, P, tw, mx):
+    """mx[j] = max over the 313 classes of x[xb + q * P + j] (NaN skipped; caught later)."""
+    for j in range(tw):
+        mx[j] = _NINF
+    for q in range(Q):
+        xq = x[xb + q * P: xb + q * P + tw]
+        for j in range(tw):
+            v = _widen(xq[j], mode)
+            m = mx[j]
+            mx[j] = v if v > m else m
 
 
 @_pjit
@@ -479,6 +497,53 @@ def _soft_encode_kernel(ab, k, s, inv2s2, idx, w, N, P, nchunks):
 # ----------------------------------------------------------------------------- fused loss
 
 
+@_tjit
+def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm):
+    """One tile of the fused loss, the target (ti, tz) already in place; sc[j] holds the
+    per-pixel loss scale s * m * v and becomes the gradient factor."""
+    _tile_max(x, mode, xb, P, tw, mx)
+    # -- e = exp(x - max) (kept in E when the gradient is wanted) and its sum
+    for j in range(tw):
+        sm[j] = _ZERO
+    if need_grad:
+        for q in range(Q):
+            xq = x[xb + q * P: xb + q * P + tw]
+            eq = E[q * TILE: q * TILE + tw]
+            for j in range(tw):
+                e = _fexp(_widen(xq[j], mode) - mx[j])
+                eq[j] = e
+                sm[j] += e
+    else:
+        for q in range(Q):
+            xq = x[xb + q * P: xb + q * P + tw]
+            for j in range(tw):
+                sm[j] += _fexp(_widen(xq[j], mode) - mx[j])
+    # -- per pixel: the loss from the k target logits only; the target subtracted in E
+    #    (softmax - z = (e - z * sum) / sum), so the gradient pass is a plain scaling
+    for j in range(tw):
+        ssum = sm[j]
+        lse = mx[j] + math.log(ssum)
+        acc = _ZERO
+        for i in range(k):
+            q = ti[i * TILE + j]
+            if q < 0 or q >= Q:  # a bad precomputed index: NaN loss, never a wild write
+                acc = _NAN
+                continue
+            z = tz[i * TILE + j]
+            acc += z * (_widen(x[xb + q * P + j], mode) - lse)
+            if need_grad:
+                E[q * TILE + j] -= z * ssum
+        loss[j] = -(sc[j] * acc)
+        sc[j] = gscale * sc[j] / ssum
+    # -- the gradient, written once
+    if need_grad:
+        for q in range(Q):
+            gq = g[xb + q * P: xb + q * P + tw]
+            eq = E[q * TILE: q * TILE + tw]
+            for j in range(tw):
+                gq[j] = _narrow(eq[j] * sc[j], mode, g)
+
+
 @_pjit
 def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
                need_grad, loss, g, N, P, nchunks):
@@ -489,13 +554,11 @@ def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gs
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
     use_cw = cw.size > 0
-    use_mask = mask.size > 0
-    use_ps = ps.size > 0
     for c in prange(nchunks):
         E = np.empty(Q * TILE, np.float32)
         mx = np.empty(TILE, np.float32)
         sm = np.empty(TILE, np.float32)
-        fac = np.empty(TILE, np.float32)
+        sc = np.empty(TILE, np.float32)
         ia0 = np.empty(TILE, np.int64)
         ib0 = np.empty(TILE, np.int64)
         bnd = np.empty(TILE, np.float32)
@@ -508,7 +571,6 @@ def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gs
             n = t // tpi
             p0 = (t - n * tpi) * TILE
             tw = min(TILE, P - p0)
-            xb = n * Q * P + p0
             # -- the target of every pixel of the tile: k (index, weight) pairs
             if use_ab:
                 ab0 = n * 2 * P + p0
@@ -524,69 +586,47 @@ def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gs
                     for j in range(tw):
                         dst_i[j] = src_i[j]
                         dst_w[j] = src_w[j]
-            # -- pass 1: running max over the classes (NaN is skipped here and caught below)
+            # -- per-pixel scale s * m * v
+            m_n = mask[n] if mask.size > 0 else _ONE
             for j in range(tw):
-                mx[j] = _NINF
-            for q in range(Q):
-                xq = x[xb + q * P: xb + q * P + tw]
-                for j in range(tw):
-                    v = _widen(xq[j], mode)
-                    m = mx[j]
-                    mx[j] = v if v > m else m
-            # -- pass 2: e = exp(x - max) (kept in E when the gradient is wanted) and its sum
-            for j in range(tw):
-                sm[j] = _ZERO
-            if need_grad:
-                for q in range(Q):
-                    xq = x[xb + q * P: xb + q * P + tw]
-                    eq = E[q * TILE: q * TILE + tw]
-                    for j in range(tw):
-                        e = _fexp(_widen(xq[j], mode) - mx[j])
-                        eq[j] = e
-                        sm[j] += e
-            else:
-                for q in range(Q):
-                    xq = x[xb + q * P: xb + q * P + tw]
-                    for j in range(tw):
-                        sm[j] += _fexp(_widen(xq[j], mode) - mx[j])
-            # -- per pixel: loss from the k target logits; target subtracted in E
-            for j in range(tw):
-                ssum = sm[j]
-                lse = mx[j] + math.log(ssum)
-                sc = _ONE
-                if use_mask:
-                    sc *= mask[n]
-                if use_ps:
-                    sc *= ps[n * P + p0 + j]
-                acc = _ZERO
-                bad = False
-                for i in range(k):
-                    q = ti[i * TILE + j]
-                    if q < 0 or q >= Q:
-                        bad = True
-                        continue
-                    z = tz[i * TILE + j]
-                    acc += z * (_widen(x[xb + q * P + j], mode) - lse)
-                    if need_grad:
-                        E[q * TILE + j] -= z * ssum
+                v = m_n
+                if ps.size > 0:
+                    v *= ps[n * P + p0 + j]
                 if use_cw:
                     q = ti[j]
-                    if q >= 0 and q < Q:
-                        sc *= cw[q]
-                if bad:
-                    acc = _NAN
-                loss[n * P + p0 + j] = -(sc * acc)
-                fac[j] = gscale * sc / ssum
-            # -- pass 3: the gradient, written once
-            if need_grad:
-                for q in range(Q):
-                    gq = g[xb + q * P: xb + q * P + tw]
-                    eq = E[q * TILE: q * TILE + tw]
-                    for j in range(tw):
-                        gq[j] = _narrow(eq[j] * fac[j], mode, g)
+                    v *= cw[q] if (q >= 0 and q < Q) else _ONE
+                sc[j] = v
+            _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
+                     loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
 
 
 # ----------------------------------------------------------------------------- annealed mean
+
+
+@_tjit
+def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, oa, ob):
+    _tile_max(x, mode, xb, P, tw, mx)
+    for j in range(tw):
+        # probabilities: softmax(log(x) / T) = exp((log x - log max) / T) / sum
+        mx[j] = _flog(mx[j]) if is_probs else mx[j]
+        sm[j] = _ZERO
+        sa[j] = _ZERO
+        sb[j] = _ZERO
+    for q in range(Q):
+        xq = x[xb + q * P: xb + q * P + tw]
+        ca = _BA[q]
+        cb = _BB[q]
+        for j in range(tw):
+            y = _widen(xq[j], mode)
+            y = _flog(y) if is_probs else y  # loop-invariant: LLVM unswitches it
+            e = _fexp((y - mx[j]) * inv_t)
+            sm[j] += e
+            sa[j] += e * ca
+            sb[j] += e * cb
+    for j in range(tw):
+        inv = _ONE / sm[j]
+        oa[j] = sa[j] * inv
+        ob[j] = sb[j] * inv
 
 
 @_pjit
@@ -602,52 +642,38 @@ def _annealed_kernel(x, mode, inv_t, is_probs, out, N, P, nchunks):
             n = t // tpi
             p0 = (t - n * tpi) * TILE
             tw = min(TILE, P - p0)
-            xb = n * Q * P + p0
-            for j in range(tw):
-                mx[j] = _NINF
-                sm[j] = _ZERO
-                sa[j] = _ZERO
-                sb[j] = _ZERO
-            for q in range(Q):
-                xq = x[xb + q * P: xb + q * P + tw]
-                for j in range(tw):
-                    v = _widen(xq[j], mode)
-                    m = mx[j]
-                    mx[j] = v if v > m else m
-            if is_probs:
-                # softmax(log(x) / T) = (x / max)^(1/T) / sum: exp((log x - log max) / T)
-                for j in range(tw):
-                    mx[j] = _flog(mx[j])
-                for q in range(Q):
-                    xq = x[xb + q * P: xb + q * P + tw]
-                    ca = _BA[q]
-                    cb = _BB[q]
-                    for j in range(tw):
-                        e = _fexp((_flog(_widen(xq[j], mode)) - mx[j]) * inv_t)
-                        sm[j] += e
-                        sa[j] += e * ca
-                        sb[j] += e * cb
-            else:
-                for q in range(Q):
-                    xq = x[xb + q * P: xb + q * P + tw]
-                    ca = _BA[q]
-                    cb = _BB[q]
-                    for j in range(tw):
-                        e = _fexp((_widen(xq[j], mode) - mx[j]) * inv_t)
-                        sm[j] += e
-                        sa[j] += e * ca
-                        sb[j] += e * cb
-            oa = out[n * 2 * P + p0: n * 2 * P + p0 + tw]
-            ob = out[n * 2 * P + P + p0: n * 2 * P + P + p0 + tw]
-            for j in range(tw):
-                inv = _ONE / sm[j]
-                oa[j] = sa[j] * inv
-                ob[j] = sb[j] * inv
+            o = n * 2 * P + p0
+            _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb,
+                     out[o: o + tw], out[o + P: o + P + tw])
 
 
 # ----------------------------------------------------------------------------- torch glue
 
 _MODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: Gradients of at least this many bytes are allocated on transparent huge pages (Linux).
+HUGE_PAGE_MIN_BYTES = 8 << 20
+_HUGE_OK = hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("FASTCOLOR_HUGE_PAGES", "1") != "0"
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, but a large buffer is an anonymous mmap advised MADV_HUGEPAGE.
+
+    The gradient is as large as the logits and written once; with 4 KiB pages the first
+    touch of every page is a page fault, which on some machines (VMs) costs more than the
+    kernel itself. 2 MiB pages make that 512x fewer faults. The memory goes back to the OS
+    when the tensor is freed (the tensor holds the mmap). FASTCOLOR_HUGE_PAGES=0 turns it off.
+    """
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if not _HUGE_OK or nbytes < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
 
@@ -682,7 +708,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
                pixel_scale=None):
     n, q, p = logits.shape
     loss = torch.empty((n, p), dtype=torch.float32)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else None
+    grad = _empty((n, q, p), logits.dtype) if need_grad else None
     if n * p == 0:
         return loss, grad
     x, mode = _logits_view(logits)
