@@ -32,6 +32,23 @@ def check_same_layout(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got {x.device}")
 
 
+def check_bin_indices(name: str, indices: torch.Tensor) -> None:
+    """Precomputed targets: 1..16 bins per pixel (axis 1), every index in 0..Q-1.
+
+    The kernels would otherwise disagree (NaN loss on the fused CPU kernels, an index error
+    from the PyTorch composition); one min/max over the small (N, k, P) tensor settles it.
+    Skipped while torch.compile traces (a data-dependent check would break the graph).
+    """
+    if not 1 <= indices.shape[1] <= 16:
+        raise ValueError(f"{name}: expected 1..16 bins per pixel on axis 1, got {indices.shape[1]} "
+                         f"(shape {tuple(indices.shape)})")
+    if indices.numel() == 0 or indices.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= Q:
+        raise ValueError(f"{name}: expected bin indices in 0..{Q - 1}, got values in {lo}..{hi}")
+
+
 def check_k_sigma(k, sigma) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
         raise ValueError(f"k: expected an integer in 1..16, got {k!r}")

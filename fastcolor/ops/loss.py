@@ -23,13 +23,14 @@ from fastcolor import backends
 from fastcolor.backends import torch_backend
 from fastcolor.gamut import Q
 from fastcolor.ops._common import (
+    check_bin_indices,
     check_class_weights,
     check_k_sigma,
     check_same_layout,
     check_tensor,
     flat,
 )
-from fastcolor.ops.encode import SoftLabels
+from fastcolor.ops.encode import SoftLabels, has_far_ab, soft_encode
 
 REDUCTIONS = ("mean", "sum", "none")
 GRAY_THRESHOLD = 5.0
@@ -37,8 +38,8 @@ GRAY_THRESHOLD = 5.0
 
 def image_mask_nongray(ab: torch.Tensor) -> torch.Tensor:
     """(N, 2, *S) -> float32 (N,): 0 for images whose ab never leaves |a|, |b| <= 5, else 1."""
-    flat_ab = ab.reshape(ab.shape[0], -1)
-    if flat_ab.shape[1] == 0:
+    flat_ab = ab.flatten(1)  # (not reshape(N, -1): ambiguous for an empty batch)
+    if flat_ab.shape[1] == 0 or flat_ab.shape[0] == 0:
         return flat_ab.new_zeros(ab.shape[0], dtype=torch.float32)
     return (flat_ab.abs().amax(dim=1) > GRAY_THRESHOLD).float()
 
@@ -156,6 +157,7 @@ def rebalanced_cross_entropy(
     if isinstance(target, SoftLabels):
         indices, soft_w = target.indices, target.weights
         check_same_layout("target.indices", indices, "logits", logits)
+        check_bin_indices("target.indices", indices)
         ab = target_ab
         if ab is not None:
             check_tensor("target_ab", ab, channels=2)
@@ -175,6 +177,11 @@ def rebalanced_cross_entropy(
     spatial = logits.shape[2:]
     x = flat(logits)
     ab_f = flat(ab, torch.float32) if (ab is not None and indices is None) else None
+    if ab_f is not None and has_far_ab(ab_f):
+        # Out-of-gamut ab: the kernels' float32 search would misplace these pixels, so the
+        # target is encoded first (exactly for them, see soft_encode) and passed precomputed.
+        labels = soft_encode(ab_f, k, sigma, backend=name)
+        indices, soft_w, ab_f = labels.indices, labels.weights, None
     idx_f = flat(indices, torch.int32) if indices is not None else None
     w_f = flat(soft_w, torch.float32) if soft_w is not None else None
     k_eff = idx_f.shape[1] if idx_f is not None else k

@@ -7,6 +7,7 @@ import torch
 from fastcolor import reference
 from fastcolor.gamut import Q, ab_bins
 from fastcolor.ops._common import check_tensor
+from fastcolor.ops.encode import encode_far_exactly, has_far_ab
 
 
 def nearest_bin(ab: torch.Tensor) -> torch.Tensor:
@@ -21,6 +22,9 @@ def nearest_bin(ab: torch.Tensor) -> torch.Tensor:
     for start in range(0, pixels.shape[0], 1 << 16):
         chunk = pixels[start : start + (1 << 16)]
         out[start : start + chunk.shape[0]] = torch.cdist(chunk, bins).argmin(1)
+    if has_far_ab(pixels):  # out-of-gamut pixels: exact float64 distances (see soft_encode)
+        col = pixels.T[None]  # (1, 2, M)
+        encode_far_exactly(col, out.view(1, 1, -1), None, 1, 1.0)
     return out.reshape((ab.shape[0],) + tuple(ab.shape[2:]))
 
 
@@ -61,4 +65,14 @@ def rarity_weights(prior, lam: float = 0.5) -> np.ndarray:
     """
     if isinstance(prior, torch.Tensor):
         prior = prior.detach().cpu().numpy()
-    return reference.rarity_weights(np.asarray(prior, dtype=np.float64), lam)
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape == (Q,):  # (the reference reports a wrong shape)
+        bad = int((~np.isfinite(prior)).sum())
+        neg = int((prior < 0).sum())
+        if bad or neg or not prior.sum() > 0:
+            got = f"{bad} NaN/Inf" if bad else f"{neg} negative" if neg else f"a sum of {prior.sum():g}"
+            raise ValueError(f"prior: expected finite, non-negative values with a positive sum, got {got}")
+        if isinstance(lam, (int, float)) and lam == 0 and (prior == 0).any():
+            raise ValueError(f"lam: 0 needs every prior entry > 0 (the weight of an empty bin is infinite), "
+                             f"got {int((prior == 0).sum())} empty bin(s); use lam > 0")
+    return reference.rarity_weights(prior, lam)
