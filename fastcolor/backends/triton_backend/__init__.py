@@ -122,13 +122,15 @@ def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
     return out
 
 
-def config(kind: str, dtype: torch.dtype) -> tuple[int, int, int | None]:
+def config(kind: str, dtype: torch.dtype, p: int = 0) -> tuple[int, int, int | None]:
     """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc").
 
     The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
     4 warps, whatever the dtype. Capped at 160 registers (no spills, checked with ptxas for sm_90),
     three programs fit on an SM (12 warps, 120 KB of logits in flight). BP = 32 gives each class row
     a 128 B (float32) / 64 B (16-bit) contiguous, aligned segment when P % 32 == 0.
+    When ``P % 16 != 0`` triton cannot prove the rows aligned, loads one element at a time with one
+    64-bit address each, and BP = 32 would spill: such odd images take BP = 16.
     The encode kernel's BP = 32 * warps gives every thread one pixel's whole candidate window, so
     its k rounds of argmin never leave the thread.
     """
@@ -137,6 +139,8 @@ def config(kind: str, dtype: torch.dtype) -> tuple[int, int, int | None]:
         return tuple(over) + (None,) * (3 - len(over))
     if kind == "enc":
         return (128, 4, None)
+    if p % 16:
+        return (16, 4, None)
     return (32, 4, 160)
 
 
@@ -157,16 +161,25 @@ def _knn_params(k: int) -> dict:
     return dict(K=k, KP=kp, R=r, SIDE=side, WIN=win)
 
 
+_maxnreg_ok = True
+
+
 def _launch(kernel, grid, args, consts, cfg, device):
-    if device.type == "cuda":
-        _, nw, maxnreg = cfg
-        opts = {"num_warps": nw}
-        if maxnreg:
-            opts["maxnreg"] = maxnreg
-        with torch.cuda.device(device):
-            kernel[grid](*args, **consts, **opts)
-    else:
+    global _maxnreg_ok
+    if device.type != "cuda":
         kernel[grid](*args, **consts)
+        return
+    _, nw, maxnreg = cfg
+    with torch.cuda.device(device):
+        if maxnreg and _maxnreg_ok:
+            try:
+                kernel[grid](*args, **consts, num_warps=nw, maxnreg=maxnreg)
+                return
+            except KeyError as exc:  # a triton without the maxnreg option: run uncapped
+                if "maxnreg" not in str(exc):
+                    raise
+                _maxnreg_ok = False
+        kernel[grid](*args, **consts, num_warps=nw)
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -221,7 +234,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     ps = pixel_scale.float().contiguous() if pixel_scale is not None else None
     km = _kernels(dev)
     cells, bins = _device_tables(dev)
-    cfg = config("ce", logits.dtype)
+    cfg = config("ce", logits.dtype, p)
     grid = (triton.cdiv(p, cfg[0]), n)
     args = (logits, ab if encode else loss, dummy_i, dummy_w,
             cw if cw is not None else loss, im if im is not None else loss, ps if ps is not None else loss,
@@ -245,7 +258,7 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
     x = x.contiguous()
     km = _kernels(x.device)
     _, bins = _device_tables(x.device)
-    cfg = config("am", x.dtype)
+    cfg = config("am", x.dtype, p)
     grid = (triton.cdiv(p, cfg[0]), n)
     _launch(km.annealed_mean_kernel, grid, (x, out, bins, p, 1.0 / float(T)),
             dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
