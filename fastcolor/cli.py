@@ -283,11 +283,14 @@ of each over the torch baseline (delegates to 'python -m fastcolor.bench'). Argu
 after the ones below are passed on to fastcolor.bench (see 'python -m fastcolor.bench --help').""",
              """\
 examples:
-  fastcolor bench                   # CPU: torch vs numba vs cpp
-  fastcolor bench --device cuda     # GPU: torch vs triton vs cuda
+  fastcolor bench --device cpu                  # torch vs cpp vs numba, a minute or two
+  fastcolor bench --device cpu --quick          # tiny shapes: seconds
+  fastcolor bench --device cuda --shapes zhang  # torch vs triton vs cuda at Zhang's training shape
   fastcolor bench --json > bench.json""")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: %(default)s")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="default: %(default)s (cuda when there is a GPU)")
+    p.add_argument("--json", action="store_true", help="print every number as JSON on stdout (the table goes to "
+                   "stderr)")
     p.set_defaults(func=cmd_bench)
 
     # -- demo -----------------------------------------------------------------------------------
@@ -547,6 +550,8 @@ def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
         if not p.exists():
             raise CLIError(f"no such file or directory: {name}")
         if p.is_dir():
+            if p.resolve() == out_resolved:
+                raise CLIError(f"-o {output} is the input folder {name} itself; choose another output folder")
             files = _image_files(p, out_resolved)
             if not files:
                 _warn(f"no image files in folder {name}")
@@ -633,7 +638,12 @@ def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
 
 
 def _read_image(path: Path):
-    """(L (1, H, W) float32 in 0..100, alpha PIL band or None)."""
+    """(L the network sees, L joined with the predicted ab, alpha band or None); L (1, H, W) in 0..100.
+
+    With transparency, the network sees the image composited over white, while the output
+    keeps the input's own (straight) colour lightness and its alpha, so that the output
+    composited over anything looks as light as the input does.
+    """
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -641,11 +651,12 @@ def _read_image(path: Path):
     from fastcolor.data import load_rgb
 
     rgb = load_rgb(path)  # any mode -> upright 8-bit RGB (alpha composited over white)
-    alpha = None
+    L_seen = to_l_tensor(np.array(rgb)).float()  # np.array: a writable copy for torch
     with Image.open(path) as im:
         if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
-            alpha = ImageOps.exif_transpose(im.convert("RGBA")).getchannel("A")
-    return to_l_tensor(np.array(rgb)).float(), alpha  # np.array: a writable copy for torch
+            rgba = ImageOps.exif_transpose(im.convert("RGBA"))
+            return L_seen, to_l_tensor(np.array(rgba.convert("RGB"))).float(), rgba.getchannel("A")
+    return L_seen, L_seen, None
 
 
 def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batch_size: int = 8,
@@ -667,10 +678,10 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
     bar = tqdm(total=len(jobs), unit="img", desc="colorize", disable=None if progress else True, file=sys.stderr)
     try:
         for start in range(0, len(jobs), batch_size):
-            batch, Ls, alphas = [], [], []
+            batch, Ls, L_joins, alphas = [], [], [], []
             for job in jobs[start:start + batch_size]:
                 try:
-                    L, alpha = _read_image(job.src)
+                    L, L_join, alpha = _read_image(job.src)
                 except Exception as exc:  # noqa: BLE001 - a bad file is skipped, not fatal
                     reason = _one_line(f"{type(exc).__name__}: {exc}", 200)
                     (on_skip or _warn)(f"{job.shown}: could not be decoded ({reason})")
@@ -678,6 +689,7 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
                     continue
                 batch.append(job)
                 Ls.append(L)
+                L_joins.append(L_join)
                 alphas.append(alpha)
             if not batch:
                 continue
@@ -696,7 +708,7 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
             if not torch.isfinite(ab).all():
                 raise CLIError("the model produced non-finite colours (NaN/inf): the weights are broken; "
                                "nothing was written for this batch", EXIT_FAILURE)
-            for job, L, alpha, ab_i in zip(batch, Ls, alphas, ab):
+            for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab):
                 ab_full = F.interpolate(ab_i[None], size=L.shape[-2:], mode="bilinear", align_corners=False)
                 rgb = l_ab_to_rgb(L[None], ab_full)[0]
                 rgb_u8 = (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
@@ -817,6 +829,26 @@ def _split_matches_data(run_dir: Path, data: Path) -> bool:
     return bool(items) and all((data / it.path).is_file() for it in items[:20])
 
 
+def evaluate_all_images(model_file: str | os.PathLike, data_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
+    """:func:`fastcolor.metrics.evaluate` on every image of ``data_dir`` (split "all"), even when
+    ``model_file`` sits in a run directory whose split.json names other files."""
+    from fastcolor.metrics import evaluate
+
+    model_file = Path(model_file)
+    # evaluate() uses the split.json beside a model file; a link in a fresh folder has none.
+    with tempfile.TemporaryDirectory(prefix="fastcolor-eval-") as tmp:
+        link = Path(tmp) / "model.safetensors"
+        try:
+            link.symlink_to(model_file.resolve())
+        except OSError:
+            import shutil
+
+            shutil.copyfile(model_file, link)
+        report = evaluate(link, data_dir, **kwargs)
+    report["source"] = str(model_file)
+    return report
+
+
 def cmd_eval(args) -> int:
     from fastcolor.metrics import evaluate
 
@@ -836,22 +868,10 @@ def cmd_eval(args) -> int:
         _note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
     kwargs = dict(data_dir=data, out_dir=out, compare=compare, T=args.temperature, batch_size=args.batch_size,
                   device=device, max_images=args.max_images)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*antialias.*")
-        if use_split:
-            report = evaluate(run_dir, splits=args.split, **kwargs)
-        else:
-            # evaluate() uses the split.json beside a model file; a link in a fresh folder has none.
-            with tempfile.TemporaryDirectory(prefix="fastcolor-eval-") as tmp:
-                link = Path(tmp) / "model.safetensors"
-                try:
-                    link.symlink_to(model_file.resolve())
-                except OSError:
-                    import shutil
-
-                    shutil.copyfile(model_file, link)
-                report = evaluate(link, **kwargs)
-            report["source"] = str(model_file)
+    if use_split:
+        report = evaluate(model_file, splits=args.split, **kwargs)  # uses split.json beside it
+    else:
+        report = evaluate_all_images(model_file, **kwargs)
     if args.json:
         _say(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
@@ -869,10 +889,16 @@ def cmd_bench(args, extra: Sequence[str] = ()) -> int:
     except ImportError as exc:
         raise CLIError(f"the benchmark module fastcolor.bench is not available in this install ({exc})",
                        EXIT_FAILURE) from exc
-    if args.device == "cuda":
-        _device("cuda")
-    argv = ["--device", args.device] + (["--json"] if args.json else []) + list(extra)
-    rc = bench.main(argv)
+    device = _device(args.device)
+    argv = ["--device", device, *extra]
+    if not args.json:
+        return int(bench.main(argv) or 0)
+    # fastcolor.bench prints its table last; keep stdout pure JSON and show the table on stderr.
+    with tempfile.TemporaryDirectory(prefix="fastcolor-bench-") as tmp:
+        path = Path(tmp) / "bench.json"
+        with contextlib.redirect_stdout(sys.stderr):
+            rc = bench.main([*argv, "--json", str(path)])
+        _say(path.read_text().rstrip())
     return int(rc or 0)
 
 

@@ -1,0 +1,347 @@
+"""``fastcolor demo``: the whole library working, offline, in a few minutes on a laptop CPU.
+
+1. Take the colour photos that ship with scikit-image, hold one back (``chelsea``, the cat),
+   and cut random crops of the others into a class-per-photo image folder.
+2. Train the small Zhang et al. network with the fused class-rebalanced cross-entropy and
+   the small Deep Koalarization fusion network (mobilenet_v3_small backbone with random
+   weights: nothing can be downloaded) with :func:`fastcolor.train.train`.
+3. Evaluate both (:func:`fastcolor.metrics.evaluate`) on crops of the held-back photo and on
+   the test split of the training crops.
+4. Colorize the held-back photo at full resolution (the ``colorize`` command's code path).
+5. Time the backends on the CPU (:mod:`fastcolor.bench`).
+
+Everything lands in one folder (``demo_out/``). The models see seven photos for a minute
+or two each: this demonstrates the machinery, it is not a good colorizer.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["DemoSettings", "FULL", "QUICK", "HELD_OUT", "TRAIN_PHOTOS", "demo_photos", "make_crops", "run_demo"]
+
+#: The skimage.data colour photos trained on (``cat`` is ``chelsea`` again, so it is left out).
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                "motorcycle")
+#: The photo kept back for evaluation and the full-resolution colorization.
+HELD_OUT = "chelsea"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    size: int  #: training crop side (= the models' input size)
+    crops_per_photo: int
+    heldout_crops: int
+    epochs: int
+    batch_size: int
+    lr: float
+    embed_size: int  #: side of the grayscale image the fusion backbone sees
+    bench_batch: int  #: benchmark logits: (bench_batch, 313, bench_side, bench_side)
+    bench_side: int
+
+
+FULL = DemoSettings(size=64, crops_per_photo=40, heldout_crops=12, epochs=6, batch_size=16, lr=2e-3,
+                    embed_size=112, bench_batch=8, bench_side=32)
+QUICK = DemoSettings(size=32, crops_per_photo=4, heldout_crops=3, epochs=1, batch_size=8, lr=2e-3,
+                     embed_size=32, bench_batch=2, bench_side=8)
+
+
+def demo_photos() -> dict[str, np.ndarray]:
+    """name -> (H, W, 3) uint8 of every photo the demo uses (bundled with scikit-image)."""
+    import skimage.data
+
+    photos = {}
+    for name in (*TRAIN_PHOTOS, HELD_OUT):
+        photos[name] = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    return photos
+
+
+def make_crops(photo: np.ndarray, n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` random square crops (30-100 % of the short side, random flip), resized to ``size``."""
+    from PIL import Image
+
+    H, W = photo.shape[:2]
+    out = []
+    for _ in range(n):
+        s = int(min(H, W) * rng.uniform(0.3, 1.0))
+        y, x = int(rng.integers(0, H - s + 1)), int(rng.integers(0, W - s + 1))
+        crop = photo[y:y + s, x:x + s]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BICUBIC)))
+    return out
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    from fastcolor.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_dataset(root: Path, photos: dict[str, np.ndarray], s: DemoSettings, seed: int) -> tuple[Path, Path, Path]:
+    """data/<photo>/*.png (training crops), heldout/<photo>/*.png (held-back crops), and the held-back photo."""
+    rng = np.random.default_rng(seed)
+    data, heldout = root / "data", root / "heldout"
+    for name in TRAIN_PHOTOS:
+        for i, crop in enumerate(make_crops(photos[name], s.crops_per_photo, s.size, rng)):
+            _save_png(data / name / f"{name}_{i:03d}.png", crop)
+    for i, crop in enumerate(make_crops(photos[HELD_OUT], s.heldout_crops, s.size, rng)):
+        _save_png(heldout / HELD_OUT / f"{HELD_OUT}_{i:03d}.png", crop)
+    full = root / f"{HELD_OUT}.png"
+    _save_png(full, photos[HELD_OUT])
+    return data, heldout, full
+
+
+def _model_configs(s: DemoSettings) -> dict[str, dict[str, Any]]:
+    from fastcolor.models import PRESETS
+
+    return {
+        "zhang-small": {**PRESETS["zhang_small"], "input_size": s.size},
+        "fusion-small": {**PRESETS["fusion_small"], "input_size": s.size, "embed_size": s.embed_size},
+    }
+
+
+def _plot_losses(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from fastcolor.io import atomic_write_bytes
+
+    fig = Figure(figsize=(5 * len(results), 3.6), dpi=100)
+    for ax, (name, res) in zip(fig.subplots(1, len(results), squeeze=False)[0], results.items()):
+        epochs = [h["epoch"] + 1 for h in res.history]
+        ax.plot(epochs, [h["train_loss"] for h in res.history], "o-", label="train")
+        ax.plot(epochs, [h["val_loss"] for h in res.history], "s-", label="validation")
+        loss = "rebalanced cross-entropy" if name.startswith("zhang") else "MSE on ab/128"
+        ax.set_title(f"{name}: {loss}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _row(report: dict[str, Any], key: str, split: str) -> dict[str, Any]:
+    rows = report["models"][key]["rows"]
+    return next(r for r in rows if r["class"] == "(all)" and r["split"] == split)
+
+
+_METRIC_COLUMNS = [("acc313", "313-bin acc"), ("auc", "AuC"), ("auc_rebal", "AuC rebal."), ("mse", "ab MSE"),
+                   ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("colorfulness_pred", "colourful."),
+                   ("colorfulness_true", "colourful. (truth)")]
+
+
+def _metrics_markdown(reports: dict[str, dict[str, Any]], names: dict[str, str], s: DemoSettings) -> str:
+    def fmt(v):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+    lines = ["# fastcolor demo: metrics", "",
+             f"Models trained for {s.epochs} epoch(s) on {s.crops_per_photo} crops ({s.size}x{s.size}) of each of "
+             f"{len(TRAIN_PHOTOS)} scikit-image photos: a demonstration of the library, not a good colorizer. "
+             "The fusion backbone has random weights (no pretrained weights can be downloaded).", ""]
+    for title, (report, split) in {
+            f"Held-back photo ({HELD_OUT}, never trained on): {_row(reports['heldout'], 'model', 'all')['images']} crops":
+                (reports["heldout"], "all"),
+            "Test split of the training photos' crops (other crops of photos seen in training)":
+                (reports["test"], "test")}.items():
+        lines += [f"## {title}", "", "| model | " + " | ".join(c[1] for c in _METRIC_COLUMNS) + " |",
+                  "|---|" + "---|" * len(_METRIC_COLUMNS)]
+        for key in ("model", "compare"):
+            row = _row(report, key, split)
+            lines.append(f"| {names[report['models'][key]['arch']]} | "
+                         + " | ".join(fmt(row.get(c)) for c, _ in _METRIC_COLUMNS) + " |")
+        lines.append("")
+    lines += ["313-bin accuracy exists for the Zhang model only (the fusion model regresses ab). AuC: share of "
+              "pixels within an ab error threshold swept 0..150 (rebalanced: every colour bin weighs the same). "
+              "Per-class tables: eval/heldout/metrics.md and eval/test/metrics.md.", ""]
+    return "\n".join(lines)
+
+
+#: ops timed by the demo's benchmark (names of :func:`fastcolor.bench.time_op`)
+BENCH_OPS = {"loss_fwd": "rebalanced CE forward", "loss_fwdbwd": "rebalanced CE forward+backward",
+             "decode": "annealed-mean decode", "encode": "soft-encode (k=5)"}
+
+
+def run_bench(batch: int, side: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time every op on every CPU backend at logits (batch, 313, side, side) through
+    :func:`fastcolor.bench.time_op`; returns ``{"shape", "ms": {op: {backend: ms}}, "markdown"}``."""
+    import torch
+
+    from fastcolor import backends, bench
+    from fastcolor.gamut import Q
+
+    shape = (batch, Q, side, side)
+    names = backends.available("cpu")
+    names = ["torch"] + [n for n in names if n != "torch"]
+    ms: dict[str, dict[str, float]] = {}
+    for op in BENCH_OPS:
+        for name in names:
+            ms.setdefault(op, {})[name] = bench.time_op(name, op, shape, torch.float32, "cpu", True, None)
+    fast = names[1:]
+    lines = [f"CPU, float32 logits {batch}x{Q}x{side}x{side}, median of a few runs (wall clock), "
+             f"torch {torch.__version__}, {os.cpu_count()} CPU cores.", "",
+             "| op | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n} speed-up" for n in fast) + " |",
+             "|---|" + "---|" * (len(names) + len(fast))]
+    for op, label in BENCH_OPS.items():
+        row = ms[op]
+        lines.append(f"| {label} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " | "
+                     + " | ".join(f"{row['torch'] / row[n]:.1f}x" for n in fast) + " |")
+    lines += ["", "speed-up = torch ms / backend ms (same run). Full benchmark: fastcolor bench (see bench/RESULTS.md).", ""]
+    return {"shape": list(shape), "ms": ms, "markdown": "\n".join(lines)}
+
+
+def _bench(out: Path, s: DemoSettings, log: Callable[[str], None]) -> dict[str, Path]:
+    """The quick CPU benchmark into bench.md and bench.json; a failure is reported, never fatal."""
+    from fastcolor.io import atomic_write_json, atomic_write_text
+
+    try:
+        res = run_bench(s.bench_batch, s.bench_side, log)
+    except Exception as exc:  # noqa: BLE001 - the benchmark is a bonus: say why it is missing
+        msg = f"benchmark not run: {type(exc).__name__}: {exc}"
+        log(msg)
+        return {"bench": atomic_write_text(out / "bench.md", msg + "\n")}
+    log(res["markdown"].rstrip())
+    return {"bench_md": atomic_write_text(out / "bench.md", "# fastcolor demo: quick CPU benchmark\n\n" + res["markdown"]),
+            "bench_json": atomic_write_json(out / "bench.json", {k: v for k, v in res.items() if k != "markdown"})}
+
+
+def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "cpu", seed: int = 0,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo into ``out``; returns ``{"files": {...}, "seconds": ..., "metrics": {...}}``."""
+    import torch
+
+    from fastcolor.cli import _Job, colorize_files, evaluate_all_images
+    from fastcolor.color import l_ab_to_rgb
+    from fastcolor.colorize import to_l_tensor
+    from fastcolor.io import atomic_write_json, atomic_write_text, load_model
+    from fastcolor.metrics import comparison_grid, evaluate
+    from fastcolor.train import TrainConfig, train
+
+    t_start = time.perf_counter()
+    s = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    log(f"fastcolor demo -> {out}/  ({'quick: tiny sizes, 1 epoch' if quick else 'about 2-3 minutes on 2 CPU cores'})")
+    log("Note: a few minutes of training on seven photos shows the library working; it is not a good colorizer.")
+
+    # 1. data ---------------------------------------------------------------------------------
+    photos = demo_photos()
+    for stale in ("data", "heldout"):
+        _clear_images(out / stale)
+    data, heldout, full = _write_dataset(out, photos, s, seed)
+    n_crops = s.crops_per_photo * len(TRAIN_PHOTOS)
+    log(f"[1/5] data: {n_crops} crops of {', '.join(TRAIN_PHOTOS)} -> {data}/; '{HELD_OUT}' held back")
+
+    # 2. train ----------------------------------------------------------------------------------
+    configs = _model_configs(s)
+    results = {}
+    for name, config in configs.items():
+        run = out / "runs" / name
+        _clear_run(run)
+        loss = "rebalanced" if config["arch"] == "zhang" else "mse"
+        note = "" if config["arch"] == "zhang" else f", {config['backbone']} backbone with RANDOM weights"
+        log(f"[2/5] training {name} ({loss} loss{note}) for {s.epochs} epoch(s) ...")
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            results[name] = train(TrainConfig(
+                data_dir=str(data), run_dir=str(run), model=config, loss=loss, batch_size=s.batch_size,
+                epochs=s.epochs, lr=s.lr, patience=s.epochs, workers=0, device=device, seed=seed, resume=False,
+                progress=True))
+        res = results[name]
+        log(f"      {name}: best validation loss {res.best_val_loss:.4f} (epoch {res.best_epoch + 1}) "
+            f"in {time.perf_counter() - t0:.0f} s -> {run}/")
+    curves = out / "loss_curves.png"
+    _plot_losses(results, curves)
+
+    # 3. evaluate -------------------------------------------------------------------------------
+    log("[3/5] evaluating on the held-back photo's crops and on the training photos' test split ...")
+    zrun, frun = (out / "runs" / n for n in configs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reports = {
+            "heldout": evaluate_all_images(zrun / "model.safetensors", heldout, out_dir=out / "eval" / "heldout",
+                                           compare=frun / "model.safetensors", device=device),
+            "test": evaluate(zrun, data, out_dir=out / "eval" / "test", splits=("test",),
+                             compare=frun / "model.safetensors", device=device),
+        }
+    names = {"zhang": "Zhang (zhang-small)", "fusion": "fusion (fusion-small)"}
+    md = _metrics_markdown(reports, names, s)
+    metrics_md = atomic_write_text(out / "metrics.md", md)
+    metrics_json = atomic_write_json(out / "metrics.json", {
+        "note": "demo models: trained for minutes on seven photos; not a good colorizer",
+        "settings": s.__dict__, "held_out_photo": HELD_OUT, "heldout": reports["heldout"], "test": reports["test"]})
+
+    # 4. colorize the held-back photo at full resolution ------------------------------------------
+    log(f"[4/5] colorizing {full.name} at full resolution {photos[HELD_OUT].shape[1]}x{photos[HELD_OUT].shape[0]} ...")
+    models = {"zhang": load_model(zrun, device), "fusion": load_model(frun, device)}
+    outputs = {}
+    for key, model in models.items():
+        dst = out / f"{HELD_OUT}_{key}.png"
+        colorize_files(model, [_Job(full, dst, str(full))], size=s.size, overwrite=True, progress=False)
+        outputs[key] = dst
+    from PIL import Image
+
+    L = to_l_tensor(photos[HELD_OUT])
+    gray = (l_ab_to_rgb(L, torch.zeros(2, *L.shape[1:])).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    row = [gray] + [np.asarray(Image.open(outputs[k]).convert("RGB")) for k in ("zhang", "fusion")] + [photos[HELD_OUT]]
+    grid = comparison_grid([row], ["grayscale input", "Zhang (rebalanced CE)", "fusion (random backbone)",
+                                   "original"], out / "comparison.png", [f"{HELD_OUT} (held back)"])
+
+    # 5. benchmark --------------------------------------------------------------------------------
+    log("[5/5] quick CPU benchmark of the backends ...")
+    bench_files = _bench(out, s, log)
+
+    seconds = time.perf_counter() - t_start
+    files = {"comparison": grid, "metrics_md": metrics_md, "metrics_json": metrics_json, "loss_curves": curves,
+             **{f"colorized_{k}": v for k, v in outputs.items()}, **bench_files,
+             "runs": out / "runs", "eval": out / "eval"}
+    log("")
+    log(md.split("\n\n", 2)[2].rstrip())  # the tables, without the title and the disclaimer
+    log("")
+    log(f"demo finished in {seconds:.0f} s. Files:")
+    for label, path in files.items():
+        log(f"  {label:<18} {path}")
+    log(f"Colorize your own images with these toy weights: fastcolor colorize IMAGES... -o out/ --weights {zrun}")
+    log("For a real model, train on thousands of photos: fastcolor train PHOTOS/ --model zhang-small --out runs/zhang")
+    return {"files": files, "seconds": seconds,
+            "metrics": {k: {m: _row(r, m, "all" if k == "heldout" else "test") for m in ("model", "compare")}
+                        for k, r in reports.items()}}
+
+
+def _clear_images(folder: Path) -> None:
+    """Remove the demo's own generated crops from a previous run (only *.png under ``folder``)."""
+    if folder.is_dir():
+        for p in folder.rglob("*.png"):
+            p.unlink()
+
+
+def _clear_run(run: Path) -> None:
+    """Start a run afresh: remove the files :func:`fastcolor.train.train` writes (nothing else)."""
+    if not run.is_dir():
+        return
+    for name in ("split.json", "prior.safetensors", "last.safetensors", "best.safetensors", "model.safetensors",
+                 "model.json", "metrics.jsonl", "loss_curve.png", "train_config.json", "result.json"):
+        (run / name).unlink(missing_ok=True)
+    emb = run / "embeddings"
+    if emb.is_dir():
+        for p in emb.glob("*.safetensors"):
+            p.unlink()
