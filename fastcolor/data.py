@@ -14,8 +14,10 @@ units (``stride`` 4 for :class:`~fastcolor.models.ZhangNet`, 1 for
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,8 @@ from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageItem", "load_rgb", "load_l", "index_images", "split_items", "save_split",
-           "load_split", "ColorizationDataset", "augmentation"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "check_pixel_limit", "open_image", "load_rgb",
+           "load_l", "index_images", "split_items", "save_split", "load_split", "ColorizationDataset", "augmentation"]
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -57,9 +59,51 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return (np.clip(np.nan_to_num(arr) / scale, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+class UnreadableImageError(OSError):
+    """An image file that cannot be used: not an image, empty, truncated, corrupt, or over
+    PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, the decompression-bomb guard)."""
+
+
+def check_pixel_limit(im: Image.Image, path: str | os.PathLike) -> None:
+    """Refuse an image whose header announces more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
+    (PIL itself only warns between 1x and 2x that limit, and would decode it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = im.size
+    if limit and w * h > limit:
+        raise UnreadableImageError(
+            f"{path}: {w}x{h} = {w * h} pixels is over the limit of {int(limit)} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it")
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike):
+    """``PIL.Image.open`` that checks the pixel limit and turns every failure into
+    :class:`UnreadableImageError` naming the file and the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixel_limit refuses those
+            im = Image.open(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBombError, SyntaxError, ...
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise UnreadableImageError(f"{path}: empty file (0 bytes)") from e
+        raise UnreadableImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    with im:
+        check_pixel_limit(im, path)
+        try:
+            yield im
+        except UnreadableImageError:
+            raise
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError) as e:
+            raise UnreadableImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any image as an upright 8-bit RGB PIL image. Raises ``OSError``/``ValueError`` if unreadable."""
-    with Image.open(path) as im:
+    """Open any image as an upright 8-bit RGB PIL image. Raises :class:`UnreadableImageError`
+    (an ``OSError``) naming the file if it is not an image, empty, truncated or corrupt, or has
+    more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
+    with open_image(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
         mode = im.mode
@@ -89,9 +133,11 @@ def _verify(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()
         return None
+    except UnreadableImageError as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         return f"{type(e).__name__}: {e}"
 

@@ -80,15 +80,66 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a safetensors file: (tensors, JSON-decoded metadata)."""
-    path = Path(path)
+def _sniff(path: Path) -> str:
+    """What a weights file looks like from its first bytes: "safetensors", "pickle", "zip" or "unknown"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return "unknown"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"  # torch.save's format: a pickle inside a zip
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]"):
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    return "unknown"
+
+
+def _not_safetensors(path: Path, exc: BaseException) -> ValueError:
+    kind = _sniff(path)
+    if kind in ("zip", "pickle"):
+        why = ("it is a pickle (torch.save) file; fastcolor never unpickles model files (unpickling runs "
+               "arbitrary code): save the weights as safetensors")
+    elif path.stat().st_size == 0:
+        why = "the file is empty"
+    else:
+        why = f"not a valid safetensors file, or truncated ({exc})"
+    return ValueError(f"path: cannot read {path}: {why}")
+
+
+def _open_safetensors(path: Path, device: str | torch.device = "cpu"):
+    """safe_open with errors that name the file and say what is wrong with it."""
     if not path.is_file():
         raise FileNotFoundError(f"path: no such safetensors file: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as exc:  # SafetensorError, OSError, ...: a damaged or foreign file
+        raise _not_safetensors(path, exc) from exc
+
+
+def _decode_metadata(path: Path, meta: dict[str, str] | None) -> dict[str, Any]:
+    out = {}
+    for k, v in (meta or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:  # another tool's safetensors file: plain-string metadata
+            raise ValueError(f"path: {path} is not a fastcolor file (its metadata {k!r} = {v[:40]!r} is not "
+                             f"JSON-encoded)") from None
+    return out
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file: (tensors, JSON-decoded metadata). A damaged, truncated or
+    non-safetensors file raises ValueError naming it."""
+    path = Path(path)
+    with _open_safetensors(path, device) as f:
         meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, {k: json.loads(v) for k, v in meta.items()}
+        try:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - data that does not match the header
+            raise _not_safetensors(path, exc) from exc
+    return tensors, _decode_metadata(path, meta)
 
 
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,22 +189,33 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                          f"keys {sorted(metadata)} ({path})")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "extra": {}}
     for k, v in tensors.items():
-        prefix, rest = k.split(".", 1)
+        prefix, _, rest = k.partition(".")
+        if prefix not in groups or not rest:
+            raise ValueError(f"path: damaged checkpoint {path}: unexpected tensor {k!r} (expected model.*, "
+                             f"optim.* or extra.*)")
         groups[prefix][rest] = v
-    opt = metadata.get("optimizer")
+    opt, config, meta = metadata.get("optimizer"), metadata.get("model_config"), metadata.get("meta", {})
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise ValueError(f"path: damaged checkpoint {path}: expected JSON objects for model_config and meta, "
+                         f"got {type(config).__name__} and {type(meta).__name__}")
+    try:
+        opt_state = unflatten_optimizer_state(groups["optim"], opt) if opt is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"path: damaged checkpoint {path}: its optimizer state does not parse ({exc!r})") from exc
     return {
         "model_state": groups["model"],
-        "model_config": metadata["model_config"],
-        "optimizer_state": unflatten_optimizer_state(groups["optim"], opt) if opt is not None else None,
+        "model_config": config,
+        "optimizer_state": opt_state,
         "extra": groups["extra"],
-        "meta": metadata.get("meta", {}),
+        "meta": meta,
     }
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a checkpoint/model file without reading its tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    path = Path(path)
+    with _open_safetensors(path) as f:
+        return _decode_metadata(path, f.metadata())
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
@@ -172,20 +234,61 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
 
     ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model).
     """
-    from fastcolor.models import build_model, load_model_state
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     meta = read_checkpoint_meta(path)
-    if "model_config" not in meta:
+    config = meta.get("model_config")
+    if not isinstance(config, dict) or meta.get("format") not in ("fastcolor-model-1", "fastcolor-checkpoint-1"):
         raise ValueError(f"path: expected a fastcolor model or checkpoint file, got {path}")
-    model = build_model({**meta["model_config"], **overrides})
+    prefix = "model." if meta["format"] == "fastcolor-checkpoint-1" else ""
+    with _open_safetensors(path) as f:
+        shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
+    config = {**config, **overrides}
+    _check_architecture(path, config, shapes)  # before allocating anything the file's config asks for
+    from fastcolor.models import build_model, load_model_state
+
+    model = build_model(config)
     tensors, _ = load_tensors(path)
-    if meta.get("format") == "fastcolor-checkpoint-1":
-        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    load_model_state(model, tensors)
+    load_model_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return model.to(device).eval()
+
+
+def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file's tensors must be exactly those of the model its config describes.
+
+    The model is first built on the meta device (no memory), so a config that asks for an
+    absurdly large network is refused from the shapes alone, as is a file whose tensors come
+    from another architecture.
+    """
+    from fastcolor.models import build_model, model_state
+
+    skeleton_config = {**config, "backbone_weights": None} if config.get("arch") == "fusion" else config
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(skeleton_config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"path: {path} has an invalid model_config {json.dumps(config)[:300]}: {exc}") from exc
+    want = {k: tuple(v.shape) for k, v in model_state(skeleton).items()}
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = [f"{k}: file {shapes[k]}, model {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"path: the weights in {path} do not fit the {config.get('arch')} architecture its config "
+                         f"describes (wrong architecture or damaged file): "
+                         + "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
+                                                  f"unexpected {unexpected[:3]}" if unexpected else "",
+                                                  f"shape mismatch {wrong[:3]}" if wrong else "") if x))
+
+
+def _load_failure_cause(exc: BaseException) -> str:
+    """The line of a torch.load error that says what was refused (torch's message opens with
+    advice to retry with weights_only=False, which is exactly what must not be done)."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(exc).__name__]
+    rest = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation",
+                                                      "Please file an issue"))]
+    return next((ln for ln in rest if "global" in ln.lower()), rest[0] if rest else lines[0])
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -193,11 +296,20 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such weights file: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors" or _sniff(path) == "safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError etc.
+            raise _not_safetensors(path, exc) from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors...
+        first = _load_failure_cause(exc)
+        raise ValueError(f"path: refused to load {path}: not a plain state dict of tensors that "
+                         f"torch.load(weights_only=True) accepts (nothing in it was executed; fastcolor never "
+                         f"unpickles code): {type(exc).__name__}: {first[:200]}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"path: expected a state dict in {path}, got {type(obj).__name__}")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ValueError(f"path: expected a state dict (names -> tensors) in {path}, got {type(obj).__name__}")
     return obj

@@ -55,7 +55,10 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load :func:`model_state` output strictly (the frozen backbone keys are allowed to be absent)."""
     model = _unwrap(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches: another architecture's weights
+        raise ValueError(f"state does not fit the model: {' '.join(str(exc).split())[:500]}") from exc
     missing = [k for k in missing if not k.startswith("embedder.")]
     if missing or unexpected:
         raise ValueError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -65,7 +65,11 @@ class Embedder(nn.Module):
             st = Path(weights).stat() if Path(weights).is_file() else None
             self.weights_id = f"{Path(weights).resolve()}|{st.st_mtime_ns if st else ''}"
 
-            self.net.load_state_dict(load_state_file(weights))
+            try:
+                self.net.load_state_dict(load_state_file(weights))
+            except RuntimeError as exc:  # missing/unexpected keys, size mismatches: another network's weights
+                raise ValueError(f"weights: {weights} does not fit the {backbone} backbone: "
+                                 f"{' '.join(str(exc).split())[:400]}") from exc
         self.net.requires_grad_(False)
         self.net.eval()
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
