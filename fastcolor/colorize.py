@@ -9,8 +9,12 @@ original L, so the output keeps every detail of the grayscale input.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Any
+import re
+from functools import lru_cache
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +23,160 @@ from PIL import Image
 
 from fastcolor.color import l_ab_to_rgb, rgb_to_l
 
-__all__ = ["decode_ab", "predict_ab", "colorize_tensor", "colorize_image", "to_l_tensor"]
+__all__ = ["decode_ab", "predict_ab", "colorize_tensor", "colorize_image", "to_l_tensor", "MemoryLimitError",
+           "available_memory", "activation_bytes", "check_memory", "memory_guard"]
+
+#: Full-resolution work (L -> RGB, Lab -> RGB) is done in strips of about this many pixels,
+#: so only L, the upsampled ab and the output are ever full size.
+STRIP_PIXELS = 1 << 20
+_GiB = float(1 << 30)
+
+
+# ----------------------------------------------------------------------------- memory limits
+
+
+class MemoryLimitError(MemoryError):
+    """A job too big for the memory of its device: refused before it starts, or caught when
+    the allocator gave up. The message names the size that was asked for and the limit."""
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().split()[0]
+        return None if text == "max" else int(text)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_available() -> int | None:
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    # a container's own limit (cgroup v2, then v1) may be tighter than the machine's
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, used = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and used is not None and limit < (1 << 60):
+            avail = min(avail, max(limit - used, 0))
+            break
+    return avail
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes that a new job may still allocate on ``device`` (None where unknown).
+
+    CPU: ``MemAvailable`` of /proc/meminfo (``os.sysconf`` elsewhere), capped by the cgroup's
+    limit; CUDA: :func:`torch.cuda.mem_get_info`'s free memory plus what PyTorch's caching
+    allocator holds unused.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _cpu_available()
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return None
+
+
+@lru_cache(maxsize=64)
+def _activation_profile(config_json: str, batch: int, size: int) -> tuple[int, int, int]:
+    """(largest single output, sum of the trainable part's outputs, logits) in bytes for one
+    forward pass of the model ``config_json`` on (batch, 1, size, size), traced on the meta
+    device (no memory, no compute)."""
+    from fastcolor.models import build_model
+
+    config = json.loads(config_json)
+    if config.get("arch") == "fusion":
+        config["backbone_weights"] = None
+    largest, total = 0, 0
+    with torch.device("meta"):
+        skeleton = build_model(config)
+        hooks = []
+        for name, mod in skeleton.named_modules():
+            if list(mod.children()):
+                continue
+            frozen = name.startswith("embedder.")
+
+            def hook(_m, _i, out, frozen=frozen):
+                nonlocal largest, total
+                if isinstance(out, torch.Tensor):
+                    b = out.numel() * out.element_size()
+                    largest = max(largest, b)
+                    total += 0 if frozen else b
+            hooks.append(mod.register_forward_hook(hook))
+        out = skeleton(torch.zeros(batch, 1, size, size))
+    return largest, total, out.numel() * 4
+
+
+def activation_bytes(model: torch.nn.Module, batch: int, size: int, training: bool = False) -> int | None:
+    """Estimated memory (bytes) of the activations of ``model`` on ``batch`` inputs of
+    ``size`` x ``size``: for inference, the largest output twice (input and output of a layer)
+    plus the logits; for training, every output of the trainable layers (autograd keeps them)
+    plus the logits and their gradient. None if the model cannot be traced."""
+    model = getattr(model, "module", model)
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        return None
+    try:
+        largest, total, logits = _activation_profile(json.dumps(config, sort_keys=True), int(batch), int(size))
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, no pre-check
+        return None
+    return total + 2 * logits if training else 2 * largest + logits
+
+
+def _fmt(n: float) -> str:
+    return f"{n / _GiB:.2f} GiB" if n >= (1 << 28) else f"{n / (1 << 20):.0f} MiB"
+
+
+def check_memory(need: int, device: str | torch.device, what: str, advice: str) -> None:
+    """Raise :class:`MemoryLimitError` if ``need`` bytes exceed what ``device`` has available."""
+    avail = available_memory(device)
+    if avail is not None and need > avail:
+        raise MemoryLimitError(f"{what} needs about {_fmt(need)} of {torch.device(device).type} memory, but only "
+                               f"{_fmt(avail)} is available; {advice}")
+
+
+_OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator failure (CUDA OOM, CPU allocation failure, MemoryError)."""
+    if isinstance(exc, MemoryLimitError):
+        return False
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_OOM_TEXT.search(str(exc)))
+
+
+@contextlib.contextmanager
+def memory_guard(device: str | torch.device, what: str, advice: str) -> Iterator[None]:
+    """Turn an out-of-memory error inside the block into :class:`MemoryLimitError` saying what
+    was being done (and free PyTorch's CUDA cache so the process can go on)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an allocation failure
+        if not is_out_of_memory(exc):
+            raise
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        avail = available_memory(device)
+        limit = f" ({_fmt(avail)} available now)" if avail is not None else ""
+        first = " ".join(str(exc).split())[:200]
+        raise MemoryLimitError(f"ran out of {torch.device(device).type} memory {what}{limit}: {first}; "
+                               f"{advice}") from exc
 
 
 def _arch(model: torch.nn.Module) -> str:
@@ -66,12 +223,42 @@ def colorize_tensor(model: torch.nn.Module, L_full: torch.Tensor, size: int | No
         raise ValueError(f"size must be a positive multiple of 8, got {size}")
     model.eval()
     device = next(model.parameters()).device
-    L_full = L_full.float().to(device)
+    n, _, H, W = L_full.shape
+    _precheck(model, n, H, W, size, device, bytes_per_pixel=4 + 8 + 12)  # L, ab, RGB: float32
+    with _colorize_guard(n, H, W, size, device):
+        L_full = L_full.float().to(device)
+        rgb = torch.empty((n, 3, H, W), dtype=torch.float32, device=device)
+        for rows, out in _colorized_strips(model, L_full, size, T, embedding):
+            rgb[:, :, rows] = out
+    return rgb[0] if single else rgb
+
+
+def _precheck(model, n: int, H: int, W: int, size: int, device, bytes_per_pixel: int) -> None:
+    """Refuse (MemoryLimitError) a colourisation whose full-size buffers and network
+    activations would not fit in the device's available memory."""
+    acts = activation_bytes(model, n, size) or 0
+    strip = min(H * W, STRIP_PIXELS) * n * 64  # Lab -> RGB temporaries of one strip
+    need = n * H * W * bytes_per_pixel + acts + strip
+    check_memory(need, device, f"colorizing {n} image(s) of {W}x{H} = {n * H * W} pixels (network input "
+                 f"{size}x{size})", "use fewer images at once, a smaller size, or another device")
+
+
+def _colorize_guard(n: int, H: int, W: int, size: int, device):
+    return memory_guard(device, f"colorizing {n} image(s) of {W}x{H} pixels (network input {size}x{size})",
+                        "use fewer images at once, a smaller size, or another device")
+
+
+def _colorized_strips(model, L_full: torch.Tensor, size: int, T: float, embedding):
+    """Run the network on L_full (N, 1, H, W) resized to size x size, upsample its ab to (H, W),
+    and yield (row slice, RGB (N, 3, rows, W) in [0, 1]) strip by strip."""
     L_in = F.interpolate(L_full, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     ab = predict_ab(model, L_in, T, embedding)
-    ab = F.interpolate(ab, size=L_full.shape[-2:], mode="bilinear", align_corners=False)
-    rgb = l_ab_to_rgb(L_full, ab)
-    return rgb[0] if single else rgb
+    ab = F.interpolate(ab.float(), size=L_full.shape[-2:], mode="bilinear", align_corners=False)
+    H, W = L_full.shape[-2:]
+    step = max(1, STRIP_PIXELS // max(W, 1))
+    for r0 in range(0, H, step):
+        rows = slice(r0, min(r0 + step, H))
+        yield rows, l_ab_to_rgb(L_full[:, :, rows], ab[:, :, rows])
 
 
 def to_l_tensor(image: Any) -> torch.Tensor:
@@ -91,10 +278,40 @@ def to_l_tensor(image: Any) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
     if x.dtype != torch.uint8:
         x = x.float()
-    return rgb_to_l(x)
+    H, W = x.shape[-2:]
+    L = torch.empty((1, H, W), dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype)
+    step = max(1, STRIP_PIXELS // max(W, 1))
+    for r0 in range(0, H, step):  # strip by strip: only L is full size
+        L[:, r0:r0 + step] = rgb_to_l(x[:, r0:r0 + step])
+    return L
 
 
 def colorize_image(model: torch.nn.Module, image: Any, size: int | None = None, T: float = 0.38) -> np.ndarray:
-    """Colourise an image (path, PIL, or array; colour input is reduced to its L) -> (H, W, 3) uint8."""
-    rgb = colorize_tensor(model, to_l_tensor(image), size=size, T=T)
-    return (rgb.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    """Colourise an image (path, PIL, or array; colour input is reduced to its L) -> (H, W, 3) uint8.
+
+    Any pixel count works: only L, the upsampled ab and the output are full size (about
+    15 bytes a pixel besides the input); a photo too big for the available memory is refused
+    with :class:`MemoryLimitError` before any work.
+    """
+    _arch(model)
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        H, W = image.shape[:2]
+    elif isinstance(image, Image.Image):
+        W, H = image.size
+    else:
+        H = W = None
+    size = int(size or getattr(model, "config", {}).get("input_size") or 0)
+    if size < 8 or size % 8:
+        raise ValueError(f"size must be a positive multiple of 8, got {size}")
+    device = next(model.parameters()).device
+    if H is not None:
+        _precheck(model, 1, H, W, size, device, bytes_per_pixel=4 + 4 + 8 + 3)  # uint8 -> L, ab, output
+    L = to_l_tensor(image)
+    H, W = L.shape[-2:]
+    _precheck(model, 1, H, W, size, device, bytes_per_pixel=4 + 8 + 3)
+    model.eval()
+    out = np.empty((H, W, 3), dtype=np.uint8)
+    with torch.no_grad(), _colorize_guard(1, H, W, size, device):
+        for rows, rgb in _colorized_strips(model, L[None].float().to(device), size, T, None):
+            out[rows] = (rgb[0].permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return out

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fastcolor.colorize import activation_bytes, check_memory, memory_guard
 from fastcolor.data import ColorizationDataset, index_images, load_l, load_split, save_split, split_items
 from fastcolor.io import (append_jsonl, atomic_write_bytes, atomic_write_json, load_checkpoint, load_tensors,
                           save_checkpoint, save_model, save_tensors)
@@ -354,6 +355,20 @@ def train(config: TrainConfig | dict) -> RunResult:
             dist.destroy_process_group()
 
 
+def _check_training_memory(t: _Trainer, model: torch.nn.Module) -> int:
+    """Refuse (MemoryLimitError) a batch whose activations, gradients and Adam state would not
+    fit in the device's available memory; returns the largest batch a rank will see."""
+    batch = min(t.cfg.batch_size, max(1, math.ceil(len(t.train_ds) / t.d.world)))
+    acts = activation_bytes(model, batch, t.size, training=True)
+    if acts is not None:
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        check_memory(acts + 3 * trainable, t.device,
+                     f"training with batches of {batch} image(s) at image_size={t.size} (activations about "
+                     f"{acts / batch / 2**20:.0f} MiB per image, plus gradients and Adam state)",
+                     f"lower batch_size (now {t.cfg.batch_size}) or image_size (now {t.size})")
+    return batch
+
+
 def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
     t = _Trainer(cfg, d)
     run_dir = t.run_dir
@@ -369,6 +384,7 @@ def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
     t.prepare_split()
     t.build(ckpt["model_config"] if ckpt else cfg.model)
     t.datasets()
+    batch = _check_training_memory(t, t.model)  # before the prior pass reads every image at this size
     weights = t.class_weights()
     model = t.model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
@@ -395,11 +411,14 @@ def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
 
     title = f"{model.config['arch']} / {cfg.loss}"
     epoch = start_epoch
+    advice = (f"lower batch_size (now {cfg.batch_size}) or image_size (now {t.size}); {last_path} holds the last "
+              f"completed epoch and resume=True continues from it")
     while epoch < cfg.epochs and not stopped_early:
         t0 = time.time()
-        train_loss = t.run_epoch(ddp_model, opt, weights, epoch)
-        t._sync_buffers()
-        val_loss = t.validate(model, weights)
+        with memory_guard(t.device, f"in epoch {epoch} (batches of {batch} at {t.size}x{t.size})", advice):
+            train_loss = t.run_epoch(ddp_model, opt, weights, epoch)
+            t._sync_buffers()
+            val_loss = t.validate(model, weights)
         improved = val_loss < best_val - cfg.min_delta
         if improved:
             best_val, best_epoch, bad_epochs = val_loss, epoch, 0
