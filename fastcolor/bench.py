@@ -509,7 +509,7 @@ def triton_extras(device, quick, budget):
         variants.append(("ce", dtype, None, "separate", 5))
         variants.append(("ce", dtype, None, "fused", 10))
         variants.append(("ce", dtype, None, "separate", 10))
-        for cfg in [None, (64, 8, None)]:
+        for cfg in [None, (32, 4, 168), (64, 8, None)]:
             variants.append(("am", dtype, cfg, None, None))
     for kind, dtype, cfg, mode, k in variants:
         rec = dict(kernel=kind, dtype=str(dtype)[6:], config=list(cfg) if cfg else list(tb.config(kind, dtype)),

@@ -288,7 +288,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
         # The k target entries, written over the dense ones after every thread of the program
         # has stored its part (same addresses, other threads: the barrier orders them).
         tl.debug_barrier()
-        e_sel = tl.exp2((x_sel - m[None, :]) * LOG2E)
+        e_sel = tl.exp2(tl.fma(x_sel, LOG2E, -ml))  # bit for bit the dense entries' softmax
         corr = c1[None, :] * e_sel - (c * inv_g)[None, :] * g
         tl.store(gbase + sel_q.to(tl.int64) * P + p[None, :], corr.to(grad_ptr.dtype.element_ty), mask=valid)
 
