@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fastcolor.colorize import activation_bytes, check_memory, memory_guard
 from fastcolor.data import ColorizationDataset, index_images, load_l, load_split, save_split, split_items
 from fastcolor.io import (append_jsonl, atomic_write_bytes, atomic_write_json, load_checkpoint, load_tensors,
-                          save_checkpoint, save_model, save_tensors)
+                          read_checkpoint_meta, save_checkpoint, save_model, save_tensors)
 from fastcolor.models import EmbeddingCache, build_model, load_model_state, model_state
 
 __all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve"]
@@ -355,6 +355,18 @@ def train(config: TrainConfig | dict) -> RunResult:
             dist.destroy_process_group()
 
 
+def _repair_best(best_path: Path, ckpt: dict[str, Any]) -> None:
+    """When the run was killed after writing last.safetensors of an improving epoch but before
+    best.safetensors, that epoch's weights are in last: write best from them."""
+    meta = ckpt["meta"]
+    try:
+        on_disk = read_checkpoint_meta(best_path)["meta"]["epoch"] if best_path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        on_disk = None  # damaged: rewrite it if we can
+    if on_disk != meta["best_epoch"] and meta["best_epoch"] == meta["epoch"]:
+        save_checkpoint(best_path, ckpt["model_state"], ckpt["model_config"], None, **meta)
+
+
 def _check_training_memory(t: _Trainer, model: torch.nn.Module) -> int:
     """Refuse (MemoryLimitError) a batch whose activations, gradients and Adam state would not
     fit in the device's available memory; returns the largest batch a rank will see."""
@@ -401,6 +413,8 @@ def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
         bad_epochs, stopped_early = meta["bad_epochs"], meta["stopped_early"]
         resumed_from = meta["epoch"]
         start_epoch = meta["epoch"] + 1
+        if d.main:
+            _repair_best(best_path, ckpt)
         del ckpt
 
     ddp_model = model
@@ -431,9 +445,12 @@ def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
             meta = {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "stopped_early": stopped_early, "world_size": d.world}
             state = model_state(model)
+            # last first: a kill between the two writes leaves a best.safetensors one improvement
+            # behind, which the resume repairs from last (the other order could leave a best
+            # file from an epoch that the resumed run then repeats and records differently)
+            save_checkpoint(last_path, state, model.config, opt, **meta)
             if improved:
                 save_checkpoint(best_path, state, model.config, None, **meta)
-            save_checkpoint(last_path, state, model.config, opt, **meta)
             append_jsonl(run_dir / "metrics.jsonl", history)
             if cfg.plot and history[-1]["seconds"] >= 5.0:  # short epochs: plot at the end only
                 plot_loss_curve(history, run_dir / "loss_curve.png", title)
