@@ -551,7 +551,10 @@ def triton_extras(device, quick, budget):
     return res
 
 
-def part_provider(name, device, quick, shapes_arg, budget, seed):
+def part_provider(name, device, quick, shapes_arg, budget, seed, checkpoint=lambda data: None):
+    """Correctness, timings, peak memory (and the triton extras) of one backend. ``checkpoint`` is
+    called with the results so far after each phase, so that a child killed by its timeout still
+    hands back what it measured."""
     res = dict(provider=name, correctness=[], timing=[], memory=[])
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
@@ -559,27 +562,32 @@ def part_provider(name, device, quick, shapes_arg, budget, seed):
         log(f"[{name}] unavailable: {reason}")
         return res
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    res["correctness"] = correctness(name, device, quick, gen, budget)
-    res["correctness_s"] = time.time() - t0
-    log(f"[{name}] correctness: {sum(bool(r.get('ok')) for r in res['correctness'])}/{len(res['correctness'])} ok "
-        f"in {res['correctness_s']:.1f} s")
-    res["timing"] = timings(name, device, quick, shapes_arg, budget)
-    if device == "cuda":
-        for dtype in (torch.float32, torch.bfloat16):
-            if not budget.ok(10):
-                break
-            try:
-                res["memory"].append(peak_memory(name, shape_of("tiny" if quick else "zhang"), dtype, device))
-                log(f"[{name}] memory: {res['memory'][-1]}")
-            except Exception as exc:  # noqa: BLE001
-                res["memory"].append(dict(provider=name, dtype=str(dtype)[6:], error=repr(exc)[:300]))
-    if name == "triton":
-        try:
+    try:
+        t0 = time.time()
+        res["correctness"] = correctness(name, device, quick, gen, budget)
+        res["correctness_s"] = time.time() - t0
+        log(f"[{name}] correctness: {sum(bool(r.get('ok')) for r in res['correctness'])}/{len(res['correctness'])} ok "
+            f"in {res['correctness_s']:.1f} s")
+        checkpoint(res)
+        res["timing"] = timings(name, device, quick, shapes_arg, budget)
+        checkpoint(res)
+        if device == "cuda":
+            for dtype in (torch.float32, torch.bfloat16):
+                if not budget.ok(10):
+                    break
+                try:
+                    res["memory"].append(peak_memory(name, shape_of("tiny" if quick else "zhang"), dtype, device))
+                    log(f"[{name}] memory: {res['memory'][-1]}")
+                except Exception as exc:  # noqa: BLE001
+                    res["memory"].append(dict(provider=name, dtype=str(dtype)[6:], error=repr(exc)[:300]))
+                    if "CUDA error" in repr(exc):
+                        raise
+            checkpoint(res)
+        if name == "triton":
             res.update(triton_extras(device, quick, budget))
-        except Exception as exc:  # noqa: BLE001
-            res["extras_error"] = repr(exc)[:500]
-            log(f"[triton] extras FAILED: {exc!r}")
+    except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error: the context is gone, keep what we have
+        log(traceback.format_exc())
+        res["crashed"] = repr(exc)[:1000]
     return res
 
 
@@ -697,12 +705,12 @@ def allow_triton_on_cpu():
         backends.BACKENDS["triton"] = (name, devices + ("cpu",))
 
 
-def run_part(part, device, quick, shapes_arg, budget, seed):
+def run_part(part, device, quick, shapes_arg, budget, seed, checkpoint=lambda data: None):
     if device == "cpu":
         allow_triton_on_cpu()
     if part == "base":
         return part_base(device, quick, shapes_arg, budget)
-    return part_provider(part, device, quick, shapes_arg, budget, seed)
+    return part_provider(part, device, quick, shapes_arg, budget, seed, checkpoint)
 
 
 def run_isolated(part, args, deadline):
@@ -731,7 +739,9 @@ def run_isolated(part, args, deadline):
         return data
     except subprocess.TimeoutExpired:
         log(f"[{part}] child timed out after {timeout:.0f} s")
-        return {"provider": part, "crashed": f"timed out after {timeout:.0f} s"} if part != "base" else {"crashed": "timeout"}
+        data = _read_json(path) or ({"provider": part} if part != "base" else {})
+        data["crashed"] = f"timed out after {timeout:.0f} s"
+        return data
     finally:
         try:
             os.unlink(path)
@@ -762,9 +772,10 @@ def main(argv=None):
     deadline = args.deadline or (time.time() + args.budget_s)
     budget = Budget(deadline)
 
-    if args.part:  # a child: one part, JSON out
+    if args.part:  # a child: one part, JSON out (and after each phase)
         try:
-            data = run_part(args.part, args.device, args.quick, shapes_arg, budget, args.seed)
+            data = run_part(args.part, args.device, args.quick, shapes_arg, budget, args.seed,
+                            checkpoint=lambda d: _write_json(d, args.json) if args.json not in (None, "-") else None)
         except Exception as exc:  # noqa: BLE001
             log(traceback.format_exc())
             data = {"provider": args.part, "crashed": repr(exc)[:1000]}
@@ -811,9 +822,19 @@ def _write_json(data, path):
     text = json.dumps(data, indent=1, default=_json_default, allow_nan=True)
     if path in (None, "-"):
         print(text, flush=True)
-    else:
-        with open(path, "w") as f:
+    else:  # atomically: a child killed mid-write leaves its last checkpoint intact
+        with open(path + ".tmp", "w") as f:
             f.write(text)
+        os.replace(path + ".tmp", path)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _json_default(o):
