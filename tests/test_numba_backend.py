@@ -319,3 +319,32 @@ def test_cache_is_written_to_a_writable_cache_dir(tmp_path):
     out = _run_child(tmp_path, {"NUMBA_CACHE_DIR": str(cache)}, parent)
     assert "CACHE True" in out, out
     assert list(cache.rglob("*.nbi")), "numba wrote no cache index"
+
+
+def _child_encode(q):
+    ab = torch.rand(2, 2, 40 * nb.TILE) * 100 - 50
+    idx, _ = nb.soft_encode(ab, 5, 5.0)
+    loss, _ = nb.ce_forward(torch.randn(2, 313, 40 * nb.TILE), ab, None, None, None, None, 5, 5.0, 1.0, False)
+    q.put((idx.shape, bool(torch.isfinite(loss).all())))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_after_parallel_use_does_not_die():
+    """GNU OpenMP cannot run in a child forked after the parent used it (numba terminates
+    such a child): a DataLoader worker soft-encoding its batches. The backend then runs
+    serially in the child."""
+    import multiprocessing as mp
+
+    numba = pytest.importorskip("numba")
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread: never parallel")
+    ab = torch.rand(2, 2, 40 * nb.TILE) * 100 - 50
+    nb.soft_encode(ab, 5, 5.0)  # parallel in the parent
+    assert nb._PARALLEL_PID == os.getpid()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_encode, args=(q,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert q.get(timeout=5) == ((2, 5, 40 * nb.TILE), True)

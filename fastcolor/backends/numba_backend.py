@@ -96,6 +96,8 @@ if numba is not None:
     # Per-tile bodies: real calls (one per tile of TILE pixels, so the argument refcounts
     # cost nothing), compiled once and shared by the kernels: less to compile.
     _tjit = njit(fastmath=_FM, cache=CACHE, nogil=True, no_cpython_wrapper=True)
+    # Chunk bodies: called by the parallel kernels, and directly (serially) from Python.
+    _cjit = njit(fastmath=_FM, cache=CACHE, nogil=True)
     _pjit = njit(parallel=True, fastmath=_FM, cache=CACHE, nogil=True)
 else:  # pragma: no cover
     CACHE = False
@@ -103,7 +105,7 @@ else:  # pragma: no cover
     def _identity(f):
         return f
 
-    _jit = _ijit = _tjit = _pjit = _identity
+    _jit = _ijit = _tjit = _cjit = _pjit = _identity
 
     def prange(*a):
         return range(*a)
@@ -326,10 +328,10 @@ def _full_scan(a, b, k, bd, bi, m0, sd, si):
 
 
 @_tjit
-def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
+def _encode_tile(at, bt, tw, k, s, inv2s2, bi, w):
     """Soft-encode the tw pixels (at[j], bt[j]) of a tile: the k nearest bins into
-    bi[m * TILE + j] (m = 0 nearest; ties: lower index first), their squared distances into
-    bd, Gaussian weights summing to 1 into w. Vectorised across the pixels of the tile.
+    bi[m * TILE + j] (m = 0 nearest; ties: lower index first), Gaussian weights summing to 1
+    into w[m * TILE + j]. Vectorised across the pixels of the tile.
 
     Grid-window search, and why it is exact. Grid coordinates fa = (a + 90) / 10,
     fb = (b + 110) / 10; lattice point (ia, ib) is bin CELL_TO_BIN[ia, ib] when in gamut. The
@@ -346,6 +348,12 @@ def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
     (fewer than k in-gamut bins in W, a pixel near the gamut's edge or far off, NaN/Inf)
     that pixel is re-done by a full scan of the 313 bins.
     """
+    ia0 = np.empty(TILE, np.int64)  # scratch: ~10 KB per tile of 128 pixels
+    ib0 = np.empty(TILE, np.int64)
+    bnd = np.empty(TILE, np.float32)
+    cd = np.empty(TILE, np.float32)
+    cq = np.empty(TILE, np.int32)
+    bd = np.empty(K_MAX * TILE, np.float32)  # squared distances of the k best so far
     # -- per pixel: window origin and the bound (squared, with margin; -1: must scan)
     for j in range(tw):
         a = at[j]
@@ -446,8 +454,25 @@ def _encode_tile(at, bt, tw, k, s, inv2s2, ia0, ib0, bnd, cd, cq, bd, bi, w):
             wm[j] *= tot[j]
 
 
-def _chunks(ntiles: int) -> int:
-    return max(1, min(ntiles, numba.get_num_threads() * 8))
+#: The process that first ran a parallel kernel (GNU OpenMP cannot run in a child forked
+#: after that: numba would terminate the child), see _launch.
+_PARALLEL_PID: int | None = None
+#: Work of at most this many tiles runs on the calling thread (waking the pool costs more).
+SERIAL_MAX_TILES = 2
+
+
+def _launch(parallel_kernel, chunk, ntiles: int, *args) -> None:
+    """Run ``chunk(c, nchunks, *args)`` over all chunks: in parallel (``parallel_kernel``,
+    a prange over chunks, ~8 per thread) or, for tiny work and in a process forked after
+    this one ran parallel code (a DataLoader worker), as one chunk on this thread."""
+    global _PARALLEL_PID
+    pid = os.getpid()
+    forked = _PARALLEL_PID is not None and _PARALLEL_PID != pid
+    if forked or ntiles <= SERIAL_MAX_TILES or numba.get_num_threads() == 1:
+        chunk(0, 1, *args)
+        return
+    _PARALLEL_PID = pid
+    parallel_kernel(max(1, min(ntiles, numba.get_num_threads() * 8)), *args)
 
 
 @_tjit
@@ -463,35 +488,46 @@ def _tile_max(x, mode, xb, P, tw, mx):
             mx[j] = v if v > m else m
 
 
-@_pjit
-def _soft_encode_kernel(ab, k, s, inv2s2, idx, w, N, P, nchunks):
+@_jit
+def _tile_at(t, tpi, P):
+    """Tile t (tpi tiles per image) -> (image n, first pixel p0, width tw <= TILE)."""
+    n = t // tpi
+    p0 = (t - n * tpi) * TILE
+    return n, p0, min(TILE, P - p0)
+
+
+@_jit
+def _copy_slots(si, sw, so, sstride, di, dw, do, dstride, k, tw):
+    """Copy k rows of tw (index, weight) pairs: rows start at so + m * sstride in (si, sw)
+    and at do + m * dstride in (di, dw) (the (N, k, P) layout <-> a tile's k x TILE)."""
+    for m in range(k):
+        src_i = si[so + m * sstride: so + m * sstride + tw]
+        src_w = sw[so + m * sstride: so + m * sstride + tw]
+        dst_i = di[do + m * dstride: do + m * dstride + tw]
+        dst_w = dw[do + m * dstride: do + m * dstride + tw]
+        for j in range(tw):
+            dst_i[j] = src_i[j]
+            dst_w[j] = src_w[j]
+
+
+@_cjit
+def _soft_encode_chunk(c, nchunks, ab, k, s, inv2s2, idx, w, N, P):
+    """Chunk c of nchunks: a contiguous run of tiles (TILE pixels of one image each)."""
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
+    bi = np.empty(K_MAX * TILE, np.int32)
+    wt = np.empty(K_MAX * TILE, np.float32)
+    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
+        n, p0, tw = _tile_at(t, tpi, P)
+        ab0 = n * 2 * P + p0
+        _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, bi, wt)
+        _copy_slots(bi, wt, 0, TILE, idx, w, n * k * P + p0, P, k, tw)
+
+
+@_pjit
+def _soft_encode_kernel(nchunks, ab, k, s, inv2s2, idx, w, N, P):
     for c in prange(nchunks):
-        ia0 = np.empty(TILE, np.int64)
-        ib0 = np.empty(TILE, np.int64)
-        bnd = np.empty(TILE, np.float32)
-        cd = np.empty(TILE, np.float32)
-        cq = np.empty(TILE, np.int32)
-        bd = np.empty(K_MAX * TILE, np.float32)
-        bi = np.empty(K_MAX * TILE, np.int32)
-        wt = np.empty(K_MAX * TILE, np.float32)
-        for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-            n = t // tpi
-            p0 = (t - n * tpi) * TILE
-            tw = min(TILE, P - p0)
-            ab0 = n * 2 * P + p0
-            _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2,
-                         ia0, ib0, bnd, cd, cq, bd, bi, wt)
-            o0 = n * k * P + p0
-            for m in range(k):
-                om = idx[o0 + m * P: o0 + m * P + tw]
-                wm = w[o0 + m * P: o0 + m * P + tw]
-                bim = bi[m * TILE: m * TILE + tw]
-                wtm = wt[m * TILE: m * TILE + tw]
-                for j in range(tw):
-                    om[j] = bim[j]
-                    wm[j] = wtm[j]
+        _soft_encode_chunk(c, nchunks, ab, k, s, inv2s2, idx, w, N, P)
 
 
 # ----------------------------------------------------------------------------- fused loss
@@ -544,9 +580,9 @@ def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, m
                 gq[j] = _narrow(eq[j] * sc[j], mode, g)
 
 
-@_pjit
-def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
-               need_grad, loss, g, N, P, nchunks):
+@_cjit
+def _ce_chunk(c, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+              need_grad, loss, g, N, P):
     """Fused soft-encoding + cross-entropy + gradient. Flat arrays; ``x``/``g`` float32 or
     int16 bits (``mode`` 1: float16, 2: bfloat16). ``cw``/``mask``/``ps`` empty when absent.
     (Inner loops index slices from 0, so LLVM sees non-negative contiguous indices: a signed
@@ -554,50 +590,40 @@ def _ce_kernel(x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gs
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
     use_cw = cw.size > 0
+    E = np.empty(Q * TILE, np.float32)
+    mx = np.empty(TILE, np.float32)
+    sm = np.empty(TILE, np.float32)
+    sc = np.empty(TILE, np.float32)
+    ti = np.empty(K_MAX * TILE, np.int32)
+    tz = np.empty(K_MAX * TILE, np.float32)
+    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
+        n, p0, tw = _tile_at(t, tpi, P)
+        # -- the target of every pixel of the tile: k (index, weight) pairs
+        if use_ab:
+            ab0 = n * 2 * P + p0
+            _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, ti, tz)
+        else:
+            _copy_slots(idx_in, w_in, n * k * P + p0, P, ti, tz, 0, TILE, k, tw)
+        # -- per-pixel scale s * m * v
+        m_n = mask[n] if mask.size > 0 else _ONE
+        for j in range(tw):
+            v = m_n
+            if ps.size > 0:
+                v *= ps[n * P + p0 + j]
+            if use_cw:
+                q = ti[j]
+                v *= cw[q] if (q >= 0 and q < Q) else _ONE
+            sc[j] = v
+        _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
+                 loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
+
+
+@_pjit
+def _ce_kernel(nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+               need_grad, loss, g, N, P):
     for c in prange(nchunks):
-        E = np.empty(Q * TILE, np.float32)
-        mx = np.empty(TILE, np.float32)
-        sm = np.empty(TILE, np.float32)
-        sc = np.empty(TILE, np.float32)
-        ia0 = np.empty(TILE, np.int64)
-        ib0 = np.empty(TILE, np.int64)
-        bnd = np.empty(TILE, np.float32)
-        cd = np.empty(TILE, np.float32)
-        cq = np.empty(TILE, np.int32)
-        bd = np.empty(K_MAX * TILE, np.float32)
-        ti = np.empty(K_MAX * TILE, np.int32)
-        tz = np.empty(K_MAX * TILE, np.float32)
-        for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-            n = t // tpi
-            p0 = (t - n * tpi) * TILE
-            tw = min(TILE, P - p0)
-            # -- the target of every pixel of the tile: k (index, weight) pairs
-            if use_ab:
-                ab0 = n * 2 * P + p0
-                _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2,
-                             ia0, ib0, bnd, cd, cq, bd, ti, tz)
-            else:
-                t0 = n * k * P + p0
-                for i in range(k):
-                    src_i = idx_in[t0 + i * P: t0 + i * P + tw]
-                    src_w = w_in[t0 + i * P: t0 + i * P + tw]
-                    dst_i = ti[i * TILE: i * TILE + tw]
-                    dst_w = tz[i * TILE: i * TILE + tw]
-                    for j in range(tw):
-                        dst_i[j] = src_i[j]
-                        dst_w[j] = src_w[j]
-            # -- per-pixel scale s * m * v
-            m_n = mask[n] if mask.size > 0 else _ONE
-            for j in range(tw):
-                v = m_n
-                if ps.size > 0:
-                    v *= ps[n * P + p0 + j]
-                if use_cw:
-                    q = ti[j]
-                    v *= cw[q] if (q >= 0 and q < Q) else _ONE
-                sc[j] = v
-            _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
-                     loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
+        _ce_chunk(c, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+                  need_grad, loss, g, N, P)
 
 
 # ----------------------------------------------------------------------------- annealed mean
@@ -629,22 +655,25 @@ def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, oa, ob):
         ob[j] = sb[j] * inv
 
 
-@_pjit
-def _annealed_kernel(x, mode, inv_t, is_probs, out, N, P, nchunks):
+@_cjit
+def _annealed_chunk(c, nchunks, x, mode, inv_t, is_probs, out, N, P):
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
+    mx = np.empty(TILE, np.float32)
+    sm = np.empty(TILE, np.float32)
+    sa = np.empty(TILE, np.float32)
+    sb = np.empty(TILE, np.float32)
+    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
+        n, p0, tw = _tile_at(t, tpi, P)
+        o = n * 2 * P + p0
+        _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb,
+                 out[o: o + tw], out[o + P: o + P + tw])
+
+
+@_pjit
+def _annealed_kernel(nchunks, x, mode, inv_t, is_probs, out, N, P):
     for c in prange(nchunks):
-        mx = np.empty(TILE, np.float32)
-        sm = np.empty(TILE, np.float32)
-        sa = np.empty(TILE, np.float32)
-        sb = np.empty(TILE, np.float32)
-        for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-            n = t // tpi
-            p0 = (t - n * tpi) * TILE
-            tw = min(TILE, P - p0)
-            o = n * 2 * P + p0
-            _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb,
-                     out[o: o + tw], out[o + P: o + P + tw])
+        _annealed_chunk(c, nchunks, x, mode, inv_t, is_probs, out, N, P)
 
 
 # ----------------------------------------------------------------------------- torch glue
@@ -699,8 +728,8 @@ def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, t
     if n * p == 0:
         return idx, w
     ntiles = n * ((p + TILE - 1) // TILE)
-    _soft_encode_kernel(_f32(ab), k, _window_size(k), _F(1.0 / (2.0 * sigma * sigma)),
-                        idx.view(-1).numpy(), w.view(-1).numpy(), n, p, _chunks(ntiles))
+    _launch(_soft_encode_kernel, _soft_encode_chunk, ntiles, _f32(ab), k, _window_size(k),
+            _F(1.0 / (2.0 * sigma * sigma)), idx.view(-1).numpy(), w.view(-1).numpy(), n, p)
     return idx, w
 
 
@@ -724,10 +753,9 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     if not 1 <= k_eff <= K_MAX:
         raise ValueError(f"k: the numba backend takes 1 <= k <= {K_MAX}, got {k_eff}")
     ntiles = n * ((p + TILE - 1) // TILE)
-    _ce_kernel(x, mode, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np, use_ab, k_eff,
-               _window_size(k_eff), _F(1.0 / (2.0 * float(sigma) ** 2)), _f32(class_weights),
-               _f32(image_mask), _f32(pixel_scale), _F(grad_scale), bool(need_grad),
-               loss.view(-1).numpy(), g, n, p, _chunks(ntiles))
+    _launch(_ce_kernel, _ce_chunk, ntiles, x, mode, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np,
+            use_ab, k_eff, _window_size(k_eff), _F(1.0 / (2.0 * float(sigma) ** 2)), _f32(class_weights),
+            _f32(image_mask), _f32(pixel_scale), _F(grad_scale), bool(need_grad), loss.view(-1).numpy(), g, n, p)
     return loss, grad
 
 
@@ -740,5 +768,5 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
         x = x.float()
     xv, mode = _logits_view(x)
     ntiles = n * ((p + TILE - 1) // TILE)
-    _annealed_kernel(xv, mode, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p, _chunks(ntiles))
+    _launch(_annealed_kernel, _annealed_chunk, ntiles, xv, mode, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p)
     return out
