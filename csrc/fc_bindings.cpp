@@ -177,7 +177,7 @@ void register_kernels(py::module_& m) {
       py::arg("logits"), py::arg("dtype"), py::arg("ab"), py::arg("indices"), py::arg("weights"),
       py::arg("class_weights"), py::arg("image_mask"), py::arg("pixel_scale"), py::arg("loss"), py::arg("grad"),
       py::arg("N"), py::arg("P"), py::arg("k"), py::arg("sigma"), py::arg("grad_scale"), py::arg("device"),
-      py::arg("stream"), "CUDA version of cpu_ce_forward (asynchronous).");
+      py::arg("stream"), "CUDA version of cpu_ce_forward (asynchronous); precomputed targets only (ab = 0).");
   m.def(
       "cuda_annealed_mean",
       [](uintptr_t x, int dtype, uintptr_t out, int64_t N, int64_t P, double T, bool is_probs, int device,
@@ -187,8 +187,8 @@ void register_kernels(py::module_& m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("out"), py::arg("N"), py::arg("P"), py::arg("T"), py::arg("is_probs"),
       py::arg("device"), py::arg("stream"), "CUDA version of cpu_annealed_mean (asynchronous).");
-  m.def("cuda_set_encode_mode", &fc::cuda::set_encode_mode, py::arg("mode"),
-        "Benchmarking knob: 1 = warp 0 soft-encodes ab while the logits load (default), 2 = before the loads.");
+  m.def("cuda_set_min_blocks", &fc::cuda::set_min_blocks, py::arg("min_blocks"),
+        "Benchmarking knob: launch bounds of the loss and annealed-mean kernels, min blocks per SM (4, the default, or 0 = no minimum).");
 #endif
 
   const py::list kernels = kernel_list();

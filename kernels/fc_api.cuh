@@ -60,12 +60,13 @@ bool set_isa(const char* name);
 
 namespace cuda {
 // Asynchronous on `stream` of `device`; return nullptr or a CUDA error message.
+// ce_forward takes precomputed targets only (a.ab == nullptr): run soft_encode first.
 const char* soft_encode(int device, void* stream, const EncodeArgs& a);
 const char* ce_forward(int device, void* stream, const CeArgs& a);
 const char* annealed_mean(int device, void* stream, const AnnealArgs& a);
-// How ce_forward encodes ab inside the loss kernel: 1 = by warp 0 while the logits load
-// (default), 2 = before the loads (fewer registers). Benchmarking knob; false if invalid.
-bool set_encode_mode(int mode);
+// Launch-bounds variant of the loss and annealed-mean kernels: minimum blocks per SM
+// 4 (the default) or 0 (no minimum). Benchmarking knob; false if invalid.
+bool set_min_blocks(int min_blocks);
 // The __global__ kernels compiled into this module (null-terminated list).
 const char* const* kernel_names();
 }  // namespace cuda

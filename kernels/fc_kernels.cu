@@ -18,13 +18,17 @@
 //   4 B for 16-bit -- the minimum. (A thread-per-pixel online softmax would have to read the
 //   logits twice: its 313 x 4 B per pixel cannot be cached in registers, and the working set
 //   of all resident threads, ~300 MB, is far beyond the 50 MB L2.)
-// * The k targets of a pixel (soft-encoded in the kernel from ab by warp 0 while the loads
-//   are in flight, or read from precomputed indices) go through shared memory. The
+// * The k targets of a pixel (precomputed, or soft-encoded from ab by soft_encode_kernel
+//   just before: one thread per pixel, exact pruned search, fc_math.cuh) are read by warp 0
+//   while the loads fly, and shared through shared memory. The
 //   gradient is first written as c * softmax for all classes; after a barrier warp 0
 //   rewrites the k target entries as c * (softmax - Z) (same block, so the barrier orders
 //   the two stores). The loss needs x at the k targets: re-read from global memory (L1/L2
 //   hits: the block has just read them).
-// Expected: ~80-90% of HBM bandwidth at realistic sizes (N * P >= 1e5 pixels).
+// Measured on an H200 (first version, 40 x 313 x 64 x 64 float32): loss + gradient 0.19 ms
+// = 2.1 TB/s (a plain copy of the logits: 3.7 TB/s), annealed mean 0.10 ms = 2.1 TB/s
+// reading; at 64 x 313 x 128 x 128: 2.5 and 2.6 TB/s (copy 4.1). G = 16 (more threads,
+// fewer registers each) is there to try for higher occupancy, 16-bit logits in particular.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,10 +42,14 @@ namespace fc {
 namespace cuda {
 namespace {
 
-constexpr int kLanes = 32;                         // pixels per block
+constexpr int kLanes = 32;  // pixels per block
 constexpr int kGroups = 8;                         // class groups per pixel
 constexpr int kCPT = (Q + kGroups - 1) / kGroups;  // 40 classes per thread
 constexpr int kThreads = kLanes * kGroups;         // 256
+// MINB: minimum resident blocks per SM asked of ptxas. 4 (the default) caps registers at 64
+// (no spills, 32 warps per SM); 0 leaves ptxas free (~78 registers, 3 blocks per SM).
+// On an H200, 4 was 2-20% faster (loss: 0.166 vs 0.175 ms f32, 0.126 vs 0.147 ms bf16 at
+// 40 x 313 x 64 x 64). A 16-group variant (512 threads of 20 values) was slower than both.
 constexpr int kEncodeThreads = 128;
 
 __constant__ BinCoords dBins = make_bin_coords();
@@ -68,52 +76,45 @@ struct Dev<kBF16> {
 };
 
 // ---------------------------------------------------------------------------- soft-encode
+template <int CAP>  // top-k capacity >= k: fewer registers for small k (8: ~100, 16: ~185)
 __global__ void __launch_bounds__(kEncodeThreads) soft_encode_kernel(EncodeArgs A) {
   const int64_t pix = (int64_t)blockIdx.x * kEncodeThreads + threadIdx.x;
   if (pix >= A.N * A.P) return;
   const int64_t n = pix / A.P, p = pix - n * A.P;
   const float* ab = A.ab + n * 2 * A.P + p;
   const int64_t o = n * A.k * A.P + p;
-  soft_encode_pixel(__ldg(ab), __ldg(ab + A.P), A.k, A.neg_inv_2s2, A.idx + o, A.w + o, A.P);
+  soft_encode_pixel<CAP>(__ldg(ab), __ldg(ab + A.P), A.k, A.neg_inv_2s2, A.idx + o, A.w + o, A.P);
 }
 
 // ---------------------------------------------------------------------------- fused loss
-// Target modes: kPrecomputed (indices/weights given, or encoded by soft_encode_kernel
-// first), kEncodeDuringLoads (warp 0 encodes ab while its loads fly: the top-k list and the
-// 40 values are live together, ~125 registers, 2 blocks/SM), kEncodeBeforeLoads (warp 0
-// encodes first: fewer registers, but its loads start later).
-enum Mode { kPrecomputed = 0, kEncodeDuringLoads = 1, kEncodeBeforeLoads = 2 };
-
 // Warp 0: the pixel's k targets into shared memory; returns c = s m v (NaN for bad indices).
-template <int MODE>
+// Targets are always precomputed: ce_forward() runs soft_encode_kernel first when given ab
+// (k * 8 bytes per pixel written and read back, ~3% of the loss kernel's traffic). Encoding
+// inside this kernel was measured slower on an H200 (0.61 vs 0.35 ms at 40 x 313 x 64 x 64):
+// one warp of eight encodes while the others wait, and the top-k list in registers on top
+// of the 40 logits drops occupancy to one or two blocks per SM.
 __device__ __forceinline__ float ce_targets(const CeArgs& A, int64_t n, int64_t p, int lane, int (*s_q)[kLanes],
                                             float (*s_w)[kLanes]) {
   const int64_t P = A.P;
-  int nearest;
   bool ok = true;
-  if (MODE != kPrecomputed) {
-    const float* ab = A.ab + n * 2 * P + p;
-    nearest = soft_encode_pixel(__ldg(ab), __ldg(ab + P), A.k, A.neg_inv_2s2, &s_q[0][lane], &s_w[0][lane], kLanes);
-  } else {
-    const int32_t* ip = A.idx + n * A.k * P + p;
-    const float* wp = A.w + n * A.k * P + p;
-    for (int j = 0; j < A.k; ++j) {
-      const int32_t q = __ldg(ip + j * P);
-      const bool in = q >= 0 && q < Q;  // out-of-range indices: NaN loss, no crash
-      ok = ok && in;
-      s_q[j][lane] = in ? q : 0;
-      s_w[j][lane] = __ldg(wp + j * P);
-    }
-    nearest = s_q[0][lane];
+  const int32_t* ip = A.idx + n * A.k * P + p;
+  const float* wp = A.w + n * A.k * P + p;
+  for (int j = 0; j < A.k; ++j) {
+    const int32_t q = __ldg(ip + j * P);
+    const bool in = q >= 0 && q < Q;  // out-of-range indices: NaN loss, no crash
+    ok = ok && in;
+    s_q[j][lane] = in ? q : 0;
+    s_w[j][lane] = __ldg(wp + j * P);
   }
+  const int nearest = s_q[0][lane];
   const float cv = A.cw ? __ldg(A.cw + nearest) : 1.0f;
   const float m = A.mask ? __ldg(A.mask + n) : 1.0f;
   const float sc = A.pscale ? __ldg(A.pscale + n * P + p) : 1.0f;
   return ok ? sc * (m * cv) : __int_as_float(0x7fc00000);
 }
 
-template <int DT, int MODE>
-__global__ void __launch_bounds__(kThreads) ce_forward_kernel(CeArgs A) {
+template <int DT, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) ce_forward_kernel(CeArgs A) {
   using D = Dev<DT>;
   using T = typename D::T;
   __shared__ int s_q[K_MAX][kLanes];
@@ -129,8 +130,6 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(CeArgs A) {
   const int64_t p = valid ? pix - n * P : 0;
   const T* x = static_cast<const T*>(A.logits) + n * Q * P + p;
 
-  if (MODE == kEncodeBeforeLoads && g == 0) s_c[lane] = valid ? ce_targets<MODE>(A, n, p, lane, s_q, s_w) : 0.0f;
-
   // 1. Issue every load of this thread (40 independent requests).
   float v[kCPT];
 #pragma unroll
@@ -140,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(CeArgs A) {
   }
 
   // 2. Warp 0: the pixel's k targets and its factor c = s m v, while the loads fly.
-  if (MODE != kEncodeBeforeLoads && g == 0) s_c[lane] = valid ? ce_targets<MODE>(A, n, p, lane, s_q, s_w) : 0.0f;
+  if (g == 0) s_c[lane] = valid ? ce_targets(A, n, p, lane, s_q, s_w) : 0.0f;
 
   // 3. Max over the 313 classes.
   float mloc = -kInf;
@@ -201,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) ce_forward_kernel(CeArgs A) {
 }
 
 // ---------------------------------------------------------------------------- annealed mean
-template <int DT>
-__global__ void __launch_bounds__(kThreads) annealed_mean_kernel(AnnealArgs A) {
+template <int DT, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) annealed_mean_kernel(AnnealArgs A) {
   using D = Dev<DT>;
   using T = typename D::T;
   __shared__ float s_red[3][kGroups][kLanes];
@@ -298,17 +297,24 @@ bool grid_for(int64_t items, int per_block, unsigned& blocks) {
 
 const char* kTooLarge = "input too large for one launch (more than 2^31 - 1 blocks)";
 
-int g_encode_mode = kEncodeDuringLoads;  // how ce_forward encodes ab (set_encode_mode)
+int g_min_blocks = 4;  // launch-bounds variant (set_min_blocks)
 
 template <int DT>
 void launch_ce(unsigned blocks, cudaStream_t s, const CeArgs& a) {
   const dim3 block(kLanes, kGroups);
-  if (!a.ab)
-    ce_forward_kernel<DT, kPrecomputed><<<blocks, block, 0, s>>>(a);
-  else if (g_encode_mode == kEncodeBeforeLoads)
-    ce_forward_kernel<DT, kEncodeBeforeLoads><<<blocks, block, 0, s>>>(a);
+  if (g_min_blocks == 4)
+    ce_forward_kernel<DT, 4><<<blocks, block, 0, s>>>(a);
   else
-    ce_forward_kernel<DT, kEncodeDuringLoads><<<blocks, block, 0, s>>>(a);
+    ce_forward_kernel<DT, 0><<<blocks, block, 0, s>>>(a);
+}
+
+template <int DT>
+void launch_am(unsigned blocks, cudaStream_t s, const AnnealArgs& a) {
+  const dim3 block(kLanes, kGroups);
+  if (g_min_blocks == 4)
+    annealed_mean_kernel<DT, 4><<<blocks, block, 0, s>>>(a);
+  else
+    annealed_mean_kernel<DT, 0><<<blocks, block, 0, s>>>(a);
 }
 
 }  // namespace
@@ -319,12 +325,19 @@ const char* soft_encode(int device, void* stream, const EncodeArgs& a) {
   if (!grid_for(a.N * a.P, kEncodeThreads, blocks)) return kTooLarge;
   DeviceGuard guard(device);
   if (guard.error() != cudaSuccess) return status(guard.error());
-  soft_encode_kernel<<<blocks, kEncodeThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.k <= 8)
+    soft_encode_kernel<8><<<blocks, kEncodeThreads, 0, s>>>(a);
+  else if (a.k <= 10)  // k = 10: the authors' released code
+    soft_encode_kernel<10><<<blocks, kEncodeThreads, 0, s>>>(a);
+  else
+    soft_encode_kernel<K_MAX><<<blocks, kEncodeThreads, 0, s>>>(a);
   return status(cudaSuccess);
 }
 
 const char* ce_forward(int device, void* stream, const CeArgs& a) {
   unsigned blocks;
+  if (a.ab) return "ce_forward: soft-encode ab first (soft_encode), then pass indices and weights";
   if (a.N * a.P == 0) return nullptr;
   if (!grid_for(a.N * a.P, kLanes, blocks)) return kTooLarge;
   DeviceGuard guard(device);
@@ -344,26 +357,25 @@ const char* annealed_mean(int device, void* stream, const AnnealArgs& a) {
   if (!grid_for(a.N * a.P, kLanes, blocks)) return kTooLarge;
   DeviceGuard guard(device);
   if (guard.error() != cudaSuccess) return status(guard.error());
-  const dim3 block(kLanes, kGroups);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case kF32: annealed_mean_kernel<kF32><<<blocks, block, 0, s>>>(a); break;
-    case kF16: annealed_mean_kernel<kF16><<<blocks, block, 0, s>>>(a); break;
-    default: annealed_mean_kernel<kBF16><<<blocks, block, 0, s>>>(a); break;
+    case kF32: launch_am<kF32>(blocks, s, a); break;
+    case kF16: launch_am<kF16>(blocks, s, a); break;
+    default: launch_am<kBF16>(blocks, s, a); break;
   }
   return status(cudaSuccess);
 }
 
-bool set_encode_mode(int mode) {
-  if (mode != kEncodeDuringLoads && mode != kEncodeBeforeLoads) return false;
-  g_encode_mode = mode;
+bool set_min_blocks(int min_blocks) {
+  if (min_blocks != 0 && min_blocks != 4) return false;
+  g_min_blocks = min_blocks;
   return true;
 }
 
 const char* const* kernel_names() {
-  static const char* const names[] = {"soft_encode_kernel",
-                                      "ce_forward_kernel<f32|f16|bf16, precomputed|encode_during_loads|encode_before_loads>",
-                                      "annealed_mean_kernel<f32|f16|bf16>", nullptr};
+  static const char* const names[] = {"soft_encode_kernel<top-k capacity 8|10|16>",
+                                      "ce_forward_kernel<f32|f16|bf16, min blocks 4|0>",
+                                      "annealed_mean_kernel<f32|f16|bf16, min blocks 4|0>", nullptr};
   return names;
 }
 

@@ -207,51 +207,33 @@ FC_HD FC_INLINE uint16_t float_to_bf16_bits(float f) {
 // The k nearest bins of (a, b) by squared Euclidean distance (float32), ties -> lower bin
 // index, ordered nearest first, with Gaussian weights normalised to 1 (reference.soft_encode).
 //
-// Search: the window of (2R+1)^2 grid cells around the nearest grid point (R = 2, or 3 for
-// k > 10), clipped to the grid, visited nearest cell first (so that after the first few
-// candidates almost every other one is rejected by one well-predicted comparison). A bin
-// outside the window is at least `gap` away, gap = the distance from (a, b) to the nearest
-// grid line just outside the window (sides at the grid's edge have no bins beyond them).
-// If the k-th best distance found is < gap^2 (strictly, computed with the very same float
-// operations as the distances, which are monotone in |a - c|), no outside bin can enter
-// the top k, and the window's answer equals the full scan's. Otherwise (pixels near or
-// beyond the gamut's edge) all 313 bins are scanned. Non-finite ab gives bins 0..k-1 with
-// NaN weights, as the reference does (all its distances are NaN/inf and tie).
+// Exact pruned search on the grid (no window to outgrow, so no fallback scan): the bins
+// form columns (one per a), each a contiguous run of rows (b). Columns are visited outward
+// from the one nearest to a, alternating sides; in a column, rows outward from the one
+// nearest to b, alternating directions. Along each of these four walks the distance only
+// grows, so a walk stops at the first candidate farther than the current k-th best (thr):
+// a column is skipped when its da^2 alone exceeds thr, a row walk when da^2 + db^2 does.
+// The comparisons use the very same float32 operations as the distances themselves
+// (monotone in |a - c|), so pruning never drops a bin that a full scan would keep; an
+// equal distance is still visited, and the (distance, index) order settles ties exactly.
+// Far-off ab visits a handful of bins; in-gamut ab about 15-25 for k = 5.
+// Non-finite ab gives bins 0..k-1 with NaN weights, as the reference does (all its
+// distances are NaN/inf and tie).
 
-// Window offsets (di, dj) sorted by di^2 + dj^2: the first 25 are the 5x5 window, all 49 the 7x7.
-#define FC_OFF_DI_INIT {0, -1, 0, 0, 1, -1, -1, 1, 1, -2, 0, 0, 2, -2, -2, -1, -1, 1, 1, 2, 2, -2, -2, 2, 2, -3, 0, 0, 3, -3, -3, -1, -1, 1, 1, 3, 3, -3, -3, -2, -2, 2, 2, 3, 3, -3, -3, 3, 3}
-#define FC_OFF_DJ_INIT {0, 0, -1, 1, 0, -1, 1, -1, 1, 0, -2, 2, 0, -1, 1, -2, 2, -2, 2, -1, 1, -2, 2, -2, 2, 0, -3, 3, 0, -1, 1, -3, 3, -3, 3, -1, 1, -2, 2, -3, 3, -3, 3, -2, 2, -3, 3, -3, 3}
-static constexpr signed char kOffDi[49] = FC_OFF_DI_INIT;
-static constexpr signed char kOffDj[49] = FC_OFF_DJ_INIT;
-#if defined(__CUDACC__)
-static __constant__ signed char dOffDi[49] = FC_OFF_DI_INIT;
-static __constant__ signed char dOffDj[49] = FC_OFF_DJ_INIT;
-#endif
-FC_HD FC_INLINE int off_di(int i) {
-#if defined(__CUDA_ARCH__)
-  return dOffDi[i];
-#else
-  return kOffDi[i];
-#endif
-}
-FC_HD FC_INLINE int off_dj(int i) {
-#if defined(__CUDA_ARCH__)
-  return dOffDj[i];
-#else
-  return kOffDj[i];
-#endif
-}
-
+// The k best so far, sorted; CAP >= k is the compile-time capacity (the GPU keeps the
+// list in registers, so a smaller CAP for small k means fewer registers and instructions).
+template <int CAP>
 struct TopK {
-  float d[K_MAX];
-  int q[K_MAX];
+  float d[CAP];
+  int q[CAP];
 };
 
 constexpr int kNoBin = 0x7fffffff;
 
-FC_HD FC_INLINE void topk_reset(TopK& t) {
+template <int CAP>
+FC_HD FC_INLINE void topk_reset(TopK<CAP>& t) {
   FC_UNROLL
-  for (int j = 0; j < K_MAX; ++j) {
+  for (int j = 0; j < CAP; ++j) {
     t.d[j] = kInf;
     t.q[j] = kNoBin;
   }
@@ -262,13 +244,14 @@ FC_HD FC_INLINE bool before(float d1, int q1, float d2, int q2) { return d1 < d2
 
 // Insert (d, q) into the sorted list of the k best; thr / thr_q mirror its k-th entry
 // (scalars, so the GPU needs no dynamic indexing).
-FC_HD FC_INLINE void topk_insert(TopK& t, int k, float d, int q, float& thr, int& thr_q) {
+template <int CAP>
+FC_HD FC_INLINE void topk_insert(TopK<CAP>& t, int k, float d, int q, float& thr, int& thr_q) {
   if (!before(d, q, thr, thr_q)) return;
 #if defined(__CUDA_ARCH__)
   // Fully unrolled with static indices: the list stays in registers.
   bool moving = true;
   FC_UNROLL
-  for (int j = K_MAX - 1; j >= 0; --j) {
+  for (int j = CAP - 1; j >= 0; --j) {
     if (j < k && moving) {
       if (j > 0 && before(d, q, t.d[j > 0 ? j - 1 : 0], t.q[j > 0 ? j - 1 : 0])) {
         t.d[j] = t.d[j > 0 ? j - 1 : 0];
@@ -298,68 +281,87 @@ FC_HD FC_INLINE void topk_insert(TopK& t, int k, float d, int q, float& thr, int
 #endif
 }
 
-// All 313 bins, in index order.
-FC_HD FC_INLINE void scan_all(float a, float b, int k, TopK& t, float& thr, int& thr_q) {
-  int q = 0;
-  for (int ia = 0; ia < A_CELLS; ++ia) {
-    const float da = a - (A_MIN + GRID * (float)ia);
-    const float da2 = da * da;
-    const int hi = col_b_hi(ia);
-    for (int ib = col_b_lo(ia); ib <= hi; ++ib, ++q) {
+// Visit the rows of column ia (da2 = its squared a-distance) outward from the row nearest to b.
+template <int CAP>
+FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>& t, float& thr, int& thr_q) {
+  const int lo = col_b_lo(ia), hi = col_b_hi(ia);
+  const int q0 = col_q_start(ia) - lo;
+  const float fb = fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, (float)lo), (float)hi);
+  const int ibc = (int)fb;  // nearest row of this column (floor of a non-negative value)
+  bool up = true, down = ibc > lo;
+  for (int s = 0; up || down; ++s) {
+    if (up) {
+      const int ib = ibc + s;
       const float db = b - (B_MIN + GRID * (float)ib);
-      topk_insert(t, k, da2 + db * db, q, thr, thr_q);
+      const float d = da2 + db * db;
+      if (d > thr) {
+        up = false;
+      } else {
+        topk_insert(t, k, d, q0 + ib, thr, thr_q);
+        up = ib < hi;
+      }
+    }
+    if (down) {
+      const int ib = ibc - 1 - s;
+      const float db = b - (B_MIN + GRID * (float)ib);
+      const float d = da2 + db * db;
+      if (d > thr) {
+        down = false;
+      } else {
+        topk_insert(t, k, d, q0 + ib, thr, thr_q);
+        down = ib > lo;
+      }
     }
   }
 }
 
-// Encode one pixel. Writes idx[j * stride], w[j * stride] for j < k (1 <= k <= K_MAX).
+// Encode one pixel. Writes idx[j * stride], w[j * stride] for j < k (1 <= k <= CAP <= K_MAX).
 // neg_inv_2s2 = -1 / (2 sigma^2). Returns the nearest bin.
-template <typename IdxT>
+template <int CAP = K_MAX, typename IdxT>
 FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2, IdxT* idx, float* w,
                                       int64_t stride) {
-  TopK t;
+  TopK<CAP> t;
   topk_reset(t);
   float thr = kInf;
   int thr_q = kNoBin;
   const bool finite = (a - a == 0.0f) && (b - b == 0.0f);
   if (finite) {
-    const int R = k <= 10 ? 2 : 3;
-    // nearest grid point, clamped to the grid (far-off ab lands on the edge)
-    const float fa = fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
-    const float fb = fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(B_CELLS - 1));
-    const int ia0 = (int)fa, ib0 = (int)fb;  // floor (non-negative)
-    const int ncells = R == 2 ? 25 : 49;
-    for (int c = 0; c < ncells; ++c) {
-      const int ia = ia0 + off_di(c), ib = ib0 + off_dj(c);
-      if (ia < 0 || ia >= A_CELLS) continue;
-      const int lo = col_b_lo(ia);
-      if (ib < lo || ib > col_b_hi(ia)) continue;
-      const float da = a - (A_MIN + GRID * (float)ia);
-      const float db = b - (B_MIN + GRID * (float)ib);
-      topk_insert(t, k, da * da + db * db, col_q_start(ia) + ib - lo, thr, thr_q);
-    }
-    const int ia_lo = imax_(ia0 - R, 0), ia_hi = imin_(ia0 + R, A_CELLS - 1);
-    const int ib_lo = imax_(ib0 - R, 0), ib_hi = imin_(ib0 + R, B_CELLS - 1);
-    float gap = kInf;
-    if (ia_lo > 0) gap = fmin_(gap, a - (A_MIN + GRID * (float)(ia_lo - 1)));
-    if (ia_hi < A_CELLS - 1) gap = fmin_(gap, (A_MIN + GRID * (float)(ia_hi + 1)) - a);
-    if (ib_lo > 0) gap = fmin_(gap, b - (B_MIN + GRID * (float)(ib_lo - 1)));
-    if (ib_hi < B_CELLS - 1) gap = fmin_(gap, (B_MIN + GRID * (float)(ib_hi + 1)) - b);
-    if (!(thr < gap * gap)) {  // not provably enough: scan all 313 bins
-      topk_reset(t);
-      thr = kInf;
-      thr_q = kNoBin;
-      scan_all(a, b, k, t, thr, thr_q);
+    // nearest column, clamped to the grid (far-off ab starts at the edge)
+    const int iac = (int)fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
+    bool right = true, left = iac > 0;
+    for (int s = 0; right || left; ++s) {
+      if (right) {
+        const int ia = iac + s;
+        const float da = a - (A_MIN + GRID * (float)ia);
+        const float da2 = da * da;
+        if (da2 > thr) {
+          right = false;
+        } else {
+          search_column(b, ia, da2, k, t, thr, thr_q);
+          right = ia < A_CELLS - 1;
+        }
+      }
+      if (left) {
+        const int ia = iac - 1 - s;
+        const float da = a - (A_MIN + GRID * (float)ia);
+        const float da2 = da * da;
+        if (da2 > thr) {
+          left = false;
+        } else {
+          search_column(b, ia, da2, k, t, thr, thr_q);
+          left = ia > 0;
+        }
+      }
     }
   }
   // Gaussian weights relative to the nearest distance (stays finite for far-off ab).
   // Non-finite ab (or distances overflowing float32, |ab| > 1e19): bins 0..k-1, NaN weights.
   const float nan = u2f(0x7fc00000u);
-  float e[K_MAX] = {};
+  float e[CAP] = {};
   float sum = 0.0f;
   const float d0 = t.d[0];
   FC_UNROLL
-  for (int j = 0; j < K_MAX; ++j) {
+  for (int j = 0; j < CAP; ++j) {
     if (j < k) {
       const bool ok = finite && t.q[j] < Q;
       e[j] = ok ? exp_((t.d[j] - d0) * neg_inv_2s2) : nan;
@@ -368,7 +370,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
   }
   const float inv = 1.0f / sum;
   FC_UNROLL
-  for (int j = 0; j < K_MAX; ++j) {
+  for (int j = 0; j < CAP; ++j) {
     if (j < k) {
       const bool ok = finite && t.q[j] < Q;
       idx[j * stride] = (IdxT)(ok ? t.q[j] : j);

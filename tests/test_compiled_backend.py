@@ -223,7 +223,8 @@ def test_half_gradient_rounding_and_subnormals(device, dtype):
         _, want = ref_grad_loss(x.double().numpy(), ab.double().numpy(), None, 5, scale)
         want_t = torch.from_numpy(want).to(dtype)  # correctly rounded reference
         got = grad.cpu()
-        ulp = (want_t.double() - torch.nextafter(want_t, torch.full_like(want_t, float("inf"))).double()).abs()
+        ulp = torch.maximum(*((want_t.double() - torch.nextafter(want_t, torch.full_like(want_t, d)).double()).abs()
+                              for d in (float("inf"), -float("inf"))))
         assert ((got.double() - want_t.double()).abs() <= ulp + 1e-12).all()
 
 
@@ -325,23 +326,30 @@ def test_annealed_mean_temperatures_and_extremes(device, T):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device on this machine")
-def test_cuda_matches_cpu_and_every_encode_mode(monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu_with_both_launch_bounds(dtype):
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 313, 1111, generator=g) * 3
+    x = (torch.randn(3, 313, 1111, generator=g) * 3).to(dtype)
     ab = torch.rand(3, 2, 1111, generator=g) * 260 - 130
     cw = torch.rand(313, generator=g) + 0.2
     want_loss, want_grad = cb.ce_forward(x, ab, None, None, cw, None, 5, 5.0, 0.5, True)
-    xc, abc, cwc = x.cuda(), ab.cuda(), cw.cuda()
+    want_am = cb.annealed_mean(x, 0.38, False)
+    for k in (7, 10, 12):  # top-k capacity 8, 10 and 16
+        want_idx, want_w = cb.soft_encode(ab, k, 5.0)
+        idx, w = cb.soft_encode(ab.cuda(), k, 5.0)
+        assert torch.equal(idx.cpu(), want_idx)  # same search, same float32 distances
+        torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    one_ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * want_grad.float().abs().max().item()
     try:
-        for mode, pre in ((1, False), (2, False), (1, True)):
-            assert C.cuda_set_encode_mode(mode)
-            monkeypatch.setattr(cb, "CUDA_PREENCODE", pre)
-            loss, grad = cb.ce_forward(xc, abc, None, None, cwc, None, 5, 5.0, 0.5, True)
+        for min_blocks in (4, 0):
+            assert C.cuda_set_min_blocks(min_blocks)
+            loss, grad = cb.ce_forward(x.cuda(), ab.cuda(), None, None, cw.cuda(), None, 5, 5.0, 0.5, True)
             torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(grad.cpu(), want_grad, rtol=0, atol=1e-6 * want_grad.abs().max().item())
+            torch.testing.assert_close(grad.cpu().float(), want_grad.float(), rtol=0, atol=one_ulp)
+            torch.testing.assert_close(cb.annealed_mean(x.cuda(), 0.38, False).cpu(), want_am, rtol=1e-5, atol=1e-4)
     finally:
-        C.cuda_set_encode_mode(1)
-    assert not C.cuda_set_encode_mode(0)
+        C.cuda_set_min_blocks(4)
+    assert not C.cuda_set_min_blocks(2)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device on this machine")

@@ -8,8 +8,6 @@ kernels are ``csrc/fc_cpu.cpp`` and ``kernels/fc_kernels.cu`` over the per-pixel
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fastcolor import _ext
@@ -19,9 +17,12 @@ SUPPORTS_FLOAT64 = False
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-#: CUDA: soft-encode ab in its own kernel before the loss kernel instead of inside it
-#: (a benchmarking knob: FASTCOLOR_CUDA_PREENCODE=1).
-CUDA_PREENCODE = os.environ.get("FASTCOLOR_CUDA_PREENCODE", "").strip() not in ("", "0")
+try:  # the CPU gradient buffer on 2 MiB pages (first-touch faults of 4 KiB pages cost more than the kernel)
+    from fastcolor.backends.numba_backend import _empty as _empty_cpu
+except ImportError:  # numba missing: plain torch.empty
+    def _empty_cpu(shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
 
 
 def _lib():
@@ -90,12 +91,11 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     if q != Q:
         raise ValueError(f"logits: expected {Q} classes on axis 1, got shape {tuple(x.shape)}")
     loss = torch.empty((n, p), dtype=torch.float32, device=x.device)
-    grad = torch.empty_like(x) if need_grad else None
+    grad = (torch.empty_like(x) if x.is_cuda else _empty_cpu(tuple(x.shape), x.dtype)) if need_grad else None
     if n * p == 0:
         return loss, grad
-    if indices is None and ab is not None and x.is_cuda and CUDA_PREENCODE:
+    if indices is None and x.is_cuda:  # the CUDA loss kernel takes precomputed targets
         indices, weights = soft_encode(ab, k, sigma)
-        ab = None
     if indices is not None:
         indices = indices.to(torch.int32).contiguous()
         weights = _f32(weights)
