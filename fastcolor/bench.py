@@ -29,7 +29,8 @@ lower-priority measurements when compilation is slow. The last thing printed is 
 table; ``--json [PATH]`` writes everything (to stdout when no path is given, before the table).
 
 ``--quick`` uses tiny shapes (for tests, and for ``--device cpu`` through the interpreter);
-``--shapes zhang,seed`` picks shapes; ``--providers triton,torch`` picks backends.
+``--device cpu`` alone times (4, 313, 64, 64); ``--shapes zhang,seed`` picks shapes;
+``--providers triton,torch`` picks backends.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ SHAPES = {
     "seed": (100, Q, 32, 32),
     "full": (4, Q, 512, 512),
     "full1": (1, Q, 1024, 1024),
+    "cpu": (4, Q, 64, 64),  # the default of --device cpu: a tenth of Zhang's batch
 }
 QUICK_SHAPES = {"tiny": (2, Q, 8, 8), "odd": (1, Q, 5, 7)}
 #: which shapes each op is timed at (full1 = the full-resolution decode of one image)
@@ -394,9 +396,11 @@ def peak_memory(name, shape, dtype, device):
                 ratio=float(peak / grad_bytes))
 
 
-def timing_plan(quick, shapes_arg):
+def timing_plan(quick, shapes_arg, device="cuda"):
     if quick:
         return [(op, s) for op in ("loss_fwd", "loss_fwdbwd", "decode", "encode") for s in QUICK_SHAPES]
+    if device == "cpu" and shapes_arg is None:
+        return [(op, "cpu") for op in OPS_SHAPES]
     plan = []
     for op, names in OPS_SHAPES.items():
         for s in names:
@@ -414,7 +418,7 @@ def shape_of(s):
 def timings(name, device, quick, shapes_arg, budget):
     out = []
     dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
-    for op, s in timing_plan(quick, shapes_arg):
+    for op, s in timing_plan(quick, shapes_arg, device):
         for dtype in dtypes:
             if op == "encode" and dtype != torch.float32:
                 continue
@@ -457,7 +461,12 @@ def part_base(device, quick, shapes_arg, budget):
         log(f"[base] device-to-device copy: {res['peak_copy']['gbps']:.0f} GB/s")
         del src, dst
         torch.cuda.empty_cache()
-    names = list(QUICK_SHAPES) if quick else [s for s in ("zhang", "seed", "full") if shapes_arg is None or s in shapes_arg]
+    if quick:
+        names = list(QUICK_SHAPES)
+    elif device == "cpu" and shapes_arg is None:
+        names = ["cpu"]
+    else:
+        names = [s for s in ("zhang", "seed", "full") if shapes_arg is None or s in shapes_arg]
     dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
     for s in names:
         for dtype in dtypes:
@@ -502,15 +511,11 @@ def triton_extras(device, quick, budget):
             log(f"[triton] int64 check FAILED: {exc!r}")
         torch.cuda.empty_cache()
     shape = SHAPES["zhang"]
-    variants = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for cfg in [None, (32, 4, None), (64, 8, None), (16, 4, None)]:
-            variants.append(("ce", dtype, cfg, "fused", 5))
-        variants.append(("ce", dtype, None, "separate", 5))
-        variants.append(("ce", dtype, None, "fused", 10))
-        variants.append(("ce", dtype, None, "separate", 10))
-        for cfg in [None, (32, 4, 168), (64, 8, None)]:
-            variants.append(("am", dtype, cfg, None, None))
+    # most informative first, both dtypes at each step, so that a cut budget still leaves pairs
+    specs = [("ce", None, "fused", 5), ("ce", None, "separate", 5), ("ce", None, "fused", 10), ("ce", None, "separate", 10),
+             ("ce", (32, 4, None), "fused", 5), ("ce", (64, 8, None), "fused", 5), ("am", None, None, None),
+             ("am", (32, 4, 168), None, None), ("am", (64, 8, None), None, None), ("ce", (16, 4, None), "fused", 5)]
+    variants = [(kind, dtype, cfg, mode, k) for kind, cfg, mode, k in specs for dtype in (torch.float32, torch.bfloat16)]
     for kind, dtype, cfg, mode, k in variants:
         rec = dict(kernel=kind, dtype=str(dtype)[6:], config=list(cfg) if cfg else list(tb.config(kind, dtype)),
                    default=cfg is None, encode=mode, k=k)
