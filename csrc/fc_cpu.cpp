@@ -31,6 +31,7 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#include <unistd.h>
 #endif
 
 #include "fc_api.cuh"
@@ -340,6 +341,24 @@ const Kernels& kernels() {
   return kVariants[v];
 }
 
+#ifdef _OPENMP
+// GNU OpenMP is not fork-safe: a child forked after the parent ran a parallel region (e.g. a
+// DataLoader worker soft-encoding its targets) hangs in its next one. The process that
+// started the thread pool is remembered; any other process runs the loops serially.
+std::atomic<long> g_pool_pid{0};
+
+bool parallel_allowed() {
+  const long pid = (long)getpid();
+  long owner = g_pool_pid.load(std::memory_order_relaxed);
+  if (owner == 0 && g_pool_pid.compare_exchange_strong(owner, pid)) return true;
+  return owner == 0 || owner == pid;
+}
+#endif
+
+float* aligned64(std::vector<float>& v) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
+
 // Run fn(args, tile, buffer) over all tiles, in parallel when it pays.
 template <typename Args>
 void run_tiles(TileFn<Args> fn, const Args& a, int64_t tiles, int64_t work, bool need_buf, int nthreads) {
@@ -350,21 +369,19 @@ void run_tiles(TileFn<Args> fn, const Args& a, int64_t tiles, int64_t work, bool
   // ~1/4 ms of work per thread at least; tiny inputs stay on the calling thread.
   const int64_t max_useful = std::max<int64_t>(1, std::min<int64_t>(tiles, work / (1 << 17)));
   nthreads = (int)std::min<int64_t>(nthreads, max_useful);
-  if (nthreads > 1) {
+  if (nthreads > 1 && parallel_allowed()) {
 #pragma omp parallel num_threads(nthreads)
     {
       std::vector<float> buf(buf_floats + 16);
-      float* b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tiles; ++t) fn(a, t, b);
+      for (int64_t t = 0; t < tiles; ++t) fn(a, t, aligned64(buf));
     }
     return;
   }
 #endif
   (void)nthreads;
   std::vector<float> buf(buf_floats + 16);
-  float* b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-  for (int64_t t = 0; t < tiles; ++t) fn(a, t, b);
+  for (int64_t t = 0; t < tiles; ++t) fn(a, t, aligned64(buf));
 }
 
 int64_t num_tiles(int64_t N, int64_t P) { return P > 0 ? N * ((P + TP - 1) / TP) : 0; }

@@ -305,6 +305,37 @@ def test_openmp_threads_give_identical_results():
             assert torch.equal(a, b)
 
 
+def _encode_in_child(queue):
+    ab = torch.rand(3, 2, 1000) * 200 - 100
+    x = torch.randn(3, 313, 1000)
+    loss, _ = cb.ce_forward(x, ab, None, None, None, None, 5, 5.0, 1.0, True)
+    queue.put(bool(torch.isfinite(loss).all()) and cb.soft_encode(ab, 5, 5.0)[0].shape == (3, 5, 1000))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_after_parallel_parent_does_not_hang():
+    """GNU OpenMP hangs in a child forked after the parent used its thread pool (DataLoader
+    workers); the CPU loops run serially in such a child."""
+    import multiprocessing as mp
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cb.ce_forward(torch.randn(3, 313, 1000), torch.zeros(3, 2, 1000), None, None, None, None, 5, 5.0, 1.0, True)
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_encode_in_child, args=(queue,))
+        child.start()
+        child.join(30)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung, "the forked child hung in the CPU loops"
+        assert child.exitcode == 0 and queue.get(timeout=5)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T", [1e-6, 0.01, 0.38, 1.0, 3.0])
 def test_annealed_mean_temperatures_and_extremes(device, T):
