@@ -170,3 +170,15 @@ def test_out_of_memory_mid_training_is_a_clear_error_and_keeps_the_checkpoint(ph
     monkeypatch.undo()
     res = train(_cfg(photos, run, epochs=2))  # and it resumes from there
     assert res.resumed_from_epoch == 0 and res.epochs_completed == 2
+
+
+def test_cli_train_too_big_is_one_line_error(photos, tmp_path, capsys):
+    from fastcolor import cli
+
+    capsys.readouterr()
+    rc = cli.main(["train", str(photos), "--model", "zhang-tiny", "--size", "8192", "--batch-size", "4",
+                   "--workers", "0", "--epochs", "1", "--out", str(tmp_path / "run"), "-q"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("fastcolor: error:")]
+    assert rc == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "image_size=8192" in errors[0] and "GiB is available" in errors[0] and "lower batch_size" in errors[0]
