@@ -87,6 +87,22 @@ def test_soft_encode_exact_ties_take_the_lower_bin(dev):
         np.testing.assert_allclose(w.cpu().numpy(), rw, atol=2e-6)
 
 
+def test_far_ab_keeps_the_small_differences_float32_distances_would_lose(dev):
+    """ab = (1e6, 0): every bin of the a = 100 column is ~1e12 away, equal in float32 (ulp 131072);
+    the nearest is still b = 0 (bin 312), and the weights are the reference's."""
+    ab = torch.tensor([[[1e6, 1e5, -3e5, 2e4], [0.0, 3.0, 47.0, -2e4]]])
+    for k in (1, 4):
+        idx, w = tb.soft_encode(ab.to(dev), k, 5.0)
+        ri, rw = R.soft_encode(ab.double().numpy(), k)
+        np.testing.assert_array_equal(idx.cpu().numpy(), ri)
+        np.testing.assert_allclose(w.cpu().numpy(), rw, atol=1e-5)
+    assert idx[0, 0, 0].item() == 312 and idx[0, 0, 1].item() == 312
+    x = torch.zeros(1, Q, 1)
+    x[0, 312] = 12.0
+    loss, _ = tb.ce_forward(x.to(dev), ab[..., :1].to(dev), None, None, None, None, 1, 5.0, 1.0, False)
+    assert loss.item() < 0.01
+
+
 def test_soft_encode_far_and_non_finite_ab(dev):
     ab = torch.tensor([[[1e6, -1e6, 3e4, 0.0, float("nan"), float("inf"), 12.0],
                         [-2e5, 7e5, 3e4, float("nan"), 1.0, 5.0, -float("inf")]]])

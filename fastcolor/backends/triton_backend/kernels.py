@@ -52,6 +52,8 @@ INTERP = tl.constexpr(_interp)
 Q = tl.constexpr(313)
 A_MIN = tl.constexpr(-90.0)
 B_MIN = tl.constexpr(-110.0)
+A_MAX = tl.constexpr(100.0)
+B_MAX = tl.constexpr(100.0)
 A_CELLS = tl.constexpr(20)
 B_CELLS = tl.constexpr(22)
 GRID = tl.constexpr(10.0)
@@ -91,14 +93,36 @@ def _sum(x, axis: tl.constexpr):
 
 
 @jit
+def _clamped(a, b):
+    """(finite, pa, pb, da, db): the pixel's projection (pa, pb) onto the box of bin centres and
+    what is left over, (da, db) = (a, b) - (pa, pb) (zero inside the box; 0 for non-finite ab)."""
+    ok = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
+    a0 = tl.where(ok, a, 0.0)
+    b0 = tl.where(ok, b, 0.0)
+    pa = tl.minimum(tl.maximum(a0, A_MIN), A_MAX)
+    pb = tl.minimum(tl.maximum(b0, B_MIN), B_MAX)
+    return ok, pa, pb, a0 - pa, b0 - pb
+
+
+@jit
+def _rdist(pa, pb, da, db, ca, cb):
+    """|p - c|^2 - |p - p_box|^2 = |e|^2 + 2 (p - p_box) . e with e = p_box - c.
+
+    The same order as the distance (the subtracted term does not depend on the bin), but with no
+    huge common term: far outside the gamut (ab = 1e6) the float32 distances of a whole column of
+    bins would round to one value and tie, while these keep the small differences exactly."""
+    ea = pa - ca
+    eb = pb - cb
+    return ea * ea + eb * eb + 2.0 * (da * ea + db * eb)
+
+
+@jit
 def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
                 SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
-    """k nearest bins among a window of cells: (idx [KP, BP] int32, d2 [KP, BP] f32, need_full [BP])."""
-    ok = (a == a) & (b == b)
-    ta = tl.where(ok, (a - A_MIN) * INV_GRID, 0.0)
-    tb = tl.where(ok, (b - B_MIN) * INV_GRID, 0.0)
-    ta = tl.minimum(tl.maximum(ta, 0.0), A_CELLS - 1.0)
-    tb = tl.minimum(tl.maximum(tb, 0.0), B_CELLS - 1.0)
+    """k nearest bins among a window of cells: (idx [KP, BP] int32, reduced d2 [KP, BP] f32, need_full [BP])."""
+    ok, pa, pb, da_, db_ = _clamped(a, b)
+    ta = (pa - A_MIN) * INV_GRID  # in [0, A_CELLS - 1]
+    tb = (pb - B_MIN) * INV_GRID
     ca = (ta + 0.5).to(tl.int32)  # ta >= 0: truncation is floor, so this is the nearest cell
     cb = (tb + 0.5).to(tl.int32)
     c = tl.arange(0, WIN)
@@ -108,9 +132,8 @@ def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constex
     ib = cb[None, :] + db[:, None]
     inwin = (c < SIDE * SIDE)[:, None] & (ia >= 0) & (ia < A_CELLS) & (ib >= 0) & (ib < B_CELLS)
     q = tl.load(cell_ptr + ia * B_CELLS + ib, mask=inwin, other=-1)
-    ea = a[None, :] - (A_MIN + GRID * ia.to(tl.float32))
-    eb = b[None, :] - (B_MIN + GRID * ib.to(tl.float32))
-    d = ea * ea + eb * eb
+    d = _rdist(pa[None, :], pb[None, :], da_[None, :], db_[None, :],
+               A_MIN + GRID * ia.to(tl.float32), B_MIN + GRID * ib.to(tl.float32))
     d = tl.where(q >= 0, d, float("inf"))
 
     kk = tl.arange(0, KP)[:, None]
@@ -125,13 +148,14 @@ def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constex
         sel_d = tl.where(kk == j, dmin[None, :], sel_d)
         dk = dmin
 
-    # Lower bound on the distance to any bin outside the window: the nearest of the four
-    # half-planes beyond it that still hold grid cells.
+    # Lower bound on the reduced distance of any bin outside the window: (p - p_box) . e >= 0 for
+    # every bin, so it is at least |p_box - c|^2, at least the squared distance from p_box to the
+    # nearest of the four half-planes beyond the window that still hold grid cells.
     inf = float("inf")
-    g_alo = tl.where(ca - R - 1 >= 0, a - (A_MIN + GRID * (ca - R - 1).to(tl.float32)), inf)
-    g_ahi = tl.where(ca + R + 1 < A_CELLS, (A_MIN + GRID * (ca + R + 1).to(tl.float32)) - a, inf)
-    g_blo = tl.where(cb - R - 1 >= 0, b - (B_MIN + GRID * (cb - R - 1).to(tl.float32)), inf)
-    g_bhi = tl.where(cb + R + 1 < B_CELLS, (B_MIN + GRID * (cb + R + 1).to(tl.float32)) - b, inf)
+    g_alo = tl.where(ca - R - 1 >= 0, pa - (A_MIN + GRID * (ca - R - 1).to(tl.float32)), inf)
+    g_ahi = tl.where(ca + R + 1 < A_CELLS, (A_MIN + GRID * (ca + R + 1).to(tl.float32)) - pa, inf)
+    g_blo = tl.where(cb - R - 1 >= 0, pb - (B_MIN + GRID * (cb - R - 1).to(tl.float32)), inf)
+    g_bhi = tl.where(cb + R + 1 < B_CELLS, (B_MIN + GRID * (cb + R + 1).to(tl.float32)) - pb, inf)
     gap = tl.maximum(tl.minimum(tl.minimum(g_alo, g_ahi), tl.minimum(g_blo, g_bhi)), 0.0)
     enough = dk * (1.0 + MARGIN) < gap * gap
     need_full = ok & (enough == 0)
@@ -144,7 +168,8 @@ def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexp
     kk = tl.arange(0, KP)[:, None]
     sel_q = tl.full([KP, BP], 0, tl.int32)
     sel_d = tl.full([KP, BP], 0, tl.float32)
-    prev_d = tl.full([BP], -1.0, tl.float32)
+    _, pa, pb, da, db = _clamped(a, b)
+    prev_d = tl.full([BP], float("-inf"), tl.float32)
     prev_q = tl.full([BP], -1, tl.int32)
     for j in tl.static_range(K):
         best_d = tl.full([BP], float("inf"), tl.float32)
@@ -154,9 +179,7 @@ def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexp
             qm = qc < Q
             ba = tl.load(bins_ptr + qc, mask=qm, other=0.0)
             bb = tl.load(bins_ptr + BINS_STRIDE + qc, mask=qm, other=0.0)
-            ea = a[None, :] - ba[:, None]
-            eb = b[None, :] - bb[:, None]
-            d = ea * ea + eb * eb
+            d = _rdist(pa[None, :], pb[None, :], da[None, :], db[None, :], ba[:, None], bb[:, None])
             q2 = qc[:, None]
             after = (d > prev_d[None, :]) | ((d == prev_d[None, :]) & (q2 > prev_q[None, :]))
             valid = after & qm[:, None]
@@ -186,8 +209,8 @@ def _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K: tl.constexpr, KP: tl.co
     d0 = _sum(tl.where(kk == 0, sel_d, 0.0), 0)
     g = tl.exp2(tl.where(kk < K, d0[None, :] - sel_d, float("-inf")) * (inv_two_sigma2 * LOG2E))
     inv_g = 1.0 / _sum(g, 0)
-    # NaN ab: numpy's stable argsort order (0, 1, ..., k-1) and NaN weights.
-    ok = (a == a) & (b == b)
+    # NaN or infinite ab: numpy's stable argsort order (0, 1, ..., k-1) and NaN weights.
+    ok = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
     sel_q = tl.where(ok[None, :], sel_q, kk + tl.full([KP, BP], 0, tl.int32))
     inv_g = tl.where(ok, inv_g, float("nan"))
     return sel_q, g, inv_g
