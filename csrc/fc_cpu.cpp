@@ -89,17 +89,101 @@ FC_INLINE Tile tile_of(int64_t t, int64_t P) {
 }
 
 // ---------------------------------------------------------------------------- soft-encode
+constexpr CellTable kCells = make_cell_table();
+
+// Soft-encode np <= TP pixels at once, vectorised across the pixels (VEC: AVX2/AVX-512 builds;
+// the baseline build, without gathers and wide selects, runs the scalar exact search, which is
+// faster there): every pixel takes the
+// (2R+1)^2 grid cells around its nearest grid point (R = 2, or 3 for k > 10) through a
+// branch-free sorted insertion (the (distance, bin) order of topk_insert), then the window
+// bound decides (window_gap); pixels it does not cover (near or beyond the gamut's edge,
+// non-finite ab) are redone by the exact search, soft_encode_pixel. Same float operations
+// as that search, so both give identical results. Writes tq[j][i], tw[j][i] for j < k.
+template <bool VEC>
+FC_INLINE void encode_tile(const float* a, const float* b, int np, int k, float nis, int32_t (*tq)[TP],
+                           float (*tw)[TP]) {
+  if (!VEC) {
+    for (int i = 0; i < np; ++i) soft_encode_pixel(a[i], b[i], k, nis, &tq[0][i], &tw[0][i], TP);
+    return;
+  }
+  alignas(64) float as[TP];
+  alignas(64) float bs[TP];
+  alignas(64) float cd[TP];
+  alignas(64) int32_t ia0[TP];
+  alignas(64) int32_t ib0[TP];
+  alignas(64) int32_t cq[TP];
+  alignas(64) float bd[K_MAX][TP];
+  const int R = k <= 10 ? 2 : 3;
+  for (int i = 0; i < np; ++i) {
+    const bool fin = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f);
+    as[i] = fin ? a[i] : 0.0f;  // non-finite pixels are redone by the exact search
+    bs[i] = fin ? b[i] : 0.0f;
+    ia0[i] = nearest_ia(as[i]);
+    ib0[i] = nearest_ib(bs[i], 0, B_CELLS - 1);
+  }
+  for (int j = 0; j < k; ++j)
+    for (int i = 0; i < np; ++i) {
+      bd[j][i] = kInf;
+      tq[j][i] = kNoBin;
+    }
+  for (int di = -R; di <= R; ++di)
+    for (int dj = -R; dj <= R; ++dj) {
+      for (int i = 0; i < np; ++i) {
+        const int ia = ia0[i] + di, ib = ib0[i] + dj;
+        const int q = kCells.q[(ia + kCellPad) * kCellStride + ib + kCellPad];
+        const float da = a_off(as[i], ia), db = b_off(bs[i], ib);
+        cd[i] = q >= 0 ? da * da + db * db : kInf;
+        cq[i] = q >= 0 ? q : kNoBin;
+      }
+      for (int j = k - 1; j > 0; --j)
+        for (int i = 0; i < np; ++i) {
+          const float d = cd[i], pd = bd[j - 1][i], cur = bd[j][i];
+          const int q = cq[i], pq = tq[j - 1][i], curq = tq[j][i];
+          const bool shift = before(d, q, pd, pq), place = before(d, q, cur, curq);
+          bd[j][i] = shift ? pd : (place ? d : cur);
+          tq[j][i] = shift ? pq : (place ? q : curq);
+        }
+      for (int i = 0; i < np; ++i) {
+        const bool place = before(cd[i], cq[i], bd[0][i], tq[0][i]);
+        bd[0][i] = place ? cd[i] : bd[0][i];
+        tq[0][i] = place ? cq[i] : tq[0][i];
+      }
+    }
+  // Weights, as soft_encode_pixel computes them; `cd` now holds the sums.
+  for (int i = 0; i < np; ++i) cd[i] = 0.0f;
+  for (int j = 0; j < k; ++j)
+    for (int i = 0; i < np; ++i) {
+      tw[j][i] = gauss_weight(bd[j][i], bd[0][i], nis);
+      cd[i] += tw[j][i];
+    }
+  for (int i = 0; i < np; ++i) cd[i] = 1.0f / cd[i];
+  for (int j = 0; j < k; ++j)
+    for (int i = 0; i < np; ++i) tw[j][i] *= cd[i];
+  for (int i = 0; i < np; ++i) {
+    const float gap = window_gap(as[i], bs[i], ia0[i], ib0[i], R);
+    const bool covered = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f) && bd[k - 1][i] < gap * gap;
+    if (!covered) soft_encode_pixel(a[i], b[i], k, nis, &tq[0][i], &tw[0][i], TP);
+  }
+}
+
+template <bool VEC>
 FC_INLINE void encode_tile_body(const EncodeArgs& A, int64_t t, float*) {
   const Tile T = tile_of(t, A.P);
+  alignas(64) int32_t tq[K_MAX][TP];
+  alignas(64) float tw[K_MAX][TP];
   const float* a = A.ab + T.n * 2 * A.P + T.p0;
-  const float* b = a + A.P;
+  encode_tile<VEC>(a, a + A.P, T.np, A.k, A.neg_inv_2s2, tq, tw);
   int32_t* idx = A.idx + T.n * A.k * A.P + T.p0;
   float* w = A.w + T.n * A.k * A.P + T.p0;
-  for (int i = 0; i < T.np; ++i) soft_encode_pixel(a[i], b[i], A.k, A.neg_inv_2s2, idx + i, w + i, A.P);
+  for (int j = 0; j < A.k; ++j)
+    for (int i = 0; i < T.np; ++i) {
+      idx[j * A.P + i] = tq[j][i];
+      w[j * A.P + i] = tw[j][i];
+    }
 }
 
 // ---------------------------------------------------------------------------- fused loss
-template <int DT>
+template <int DT, bool VEC>
 FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
   using E = Elem<DT>;
   using T = typename E::T;
@@ -118,13 +202,16 @@ FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
   // Targets: the k (bin, weight) pairs and the pixel factor s * m * v.
   const float m = A.mask ? A.mask[tl.n] : 1.0f;
   const float nan = u2f(0x7fc00000u);
+  if (A.ab) {
+    const float* ab = A.ab + tl.n * 2 * P + tl.p0;
+    encode_tile<VEC>(ab, ab + P, np, k, A.neg_inv_2s2, tq, tw);
+  }
   for (int i = 0; i < np; ++i) {
     const int64_t p = tl.p0 + i;
     int nearest;
     bool ok = true;
     if (A.ab) {
-      const float* ab = A.ab + tl.n * 2 * P + p;
-      nearest = soft_encode_pixel(ab[0], ab[P], k, A.neg_inv_2s2, &tq[0][i], &tw[0][i], TP);
+      nearest = tq[0][i];
     } else {
       const int32_t* ip = A.idx + tl.n * k * P + p;
       const float* wp = A.w + tl.n * k * P + p;
@@ -259,21 +346,21 @@ FC_INLINE void anneal_tile_body(const AnnealArgs& A, int64_t t, float* buf) {
 
 // ---------------------------------------------------------------------------- ISA variants
 // The bodies are always_inline, so each wrapper below compiles them with its own ISA.
-#define FC_WRAP(NAME, ATTR, ARGS)                                                      \
-  ATTR void encode_##NAME(const EncodeArgs& a, int64_t t, float* b) { encode_tile_body(a, t, b); } \
-  template <int DT>                                                                    \
-  ATTR void ce_##NAME(const CeArgs& a, int64_t t, float* b) {                          \
-    ce_tile_body<DT>(a, t, b);                                                         \
-  }                                                                                    \
-  template <int DT>                                                                    \
-  ATTR void anneal_##NAME(const AnnealArgs& a, int64_t t, float* b) {                  \
-    anneal_tile_body<DT>(a, t, b);                                                     \
+#define FC_WRAP(NAME, ATTR, VEC)                                                                   \
+  ATTR void encode_##NAME(const EncodeArgs& a, int64_t t, float* b) { encode_tile_body<VEC>(a, t, b); } \
+  template <int DT>                                                                                \
+  ATTR void ce_##NAME(const CeArgs& a, int64_t t, float* b) {                                      \
+    ce_tile_body<DT, VEC>(a, t, b);                                                                \
+  }                                                                                                \
+  template <int DT>                                                                                \
+  ATTR void anneal_##NAME(const AnnealArgs& a, int64_t t, float* b) {                              \
+    anneal_tile_body<DT>(a, t, b);                                                                 \
   }
 
-FC_WRAP(default, , )
+FC_WRAP(default, , false)
 #if FC_X86
-FC_WRAP(avx2, FC_TARGET_AVX2, )
-FC_WRAP(avx512, FC_TARGET_AVX512, )
+FC_WRAP(avx2, FC_TARGET_AVX2, true)
+FC_WRAP(avx512, FC_TARGET_AVX512, true)
 #endif
 
 template <typename Args>

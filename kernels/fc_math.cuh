@@ -239,6 +239,37 @@ FC_HD FC_INLINE void topk_reset(TopK<CAP>& t) {
   }
 }
 
+// Nearest grid column / row of a, b, clamped to the grid (far-off ab lands on the edge).
+FC_HD FC_INLINE int nearest_ia(float a) {
+  return (int)fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
+}
+FC_HD FC_INLINE int nearest_ib(float b, int lo, int hi) {
+  return (int)fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, (float)lo), (float)hi);
+}
+// Offset of a (or b) from grid column ia (row ib): every distance is d = da * da + db * db.
+FC_HD FC_INLINE float a_off(float a, int ia) { return a - (A_MIN + GRID * (float)ia); }
+FC_HD FC_INLINE float b_off(float b, int ib) { return b - (B_MIN + GRID * (float)ib); }
+
+// Window bound (the CPU's vectorised encoder, csrc/fc_cpu.cpp, searches the (2R+1)^2 cells
+// around the nearest grid point (ia0, ib0) for many pixels at once): a bin outside the
+// window, clipped to the grid, is at least the returned gap away (sides at the grid's edge
+// have no bins beyond them). Computed with a_off / b_off like the distances themselves,
+// whose rounding is monotone in |a - c|: if the k-th best distance found is < gap * gap,
+// the window's answer is the exact search's.
+FC_HD FC_INLINE float window_gap(float a, float b, int ia0, int ib0, int R) {
+  const int ia_lo = imax_(ia0 - R, 0), ia_hi = imin_(ia0 + R, A_CELLS - 1);
+  const int ib_lo = imax_(ib0 - R, 0), ib_hi = imin_(ib0 + R, B_CELLS - 1);
+  float gap = kInf;
+  gap = ia_lo > 0 ? fmin_(gap, a_off(a, ia_lo - 1)) : gap;
+  gap = ia_hi < A_CELLS - 1 ? fmin_(gap, -a_off(a, ia_hi + 1)) : gap;
+  gap = ib_lo > 0 ? fmin_(gap, b_off(b, ib_lo - 1)) : gap;
+  gap = ib_hi < B_CELLS - 1 ? fmin_(gap, -b_off(b, ib_hi + 1)) : gap;
+  return gap;
+}
+
+// Gaussian weight of a neighbour at squared distance d, relative to the nearest at d0.
+FC_HD FC_INLINE float gauss_weight(float d, float d0, float neg_inv_2s2) { return exp_((d - d0) * neg_inv_2s2); }
+
 // (d1, q1) before (d2, q2): nearer, or as near with a lower bin index.
 FC_HD FC_INLINE bool before(float d1, int q1, float d2, int q2) { return d1 < d2 || (d1 == d2 && q1 < q2); }
 
@@ -286,13 +317,12 @@ template <int CAP>
 FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>& t, float& thr, int& thr_q) {
   const int lo = col_b_lo(ia), hi = col_b_hi(ia);
   const int q0 = col_q_start(ia) - lo;
-  const float fb = fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, (float)lo), (float)hi);
-  const int ibc = (int)fb;  // nearest row of this column (floor of a non-negative value)
+  const int ibc = nearest_ib(b, lo, hi);  // nearest row of this column
   bool up = true, down = ibc > lo;
   for (int s = 0; up || down; ++s) {
     if (up) {
       const int ib = ibc + s;
-      const float db = b - (B_MIN + GRID * (float)ib);
+      const float db = b_off(b, ib);
       const float d = da2 + db * db;
       if (d > thr) {
         up = false;
@@ -303,7 +333,7 @@ FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>&
     }
     if (down) {
       const int ib = ibc - 1 - s;
-      const float db = b - (B_MIN + GRID * (float)ib);
+      const float db = b_off(b, ib);
       const float d = da2 + db * db;
       if (d > thr) {
         down = false;
@@ -326,13 +356,12 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
   int thr_q = kNoBin;
   const bool finite = (a - a == 0.0f) && (b - b == 0.0f);
   if (finite) {
-    // nearest column, clamped to the grid (far-off ab starts at the edge)
-    const int iac = (int)fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
+    const int iac = nearest_ia(a);  // far-off ab starts at the grid's edge
     bool right = true, left = iac > 0;
     for (int s = 0; right || left; ++s) {
       if (right) {
         const int ia = iac + s;
-        const float da = a - (A_MIN + GRID * (float)ia);
+        const float da = a_off(a, ia);
         const float da2 = da * da;
         if (da2 > thr) {
           right = false;
@@ -343,7 +372,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
       }
       if (left) {
         const int ia = iac - 1 - s;
-        const float da = a - (A_MIN + GRID * (float)ia);
+        const float da = a_off(a, ia);
         const float da2 = da * da;
         if (da2 > thr) {
           left = false;
@@ -364,7 +393,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
   for (int j = 0; j < CAP; ++j) {
     if (j < k) {
       const bool ok = finite && t.q[j] < Q;
-      e[j] = ok ? exp_((t.d[j] - d0) * neg_inv_2s2) : nan;
+      e[j] = ok ? gauss_weight(t.d[j], d0, neg_inv_2s2) : nan;
       sum += e[j];
     }
   }
@@ -398,6 +427,25 @@ constexpr BinCoords make_bin_coords() {
       c.a[q] = A_MIN + GRID * (float)ia;
       c.b[q] = B_MIN + GRID * (float)ib;
     }
+  return c;
+}
+
+// Bin index of every grid cell, padded by 3 cells on each side (-1: no bin), for window
+// lookups without bounds checks: index (ia + 3) * kCellStride + (ib + 3), -3 <= ia, ib.
+constexpr int kCellPad = 3;
+constexpr int kCellStride = B_CELLS + 2 * kCellPad;
+struct CellTable {
+  int q[(A_CELLS + 2 * kCellPad) * kCellStride];
+};
+
+constexpr CellTable make_cell_table() {
+  CellTable c{};
+  for (int i = 0; i < (A_CELLS + 2 * kCellPad) * kCellStride; ++i) c.q[i] = -1;
+  const signed char lo[A_CELLS] = FC_B_LO_INIT;
+  const signed char hi[A_CELLS] = FC_B_HI_INIT;
+  int q = 0;
+  for (int ia = 0; ia < A_CELLS; ++ia)
+    for (int ib = lo[ia]; ib <= hi[ia]; ++ib, ++q) c.q[(ia + kCellPad) * kCellStride + ib + kCellPad] = q;
   return c;
 }
 
