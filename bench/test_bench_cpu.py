@@ -312,7 +312,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", help="write the markdown here (else print it)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--providers", default="", help="only these (comma-separated; aten = the yardsticks)")
+    ap.add_argument("--threads", type=int, default=0, help="torch and numba threads (default: theirs)")
+    ap.add_argument("--title", default="", help="a line under the heading (e.g. the environment)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        if "numba" in backends.available("cpu"):
+            import numba
+
+            numba.set_num_threads(a.threads)
+    only = {p for p in a.providers.split(",") if p}
     info = machine_info()
     rows = []
     dtypes = [d for d in a.dtypes.split(",") if d]
@@ -325,7 +335,7 @@ def main(argv=None) -> int:
                     continue
                 for p in ["aten"] + providers(s):
                     fn = make_fn(op, p, inp)
-                    if fn is not None:
+                    if fn is not None and (not only or p in only):
                         fns[(op, p)] = fn
             for fn in fns.values():
                 fn()  # compile / warm up
@@ -341,8 +351,8 @@ def main(argv=None) -> int:
     md = ratio_table(rows, info)
     if a.out:
         with open(a.out, "w") as f:
-            f.write("# CPU benchmark: fastcolor providers (interleaved rounds, fastest round each)\n\n"
-                    f"Command: `python bench/test_bench_cpu.py --shapes {a.shapes} --dtypes {a.dtypes} --rounds {a.rounds}`\n\n")
+            cmd = " ".join(["python bench/test_bench_cpu.py"] + (argv if argv is not None else sys.argv[1:]))
+            f.write(f"## {a.title or 'CPU benchmark'}\n\nCommand: `{cmd}` (interleaved rounds, fastest round each)\n\n")
             f.write(md)
     else:
         print(md)

@@ -339,7 +339,7 @@ def test_forked_child_after_parallel_use_does_not_die():
     if numba.get_num_threads() < 2:
         pytest.skip("one thread: never parallel")
     ab = torch.rand(2, 2, 40 * nb.TILE) * 100 - 50
-    nb.soft_encode(ab, 5, 5.0)  # parallel in the parent
+    nb.ce_forward(torch.randn(2, 313, 40 * nb.TILE), ab, None, None, None, None, 5, 5.0, 1.0, False)  # parallel
     assert nb._PARALLEL_PID == os.getpid()
     ctx = mp.get_context("fork")
     q = ctx.Queue()

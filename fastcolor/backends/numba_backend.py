@@ -13,8 +13,23 @@ takes a contiguous run of tiles. Inside a tile the loops run over classes (outer
   once in the logits' dtype. The logits are read from memory once (pass 3 re-reads the tile
   from cache); nothing of size ``N x 313 x P`` is allocated besides the gradient itself.
 * ``annealed_mean``: per tile, a max pass, then one pass of ``exp((x - max) / T)`` that
-  accumulates the sum and the two dot products with the bin centres.
-* ``soft_encode``: one pixel at a time, the grid-window search.
+  accumulates the sum and the two dot products with the bin centres (probabilities: log
+  first, into a tile buffer).
+* ``soft_encode``: the same tile encoding as the loss, written out as (N, k, P).
+
+The encoding is vectorised across the pixels of a tile too: a window of s x s grid points
+around each pixel (s from k), a branch-free insertion of each candidate into k sorted slots,
+a proof that the window holds the true k nearest (else a scalar float64 scan of all 313 bins
+for that pixel); see :func:`_encode_tile`.
+
+Threads: a kernel is a ``prange`` over chunks of tiles (8 per numba thread). Tiny inputs run
+on the calling thread, and so does everything in a process forked after this one ran a
+parallel kernel (GNU OpenMP, numba's default layer, cannot run in such a child: numba would
+terminate it; think DataLoader workers that soft-encode).
+
+Memory: the gradient is the only array of size ``N x 313 x P``; it is allocated on
+transparent huge pages when large (see :func:`_empty`), other buffers are per thread
+(``313 x TILE`` floats) or per pixel.
 
 Exponentials: numba has no vector math library here (no SVML), and LLVM does not vectorise a
 call to ``expf``; :func:`_fexp` is a branch-free Cephes-style exp (round-to-nearest range
@@ -96,7 +111,7 @@ if numba is not None:
     # Per-tile bodies: real calls (one per tile of TILE pixels, so the argument refcounts
     # cost nothing), compiled once and shared by the kernels: less to compile.
     _tjit = njit(fastmath=_FM, cache=CACHE, nogil=True, no_cpython_wrapper=True)
-    # Chunk bodies: called by the parallel kernels, and directly (serially) from Python.
+    # Workers: called by the parallel kernels, and directly (serially) from Python.
     _cjit = njit(fastmath=_FM, cache=CACHE, nogil=True)
     _pjit = njit(parallel=True, fastmath=_FM, cache=CACHE, nogil=True)
 else:  # pragma: no cover
@@ -132,6 +147,19 @@ if numba is not None:
             b = builder.bitcast(args[0], _I32)
             b = builder.add(b, _c32(127 - 0x4B400000))
             return builder.bitcast(builder.shl(b, _c32(23)), _F32)
+
+        return sig, codegen
+
+    @intrinsic
+    def _claim_index(typingctx, counter):
+        """Atomically counter[0] += 1; returns the old value (an int64 array of one)."""
+        if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+            return None
+        sig = types.int64(counter)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
 
         return sig, codegen
 
@@ -457,22 +485,43 @@ def _encode_tile(at, bt, tw, k, s, inv2s2, bi, w):
 #: The process that first ran a parallel kernel (GNU OpenMP cannot run in a child forked
 #: after that: numba would terminate the child), see _launch.
 _PARALLEL_PID: int | None = None
-#: Work of at most this many tiles runs on the calling thread (waking the pool costs more).
-SERIAL_MAX_TILES = 2
+#: Work of at most this many tiles (of the loss / decode; 8x more for soft-encode, which is
+#: ~10x cheaper per tile) runs on the calling thread: waking a sleeping pool thread costs
+#: ~10 us on an idle machine but a scheduler tick (4 ms here) or more on a busy one.
+SERIAL_MAX_TILES = 16
+#: Chunks (runs of tiles) per thread, taken from a shared counter.
+CHUNKS_PER_THREAD = 16
 
 
-def _launch(parallel_kernel, chunk, ntiles: int, *args) -> None:
-    """Run ``chunk(c, nchunks, *args)`` over all chunks: in parallel (``parallel_kernel``,
-    a prange over chunks, ~8 per thread) or, for tiny work and in a process forked after
-    this one ran parallel code (a DataLoader worker), as one chunk on this thread."""
+def _launch(parallel_kernel, worker, ntiles: int, *args, serial_max: int = SERIAL_MAX_TILES) -> None:
+    """Run the tiles through ``worker(counter, nchunks, *args)``.
+
+    Parallel: ``parallel_kernel`` starts one worker per numba thread, and the workers take
+    chunks of tiles from a shared atomic counter until none is left (dynamic scheduling:
+    numba's prange splits statically, so one thread descheduled by a busy machine, e.g. by
+    DataLoader workers, would hold up the whole call). Serial, on the calling thread: tiny
+    work, one thread, or a process forked after this one ran parallel code (a DataLoader
+    worker: GNU OpenMP would be terminated there).
+    """
     global _PARALLEL_PID
     pid = os.getpid()
     forked = _PARALLEL_PID is not None and _PARALLEL_PID != pid
-    if forked or ntiles <= SERIAL_MAX_TILES or numba.get_num_threads() == 1:
-        chunk(0, 1, *args)
+    threads = numba.get_num_threads()
+    counter = np.zeros(1, np.int64)
+    if forked or ntiles <= serial_max or threads == 1:
+        worker(counter, 1, *args)
         return
     _PARALLEL_PID = pid
-    parallel_kernel(max(1, min(ntiles, numba.get_num_threads() * 8)), *args)
+    parallel_kernel(threads, counter, max(1, min(ntiles, threads * CHUNKS_PER_THREAD)), *args)
+
+
+@_jit
+def _claim(counter, nchunks, ntiles):
+    """The next unclaimed chunk of tiles [t0, t1), or t0 == t1 when all are taken."""
+    c = _claim_index(counter)
+    if c >= nchunks:
+        return ntiles, ntiles
+    return c * ntiles // nchunks, (c + 1) * ntiles // nchunks
 
 
 @_tjit
@@ -511,23 +560,26 @@ def _copy_slots(si, sw, so, sstride, di, dw, do, dstride, k, tw):
 
 
 @_cjit
-def _soft_encode_chunk(c, nchunks, ab, k, s, inv2s2, idx, w, N, P):
-    """Chunk c of nchunks: a contiguous run of tiles (TILE pixels of one image each)."""
+def _soft_encode_worker(counter, nchunks, ab, k, s, inv2s2, idx, w, N, P):
+    """Encode chunks of tiles (TILE pixels of one image each) until none is left."""
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
     bi = np.empty(K_MAX * TILE, np.int32)
     wt = np.empty(K_MAX * TILE, np.float32)
-    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-        n, p0, tw = _tile_at(t, tpi, P)
-        ab0 = n * 2 * P + p0
-        _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, bi, wt)
-        _copy_slots(bi, wt, 0, TILE, idx, w, n * k * P + p0, P, k, tw)
+    t0, t1 = _claim(counter, nchunks, ntiles)
+    while t0 < t1:
+        for t in range(t0, t1):
+            n, p0, tw = _tile_at(t, tpi, P)
+            ab0 = n * 2 * P + p0
+            _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, bi, wt)
+            _copy_slots(bi, wt, 0, TILE, idx, w, n * k * P + p0, P, k, tw)
+        t0, t1 = _claim(counter, nchunks, ntiles)
 
 
 @_pjit
-def _soft_encode_kernel(nchunks, ab, k, s, inv2s2, idx, w, N, P):
-    for c in prange(nchunks):
-        _soft_encode_chunk(c, nchunks, ab, k, s, inv2s2, idx, w, N, P)
+def _soft_encode_kernel(nworkers, counter, nchunks, ab, k, s, inv2s2, idx, w, N, P):
+    for _ in prange(nworkers):
+        _soft_encode_worker(counter, nchunks, ab, k, s, inv2s2, idx, w, N, P)
 
 
 # ----------------------------------------------------------------------------- fused loss
@@ -581,7 +633,7 @@ def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, m
 
 
 @_cjit
-def _ce_chunk(c, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+def _ce_worker(counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
               need_grad, loss, g, N, P):
     """Fused soft-encoding + cross-entropy + gradient. Flat arrays; ``x``/``g`` float32 or
     int16 bits (``mode`` 1: float16, 2: bfloat16). ``cw``/``mask``/``ps`` empty when absent.
@@ -596,33 +648,36 @@ def _ce_chunk(c, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, m
     sc = np.empty(TILE, np.float32)
     ti = np.empty(K_MAX * TILE, np.int32)
     tz = np.empty(K_MAX * TILE, np.float32)
-    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-        n, p0, tw = _tile_at(t, tpi, P)
-        # -- the target of every pixel of the tile: k (index, weight) pairs
-        if use_ab:
-            ab0 = n * 2 * P + p0
-            _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, ti, tz)
-        else:
-            _copy_slots(idx_in, w_in, n * k * P + p0, P, ti, tz, 0, TILE, k, tw)
-        # -- per-pixel scale s * m * v
-        m_n = mask[n] if mask.size > 0 else _ONE
-        for j in range(tw):
-            v = m_n
-            if ps.size > 0:
-                v *= ps[n * P + p0 + j]
-            if use_cw:
-                q = ti[j]
-                v *= cw[q] if (q >= 0 and q < Q) else _ONE
-            sc[j] = v
-        _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
-                 loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
+    t0, t1 = _claim(counter, nchunks, ntiles)
+    while t0 < t1:
+        for t in range(t0, t1):
+            n, p0, tw = _tile_at(t, tpi, P)
+            # -- the target of every pixel of the tile: k (index, weight) pairs
+            if use_ab:
+                ab0 = n * 2 * P + p0
+                _encode_tile(ab[ab0: ab0 + tw], ab[ab0 + P: ab0 + P + tw], tw, k, s, inv2s2, ti, tz)
+            else:
+                _copy_slots(idx_in, w_in, n * k * P + p0, P, ti, tz, 0, TILE, k, tw)
+            # -- per-pixel scale s * m * v
+            m_n = mask[n] if mask.size > 0 else _ONE
+            for j in range(tw):
+                v = m_n
+                if ps.size > 0:
+                    v *= ps[n * P + p0 + j]
+                if use_cw:
+                    q = ti[j]
+                    v *= cw[q] if (q >= 0 and q < Q) else _ONE
+                sc[j] = v
+            _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
+                     loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
+        t0, t1 = _claim(counter, nchunks, ntiles)
 
 
 @_pjit
-def _ce_kernel(nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
-               need_grad, loss, g, N, P):
-    for c in prange(nchunks):
-        _ce_chunk(c, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+def _ce_kernel(nworkers, counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps,
+               gscale, need_grad, loss, g, N, P):
+    for _ in prange(nworkers):
+        _ce_worker(counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
                   need_grad, loss, g, N, P)
 
 
@@ -630,25 +685,39 @@ def _ce_kernel(nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mas
 
 
 @_tjit
-def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, oa, ob):
-    _tile_max(x, mode, xb, P, tw, mx)
+def _am_accumulate(src, mode, base, stride, tw, inv_t, mx, sm, sa, sb):
+    """sm[j] = sum_q e, sa/sb[j] = sum_q e * (a_q, b_q), e = exp((y_qj - mx[j]) / T), where
+    y_qj = src[base + q * stride + j] (the logits, or a tile of log-probabilities)."""
     for j in range(tw):
-        # probabilities: softmax(log(x) / T) = exp((log x - log max) / T) / sum
-        mx[j] = _flog(mx[j]) if is_probs else mx[j]
         sm[j] = _ZERO
         sa[j] = _ZERO
         sb[j] = _ZERO
     for q in range(Q):
-        xq = x[xb + q * P: xb + q * P + tw]
+        yq = src[base + q * stride: base + q * stride + tw]
         ca = _BA[q]
         cb = _BB[q]
         for j in range(tw):
-            y = _widen(xq[j], mode)
-            y = _flog(y) if is_probs else y  # loop-invariant: LLVM unswitches it
-            e = _fexp((y - mx[j]) * inv_t)
+            e = _fexp((_widen(yq[j], mode) - mx[j]) * inv_t)
             sm[j] += e
             sa[j] += e * ca
             sb[j] += e * cb
+
+
+@_tjit
+def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y, oa, ob):
+    _tile_max(x, mode, xb, P, tw, mx)
+    if is_probs:
+        # softmax(log(x) / T) = exp((log x - log max) / T) / sum; log x into the tile Y first
+        for j in range(tw):
+            mx[j] = _flog(mx[j])
+        for q in range(Q):
+            xq = x[xb + q * P: xb + q * P + tw]
+            yq = Y[q * TILE: q * TILE + tw]
+            for j in range(tw):
+                yq[j] = _flog(_widen(xq[j], mode))
+        _am_accumulate(Y, 0, 0, TILE, tw, inv_t, mx, sm, sa, sb)
+    else:
+        _am_accumulate(x, mode, xb, P, tw, inv_t, mx, sm, sa, sb)
     for j in range(tw):
         inv = _ONE / sm[j]
         oa[j] = sa[j] * inv
@@ -656,24 +725,28 @@ def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, oa, ob):
 
 
 @_cjit
-def _annealed_chunk(c, nchunks, x, mode, inv_t, is_probs, out, N, P):
+def _annealed_worker(counter, nchunks, x, mode, inv_t, is_probs, out, N, P):
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
     mx = np.empty(TILE, np.float32)
     sm = np.empty(TILE, np.float32)
     sa = np.empty(TILE, np.float32)
     sb = np.empty(TILE, np.float32)
-    for t in range(c * ntiles // nchunks, (c + 1) * ntiles // nchunks):
-        n, p0, tw = _tile_at(t, tpi, P)
-        o = n * 2 * P + p0
-        _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb,
-                 out[o: o + tw], out[o + P: o + P + tw])
+    Y = np.empty(Q * TILE if is_probs else 0, np.float32)
+    t0, t1 = _claim(counter, nchunks, ntiles)
+    while t0 < t1:
+        for t in range(t0, t1):
+            n, p0, tw = _tile_at(t, tpi, P)
+            o = n * 2 * P + p0
+            _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y,
+                     out[o: o + tw], out[o + P: o + P + tw])
+        t0, t1 = _claim(counter, nchunks, ntiles)
 
 
 @_pjit
-def _annealed_kernel(nchunks, x, mode, inv_t, is_probs, out, N, P):
-    for c in prange(nchunks):
-        _annealed_chunk(c, nchunks, x, mode, inv_t, is_probs, out, N, P)
+def _annealed_kernel(nworkers, counter, nchunks, x, mode, inv_t, is_probs, out, N, P):
+    for _ in prange(nworkers):
+        _annealed_worker(counter, nchunks, x, mode, inv_t, is_probs, out, N, P)
 
 
 # ----------------------------------------------------------------------------- torch glue
@@ -728,8 +801,9 @@ def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, t
     if n * p == 0:
         return idx, w
     ntiles = n * ((p + TILE - 1) // TILE)
-    _launch(_soft_encode_kernel, _soft_encode_chunk, ntiles, _f32(ab), k, _window_size(k),
-            _F(1.0 / (2.0 * sigma * sigma)), idx.view(-1).numpy(), w.view(-1).numpy(), n, p)
+    _launch(_soft_encode_kernel, _soft_encode_worker, ntiles, _f32(ab), k, _window_size(k),
+            _F(1.0 / (2.0 * sigma * sigma)), idx.view(-1).numpy(), w.view(-1).numpy(), n, p,
+            serial_max=8 * SERIAL_MAX_TILES)
     return idx, w
 
 
@@ -753,7 +827,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     if not 1 <= k_eff <= K_MAX:
         raise ValueError(f"k: the numba backend takes 1 <= k <= {K_MAX}, got {k_eff}")
     ntiles = n * ((p + TILE - 1) // TILE)
-    _launch(_ce_kernel, _ce_chunk, ntiles, x, mode, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np,
+    _launch(_ce_kernel, _ce_worker, ntiles, x, mode, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np,
             use_ab, k_eff, _window_size(k_eff), _F(1.0 / (2.0 * float(sigma) ** 2)), _f32(class_weights),
             _f32(image_mask), _f32(pixel_scale), _F(grad_scale), bool(need_grad), loss.view(-1).numpy(), g, n, p)
     return loss, grad
@@ -768,5 +842,5 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
         x = x.float()
     xv, mode = _logits_view(x)
     ntiles = n * ((p + TILE - 1) // TILE)
-    _launch(_annealed_kernel, _annealed_chunk, ntiles, xv, mode, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p)
+    _launch(_annealed_kernel, _annealed_worker, ntiles, xv, mode, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p)
     return out
