@@ -182,7 +182,7 @@ examples:
     p.add_argument("--model", choices=sorted(MODELS), metavar="{zhang,zhang-small,fusion,...}",
                    help="the kind of model expected; checked against --weights (and picks one run when "
                         "--weights is a folder of runs, e.g. demo_out)")
-    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38,
+    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, metavar="T",
                    help="annealed-mean temperature, Zhang models only (default: %(default)s; lower = bolder)")
     p.add_argument("--size", type=_size, metavar="N", help="side the network sees (default: the model's training size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
@@ -268,7 +268,7 @@ examples:
     p.add_argument("--compare", metavar="RUN", help="a second model, shown next to the first in the grid")
     p.add_argument("--split", nargs="+", choices=["train", "val", "test", "all"], default=["train", "test"],
                    help="splits of the run to evaluate, or 'all' images in DATA (default: train test)")
-    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, help="default: %(default)s")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, metavar="T", help="default: %(default)s")
     p.add_argument("--max-images", type=_positive_int, metavar="N", help="at most N images per split")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
@@ -297,21 +297,28 @@ examples:
     p = _sub(subs, "demo", "train, evaluate, colorize and benchmark on bundled photos (a few minutes, no network)",
              """\
 Show the whole library working, on the colour photos that ship with scikit-image
-(no download): hold one photo back, train the small Zhang model (fused rebalanced loss)
+(no download): hold one photo back (--hold-out), train the small Zhang model (fused rebalanced loss)
 and the small fusion model (mobilenet_v3_small backbone with RANDOM weights: nothing can
 be downloaded) on augmented crops of the others, evaluate both, colorize the held-back
 photo at full resolution and run a quick CPU benchmark of the backends. Writes the
 comparison grid, the metrics tables (markdown + JSON), the loss curves and the benchmark
-table into --out. A few minutes of training on eight photos makes a demonstration, not a
+table into --out. A few minutes of training on seven photos makes a demonstration, not a
 good colorizer.""",
              """\
 examples:
-  fastcolor demo                    # about 2-3 minutes on 2 CPU cores, writes demo_out/
-  fastcolor demo --out /tmp/demo --quick   # tiny models, seconds: checks that everything runs""")
+  fastcolor demo                           # about 2-3 minutes on 2 CPU cores, writes demo_out/
+  fastcolor demo --out /tmp/demo --quick   # tiny models, ~30 s: checks that everything runs
+  fastcolor demo --hold-out chelsea        # keep the cat out of training instead of the coffee cup""")
     p.add_argument("--out", "-o", default="demo_out", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one epoch (a smoke test, ~30 s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--hold-out", default="coffee", metavar="PHOTO",
+                   choices=["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                            "retina", "motorcycle"],
+                   help="the photo kept out of training and colorized at full resolution: astronaut, chelsea, "
+                        "coffee, rocket, hubble_deep_field, immunohistochemistry, retina or motorcycle "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     # -- info -----------------------------------------------------------------------------------
@@ -734,6 +741,8 @@ def cmd_colorize(args) -> int:
     device = _device(args.device)
     model = load_weights(str(weights), args.model, device)
     size = args.size or int(model.config["input_size"])
+    if model.config["arch"] == "fusion" and args.temperature != 0.38:
+        _note("--temperature has no effect on a fusion model (it regresses ab directly)")
     late: list[str] = []
 
     def on_skip(msg: str) -> None:
@@ -797,7 +806,13 @@ def cmd_train(args) -> int:
         precision=args.precision, backbone_weights=args.backbone_weights, max_steps_per_epoch=args.max_steps_per_epoch,
         progress=not args.quiet)
     t0 = time.perf_counter()
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except KeyboardInterrupt:
+        if (run / "last.safetensors").is_file():
+            _note(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
+                  f"command and --resume")
+        raise
     first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
     new = [h for h in res.history if h["epoch"] > first]
     if not new:
@@ -906,7 +921,7 @@ def cmd_demo(args) -> int:
     from fastcolor.demo import run_demo
 
     device = _device(args.device)
-    run_demo(args.out, quick=args.quick, device=device, seed=args.seed)
+    run_demo(args.out, quick=args.quick, device=device, seed=args.seed, held_out=args.hold_out)
     return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """``fastcolor demo``: the whole library working, offline, in a few minutes on a laptop CPU.
 
-1. Take the colour photos that ship with scikit-image, hold one back (``chelsea``, the cat),
-   and cut random crops of the others into a class-per-photo image folder.
+1. Take the eight colour photos that ship with scikit-image, hold one back (``coffee`` by
+   default), and cut random crops of the others into a class-per-photo image folder.
 2. Train the small Zhang et al. network with the fused class-rebalanced cross-entropy and
    the small Deep Koalarization fusion network (mobilenet_v3_small backbone with random
    weights: nothing can be downloaded) with :func:`fastcolor.train.train`.
@@ -11,7 +11,8 @@
 5. Time the backends on the CPU (:mod:`fastcolor.bench`).
 
 Everything lands in one folder (``demo_out/``). The models see seven photos for a minute
-or two each: this demonstrates the machinery, it is not a good colorizer.
+or two each: this demonstrates the machinery, it is not a good colorizer. On a busy CPU the
+demo uses only the idle cores (see :func:`cpu_threads`).
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["DemoSettings", "FULL", "QUICK", "HELD_OUT", "TRAIN_PHOTOS", "demo_photos", "make_crops", "run_demo"]
+__all__ = ["DemoSettings", "FULL", "QUICK", "PHOTOS", "HELD_OUT", "demo_photos", "make_crops", "run_demo"]
 
-#: The skimage.data colour photos trained on (``cat`` is ``chelsea`` again, so it is left out).
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                "motorcycle")
-#: The photo kept back for evaluation and the full-resolution colorization.
-HELD_OUT = "chelsea"
+#: The skimage.data colour photos (``cat`` is ``chelsea`` again, so it is left out).
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "motorcycle")
+#: The default photo kept back for evaluation and the full-resolution colorization.
+HELD_OUT = "coffee"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class DemoSettings:
     bench_side: int
 
 
-FULL = DemoSettings(size=64, crops_per_photo=40, heldout_crops=12, epochs=6, batch_size=16, lr=2e-3,
+FULL = DemoSettings(size=64, crops_per_photo=48, heldout_crops=12, epochs=10, batch_size=16, lr=2e-3,
                     embed_size=112, bench_batch=8, bench_side=32)
 QUICK = DemoSettings(size=32, crops_per_photo=4, heldout_crops=3, epochs=1, batch_size=8, lr=2e-3,
                      embed_size=32, bench_batch=2, bench_side=8)
@@ -60,7 +61,7 @@ def demo_photos() -> dict[str, np.ndarray]:
     import skimage.data
 
     photos = {}
-    for name in (*TRAIN_PHOTOS, HELD_OUT):
+    for name in PHOTOS:
         photos[name] = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
     return photos
 
@@ -91,17 +92,19 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _write_dataset(root: Path, photos: dict[str, np.ndarray], s: DemoSettings, seed: int) -> tuple[Path, Path, Path]:
+def _write_dataset(root: Path, photos: dict[str, np.ndarray], held_out: str, s: DemoSettings,
+                   seed: int) -> tuple[Path, Path, Path]:
     """data/<photo>/*.png (training crops), heldout/<photo>/*.png (held-back crops), and the held-back photo."""
     rng = np.random.default_rng(seed)
     data, heldout = root / "data", root / "heldout"
-    for name in TRAIN_PHOTOS:
-        for i, crop in enumerate(make_crops(photos[name], s.crops_per_photo, s.size, rng)):
-            _save_png(data / name / f"{name}_{i:03d}.png", crop)
-    for i, crop in enumerate(make_crops(photos[HELD_OUT], s.heldout_crops, s.size, rng)):
-        _save_png(heldout / HELD_OUT / f"{HELD_OUT}_{i:03d}.png", crop)
-    full = root / f"{HELD_OUT}.png"
-    _save_png(full, photos[HELD_OUT])
+    for name in photos:
+        if name != held_out:
+            for i, crop in enumerate(make_crops(photos[name], s.crops_per_photo, s.size, rng)):
+                _save_png(data / name / f"{name}_{i:03d}.png", crop)
+    for i, crop in enumerate(make_crops(photos[held_out], s.heldout_crops, s.size, rng)):
+        _save_png(heldout / held_out / f"{held_out}_{i:03d}.png", crop)
+    full = root / f"{held_out}.png"
+    _save_png(full, photos[held_out])
     return data, heldout, full
 
 
@@ -119,6 +122,7 @@ def _plot_losses(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from fastcolor.io import atomic_write_bytes
 
@@ -130,6 +134,7 @@ def _plot_losses(results: dict[str, Any], path: Path) -> None:
         loss = "rebalanced cross-entropy" if name.startswith("zhang") else "MSE on ab/128"
         ax.set_title(f"{name}: {loss}", fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -148,16 +153,17 @@ _METRIC_COLUMNS = [("acc313", "313-bin acc"), ("auc", "AuC"), ("auc_rebal", "AuC
                    ("colorfulness_true", "colourful. (truth)")]
 
 
-def _metrics_markdown(reports: dict[str, dict[str, Any]], names: dict[str, str], s: DemoSettings) -> str:
+def _metrics_markdown(reports: dict[str, dict[str, Any]], names: dict[str, str], s: DemoSettings,
+                      held_out: str) -> str:
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
     lines = ["# fastcolor demo: metrics", "",
              f"Models trained for {s.epochs} epoch(s) on {s.crops_per_photo} crops ({s.size}x{s.size}) of each of "
-             f"{len(TRAIN_PHOTOS)} scikit-image photos: a demonstration of the library, not a good colorizer. "
+             f"{len(PHOTOS) - 1} scikit-image photos: a demonstration of the library, not a good colorizer. "
              "The fusion backbone has random weights (no pretrained weights can be downloaded).", ""]
     for title, (report, split) in {
-            f"Held-back photo ({HELD_OUT}, never trained on): {_row(reports['heldout'], 'model', 'all')['images']} crops":
+            f"Held-back photo ({held_out}, never trained on): {_row(reports['heldout'], 'model', 'all')['images']} crops":
                 (reports["heldout"], "all"),
             "Test split of the training photos' crops (other crops of photos seen in training)":
                 (reports["test"], "test")}.items():
@@ -222,9 +228,44 @@ def _bench(out: Path, s: DemoSettings, log: Callable[[str], None]) -> dict[str, 
             "bench_json": atomic_write_json(out / "bench.json", {k: v for k, v in res.items() if k != "markdown"})}
 
 
+def cpu_threads() -> tuple[int, float | None]:
+    """(torch CPU threads to use, 1-minute load average): as many as there are idle cores.
+
+    On a busy machine, fewer threads than torch's default is much faster: OpenMP threads that
+    wait for each other at every barrier while other processes hold the cores can make a
+    training step five times slower than a single thread (measured on 2 busy cores).
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n, None
+    return max(1, min(n, int((os.cpu_count() or 1) - load + 0.5))), load
+
+
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "cpu", seed: int = 0,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo into ``out``; returns ``{"files": {...}, "seconds": ..., "metrics": {...}}``."""
+             held_out: str = HELD_OUT, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo into ``out``, holding back the photo ``held_out`` (one of :data:`PHOTOS`);
+    returns ``{"files": {...}, "seconds": ..., "metrics": {...}}``."""
+    import torch
+
+    if held_out not in PHOTOS:
+        raise ValueError(f"held_out must be one of {', '.join(PHOTOS)}, got {held_out!r}")
+    threads, load = cpu_threads()
+    default_threads = torch.get_num_threads()
+    if threads < default_threads:
+        log(f"the machine is busy (load {load:.1f} on {os.cpu_count()} cores): using {threads} CPU thread(s)")
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(Path(out), quick, device, seed, held_out, log)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str,
+              log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from fastcolor.cli import _Job, colorize_files, evaluate_all_images
@@ -236,7 +277,6 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
 
     t_start = time.perf_counter()
     s = QUICK if quick else FULL
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     log(f"fastcolor demo -> {out}/  ({'quick: tiny sizes, 1 epoch' if quick else 'about 2-3 minutes on 2 CPU cores'})")
@@ -246,9 +286,10 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
     photos = demo_photos()
     for stale in ("data", "heldout"):
         _clear_images(out / stale)
-    data, heldout, full = _write_dataset(out, photos, s, seed)
-    n_crops = s.crops_per_photo * len(TRAIN_PHOTOS)
-    log(f"[1/5] data: {n_crops} crops of {', '.join(TRAIN_PHOTOS)} -> {data}/; '{HELD_OUT}' held back")
+    data, heldout, full = _write_dataset(out, photos, held_out, s, seed)
+    trained = [p for p in PHOTOS if p != held_out]
+    log(f"[1/5] data: {s.crops_per_photo * len(trained)} crops of {', '.join(trained)} -> {data}/; "
+        f"'{held_out}' held back")
 
     # 2. train ----------------------------------------------------------------------------------
     configs = _model_configs(s)
@@ -284,27 +325,27 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
                              compare=frun / "model.safetensors", device=device),
         }
     names = {"zhang": "Zhang (zhang-small)", "fusion": "fusion (fusion-small)"}
-    md = _metrics_markdown(reports, names, s)
+    md = _metrics_markdown(reports, names, s, held_out)
     metrics_md = atomic_write_text(out / "metrics.md", md)
     metrics_json = atomic_write_json(out / "metrics.json", {
         "note": "demo models: trained for minutes on seven photos; not a good colorizer",
-        "settings": s.__dict__, "held_out_photo": HELD_OUT, "heldout": reports["heldout"], "test": reports["test"]})
+        "settings": s.__dict__, "held_out_photo": held_out, "heldout": reports["heldout"], "test": reports["test"]})
 
     # 4. colorize the held-back photo at full resolution ------------------------------------------
-    log(f"[4/5] colorizing {full.name} at full resolution {photos[HELD_OUT].shape[1]}x{photos[HELD_OUT].shape[0]} ...")
+    log(f"[4/5] colorizing {full.name} at full resolution {photos[held_out].shape[1]}x{photos[held_out].shape[0]} ...")
     models = {"zhang": load_model(zrun, device), "fusion": load_model(frun, device)}
     outputs = {}
     for key, model in models.items():
-        dst = out / f"{HELD_OUT}_{key}.png"
+        dst = out / f"{held_out}_{key}.png"
         colorize_files(model, [_Job(full, dst, str(full))], size=s.size, overwrite=True, progress=False)
         outputs[key] = dst
     from PIL import Image
 
-    L = to_l_tensor(photos[HELD_OUT])
+    L = to_l_tensor(photos[held_out])
     gray = (l_ab_to_rgb(L, torch.zeros(2, *L.shape[1:])).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    row = [gray] + [np.asarray(Image.open(outputs[k]).convert("RGB")) for k in ("zhang", "fusion")] + [photos[HELD_OUT]]
+    row = [gray] + [np.asarray(Image.open(outputs[k]).convert("RGB")) for k in ("zhang", "fusion")] + [photos[held_out]]
     grid = comparison_grid([row], ["grayscale input", "Zhang (rebalanced CE)", "fusion (random backbone)",
-                                   "original"], out / "comparison.png", [f"{HELD_OUT} (held back)"])
+                                   "original"], out / "comparison.png", [f"{held_out} (held back)"])
 
     # 5. benchmark --------------------------------------------------------------------------------
     log("[5/5] quick CPU benchmark of the backends ...")

@@ -14,19 +14,19 @@ def test_quick_demo_writes_every_artefact(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "not a good colorizer" in printed and "RANDOM weights" in printed
     for name in ("comparison.png", "loss_curves.png", "metrics.md", "metrics.json", "bench.md",
-                 "chelsea_zhang.png", "chelsea_fusion.png", "runs/zhang-small/model.safetensors",
+                 "coffee_zhang.png", "coffee_fusion.png", "runs/zhang-small/model.safetensors",
                  "runs/fusion-small/model.safetensors", "eval/heldout/metrics.md", "eval/test/comparison.png"):
         assert (out / name).is_file(), name
         assert str(out / name.split("/")[0]) in printed or name.startswith(("runs/", "eval/")), name
     # the held-back photo was never trained on, and is colorized at its full resolution
-    assert not list((out / "data").glob("chelsea*")) and not (out / "data" / "chelsea").exists()
-    truth = skimage.data.chelsea()
+    assert not (out / "data" / "coffee").exists() and (out / "data" / "chelsea").is_dir()
+    truth = skimage.data.coffee()
     for model in ("zhang", "fusion"):
-        with Image.open(out / f"chelsea_{model}.png") as im:
+        with Image.open(out / f"coffee_{model}.png") as im:
             assert im.size == (truth.shape[1], truth.shape[0])
             assert np.asarray(im).std() > 5
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["held_out_photo"] == "chelsea"
+    assert metrics["held_out_photo"] == "coffee"
     held = {r["split"] for r in metrics["heldout"]["rows"]}
     assert held == {"all"}
     md = (out / "metrics.md").read_text()
