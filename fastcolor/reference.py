@@ -184,6 +184,8 @@ def rebalanced_cross_entropy(
 
         l_hw = -m_n v_hw sum_q Z_hwq log softmax(logits)_hwq,
 
+(the sum runs over the k bins with Z > 0, so a -inf logit elsewhere gives a finite loss),
+
     where ``m_n = image_mask_nongray(ab)[n]`` when ``nongray`` else 1. Reductions:
     ``"mean"`` = sum of l over all N*H*W pixels / (N*H*W) (the paper's 1/HW, averaged over
     the batch), ``"sum"``, ``"none"`` (the ``(N, *S)`` map).
@@ -216,7 +218,9 @@ def rebalanced_cross_entropy(
         mask = image_mask_nongray(ab)
         v = v * mask.reshape((-1,) + (1,) * (v.ndim - 1))
     logp = _log_softmax(logits, axis=1)
-    per_pixel = -v * (z_dense * logp).sum(axis=1)
+    # Only the k target bins enter the sum: a bin with Z = 0 contributes nothing, even where its
+    # logit is -inf (log p = -inf), as for a class masked out of the model's output.
+    per_pixel = -v * (z * np.take_along_axis(logp, idx.astype(np.int64), axis=1)).sum(axis=1)
     n_pix = per_pixel.size
     if reduction == "mean":
         loss = per_pixel.sum() / n_pix if n_pix else np.float64("nan")

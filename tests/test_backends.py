@@ -193,6 +193,14 @@ def test_nan_and_inf_follow_pytorch_convention(target):
     assert torch.isfinite(loss[0, 0, 1])  # far-off but finite ab encodes onto the nearest bins
     dec = fc.annealed_mean(x, backend=name)
     assert torch.isnan(dec[0, :, 1, 1]).all() and torch.isfinite(dec[0, :, 0, 0]).all()
+    # A -inf logit outside the target bins is a masked-out class: the loss stays finite (reference).
+    y = logits64.float().clone()
+    targets = set(R.soft_encode(ab.float().double().numpy()[:, :, :1, :1], k=5)[0].ravel().tolist())
+    y[0, min(set(range(313)) - targets), 0, 0] = float("-inf")
+    got = fc.rebalanced_cross_entropy(y.to(device), ab.float().to(device), reduction="none", backend=name)
+    want, _ = R.rebalanced_cross_entropy(y.double().numpy(), ab.float().double().numpy(), reduction="none")
+    assert np.isfinite(want[0, 0, 0])
+    np.testing.assert_allclose(got.cpu().double().numpy(), want, rtol=1e-5)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))

@@ -60,11 +60,11 @@ def _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigm
     if indices is None:
         indices, weights = soft_encode(ab, k, sigma)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = dense_target(indices, weights).to(compute)
     logp = torch.log_softmax(logits.to(compute), dim=1)
     f = _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute)
-    loss = -(z * logp).sum(1)
-    return (loss if f is None else loss * f), logp, z, f
+    # Sum over the k target bins only (as the reference): a -inf logit outside them stays harmless.
+    loss = -(weights.to(compute) * logp.gather(1, indices.long())).sum(1)
+    return (loss if f is None else loss * f), logp, (indices, weights), f
 
 
 def per_pixel_loss(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale=None):
@@ -74,10 +74,10 @@ def per_pixel_loss(logits, ab, indices, weights, class_weights, image_mask, k, s
 
 def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None):
     """The contract's fused op, written out: loss and the analytic gradient (no autograd inside)."""
-    loss, logp, z, f = _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)
+    loss, logp, (indices, weights), f = _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)
     if not need_grad:
         return loss, None
-    grad = logp.exp_().sub_(z)
+    grad = logp.exp_().sub_(dense_target(indices, weights).to(logp.dtype))
     if f is not None:
         grad.mul_(f[:, None, :])
     return loss, grad.mul_(grad_scale).to(logits.dtype)
