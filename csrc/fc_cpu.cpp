@@ -96,7 +96,7 @@ constexpr CellTable kCells = make_cell_table();
 // faster there): every pixel takes the
 // (2R+1)^2 grid cells around its nearest grid point (R = 2, or 3 for k > 10) through a
 // branch-free sorted insertion (the (distance, bin) order of topk_insert), then the window
-// bound decides (window_gap); pixels it does not cover (near or beyond the gamut's edge,
+// bound decides (window_bound); pixels it does not cover (near or beyond the gamut's edge,
 // non-finite ab) are redone by the exact search, soft_encode_pixel. Same float operations
 // as that search, so both give identical results. Writes tq[j][i], tw[j][i] for j < k.
 template <bool VEC>
@@ -131,8 +131,8 @@ FC_INLINE void encode_tile(const float* a, const float* b, int np, int k, float 
       for (int i = 0; i < np; ++i) {
         const int ia = ia0[i] + di, ib = ib0[i] + dj;
         const int q = kCells.q[(ia + kCellPad) * kCellStride + ib + kCellPad];
-        const float da = a_off(as[i], ia), db = b_off(bs[i], ib);
-        cd[i] = q >= 0 ? da * da + db * db : kInf;
+        const float d = a_term(as[i], ia) + b_term(bs[i], ib);
+        cd[i] = q >= 0 ? d : kInf;
         cq[i] = q >= 0 ? q : kNoBin;
       }
       for (int j = k - 1; j > 0; --j)
@@ -160,8 +160,8 @@ FC_INLINE void encode_tile(const float* a, const float* b, int np, int k, float 
   for (int j = 0; j < k; ++j)
     for (int i = 0; i < np; ++i) tw[j][i] *= cd[i];
   for (int i = 0; i < np; ++i) {
-    const float gap = window_gap(as[i], bs[i], ia0[i], ib0[i], R);
-    const bool covered = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f) && bd[k - 1][i] < gap * gap;
+    const bool covered = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f) &&
+                         bd[k - 1][i] < window_bound(as[i], bs[i], ia0[i], ib0[i], R);
     if (!covered) soft_encode_pixel(a[i], b[i], k, nis, &tq[0][i], &tw[0][i], TP);
   }
 }

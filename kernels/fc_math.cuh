@@ -212,7 +212,8 @@ FC_HD FC_INLINE uint16_t float_to_bf16_bits(float f) {
 // from the one nearest to a, alternating sides; in a column, rows outward from the one
 // nearest to b, alternating directions. Along each of these four walks the distance only
 // grows, so a walk stops at the first candidate farther than the current k-th best (thr):
-// a column is skipped when its da^2 alone exceeds thr, a row walk when da^2 + db^2 does.
+// a column is skipped when its a-term alone exceeds thr, a row walk when a + b terms do
+// (a_term / b_term: the squared distance, reduced for ab outside the bins' box).
 // The comparisons use the very same float32 operations as the distances themselves
 // (monotone in |a - c|), so pruning never drops a bin that a full scan would keep; an
 // equal distance is still visited, and the (distance, index) order settles ties exactly.
@@ -246,25 +247,41 @@ FC_HD FC_INLINE int nearest_ia(float a) {
 FC_HD FC_INLINE int nearest_ib(float b, int lo, int hi) {
   return (int)fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, (float)lo), (float)hi);
 }
-// Offset of a (or b) from grid column ia (row ib): every distance is d = da * da + db * db.
-FC_HD FC_INLINE float a_off(float a, int ia) { return a - (A_MIN + GRID * (float)ia); }
-FC_HD FC_INLINE float b_off(float b, int ib) { return b - (B_MIN + GRID * (float)ib); }
+// Squared distances, reduced: d = a_term + b_term equals |ab - c|^2 minus the squared distance
+// from ab to the box of all bin centres ([-90, 100] x [-110, 100]), a constant per pixel, so
+// neither the order of the bins nor the weights change; inside the box it is exactly
+// da^2 + db^2. With x outside the box by e (x = clamp + e) and r = clamp - c (r has e's sign):
+// (e + r)^2 - e^2 = r (2 e + r). Far-off ab (1e6, 0) then compares terms of ~1e8, not 1e12
+// whose float32 ulp (65536) would tie a whole column of bins.
+// Each term is non-decreasing in |x - c| along a walk away from the nearest grid line
+// (float rounding is monotone), which the pruned search and the window bound rely on.
+FC_HD FC_INLINE float axis_term(float x, float lo, float hi, float c) {
+  const float xc = fmin_(fmax_(x, lo), hi);
+  const float e = x - xc;
+  const float r = xc - c;
+  return r * (2.0f * e + r);
+}
+FC_HD FC_INLINE float a_term(float a, int ia) {
+  return axis_term(a, A_MIN, A_MIN + GRID * (float)(A_CELLS - 1), A_MIN + GRID * (float)ia);
+}
+FC_HD FC_INLINE float b_term(float b, int ib) {
+  return axis_term(b, B_MIN, B_MIN + GRID * (float)(B_CELLS - 1), B_MIN + GRID * (float)ib);
+}
 
 // Window bound (the CPU's vectorised encoder, csrc/fc_cpu.cpp, searches the (2R+1)^2 cells
 // around the nearest grid point (ia0, ib0) for many pixels at once): a bin outside the
-// window, clipped to the grid, is at least the returned gap away (sides at the grid's edge
-// have no bins beyond them). Computed with a_off / b_off like the distances themselves,
-// whose rounding is monotone in |a - c|: if the k-th best distance found is < gap * gap,
-// the window's answer is the exact search's.
-FC_HD FC_INLINE float window_gap(float a, float b, int ia0, int ib0, int R) {
+// window, clipped to the grid, has a (reduced) distance of at least the returned bound (sides
+// at the grid's edge have no bins beyond them): the term of the first column or row outside.
+// If the k-th best distance found is < bound, the window's answer is the exact search's.
+FC_HD FC_INLINE float window_bound(float a, float b, int ia0, int ib0, int R) {
   const int ia_lo = imax_(ia0 - R, 0), ia_hi = imin_(ia0 + R, A_CELLS - 1);
   const int ib_lo = imax_(ib0 - R, 0), ib_hi = imin_(ib0 + R, B_CELLS - 1);
-  float gap = kInf;
-  gap = ia_lo > 0 ? fmin_(gap, a_off(a, ia_lo - 1)) : gap;
-  gap = ia_hi < A_CELLS - 1 ? fmin_(gap, -a_off(a, ia_hi + 1)) : gap;
-  gap = ib_lo > 0 ? fmin_(gap, b_off(b, ib_lo - 1)) : gap;
-  gap = ib_hi < B_CELLS - 1 ? fmin_(gap, -b_off(b, ib_hi + 1)) : gap;
-  return gap;
+  float bound = kInf;
+  bound = ia_lo > 0 ? fmin_(bound, a_term(a, ia_lo - 1)) : bound;
+  bound = ia_hi < A_CELLS - 1 ? fmin_(bound, a_term(a, ia_hi + 1)) : bound;
+  bound = ib_lo > 0 ? fmin_(bound, b_term(b, ib_lo - 1)) : bound;
+  bound = ib_hi < B_CELLS - 1 ? fmin_(bound, b_term(b, ib_hi + 1)) : bound;
+  return bound;
 }
 
 // Gaussian weight of a neighbour at squared distance d, relative to the nearest at d0.
@@ -312,7 +329,7 @@ FC_HD FC_INLINE void topk_insert(TopK<CAP>& t, int k, float d, int q, float& thr
 #endif
 }
 
-// Visit the rows of column ia (da2 = its squared a-distance) outward from the row nearest to b.
+// Visit the rows of column ia (da2 = its a_term) outward from the row nearest to b.
 template <int CAP>
 FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>& t, float& thr, int& thr_q) {
   const int lo = col_b_lo(ia), hi = col_b_hi(ia);
@@ -322,8 +339,7 @@ FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>&
   for (int s = 0; up || down; ++s) {
     if (up) {
       const int ib = ibc + s;
-      const float db = b_off(b, ib);
-      const float d = da2 + db * db;
+      const float d = da2 + b_term(b, ib);
       if (d > thr) {
         up = false;
       } else {
@@ -333,8 +349,7 @@ FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>&
     }
     if (down) {
       const int ib = ibc - 1 - s;
-      const float db = b_off(b, ib);
-      const float d = da2 + db * db;
+      const float d = da2 + b_term(b, ib);
       if (d > thr) {
         down = false;
       } else {
@@ -361,8 +376,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
     for (int s = 0; right || left; ++s) {
       if (right) {
         const int ia = iac + s;
-        const float da = a_off(a, ia);
-        const float da2 = da * da;
+        const float da2 = a_term(a, ia);
         if (da2 > thr) {
           right = false;
         } else {
@@ -372,8 +386,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
       }
       if (left) {
         const int ia = iac - 1 - s;
-        const float da = a_off(a, ia);
-        const float da2 = da * da;
+        const float da2 = a_term(a, ia);
         if (da2 > thr) {
           left = false;
         } else {
@@ -384,7 +397,7 @@ FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2
     }
   }
   // Gaussian weights relative to the nearest distance (stays finite for far-off ab).
-  // Non-finite ab (or distances overflowing float32, |ab| > 1e19): bins 0..k-1, NaN weights.
+  // Non-finite ab (or reduced distances overflowing float32, |ab| > 1e35): bins 0..k-1, NaN weights.
   const float nan = u2f(0x7fc00000u);
   float e[CAP] = {};
   float sum = 0.0f;

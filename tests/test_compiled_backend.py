@@ -156,6 +156,18 @@ def test_soft_encode_random_and_far_off(device, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_soft_encode_far_off_ab_exactly(device):
+    """Far outside the bins' box, float32 |ab - c|^2 (~1e12, ulp 65536) would tie whole columns;
+    the kernels compare distances reduced by the distance to the box and find the reference's bins."""
+    pts = np.array([[1e6, 0.0], [1e5, 3.0], [-1e6, 50.0], [0.0, -1e7], [-3e4, 2e4], [250.0, -260.0]])
+    ab64 = pts.T.reshape(1, 2, -1)
+    got = cb.soft_encode(torch.tensor(ab64, dtype=torch.float32, device=device), 3, 5.0)
+    ref_idx, ref_w = R.soft_encode(ab64, k=3)
+    np.testing.assert_array_equal(got[0].cpu().numpy(), ref_idx)
+    np.testing.assert_allclose(got[1].cpu().numpy(), ref_w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_soft_encode_non_finite_ab(device):
     ab = torch.tensor([[[float("nan"), 0.0, float("inf"), -float("inf"), 3.0]],
                        [[0.0, float("nan"), 1.0, 2.0, -float("inf")]]]).permute(1, 0, 2).contiguous()
