@@ -860,7 +860,13 @@ def evaluate_all_images(model_file: str | os.PathLike, data_dir: str | os.PathLi
 
             shutil.copyfile(model_file, link)
         report = evaluate(link, data_dir, **kwargs)
+    # name the real model file, not the temporary link, in the report and the files written
+    from fastcolor.io import atomic_write_text
+
     report["source"] = str(model_file)
+    for key in ("json", "markdown"):
+        f = Path(report["files"][key])
+        atomic_write_text(f, f.read_text().replace(str(link), str(model_file)))
     return report
 
 

@@ -307,6 +307,7 @@ def test_eval_prints_tables_and_json(capsys, photos, run_dir, inputs, tmp_path):
     rc, out, err = run(capsys, "eval", run_dir / "model.safetensors", inputs, "--json", "--out", tmp_path / "ev3")
     assert rc == 0 and "evaluating every image" in err
     assert {(r["class"], r["split"], r["images"]) for r in json.loads(out)["rows"]} >= {("(all)", "all", 3)}
+    assert str(run_dir / "model.safetensors") in (tmp_path / "ev3" / "metrics.md").read_text()
     assert_one_line_error(*run(capsys, "eval", tmp_path / "nope", photos)[::2], "no such run directory")
 
 
