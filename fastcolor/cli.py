@@ -351,14 +351,6 @@ def _one_line_warnings(debug: bool) -> Iterator[None]:
         yield
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -396,13 +388,17 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit status, message) for an exception that reached :func:`main`."""
     if isinstance(exc, CLIError):
         return exc.code, str(exc)
-    if _is_oom(exc):
-        return EXIT_FAILURE, f"ran out of memory: {exc}"
     from fastcolor.backends import BackendUnavailable
+    from fastcolor.colorize import MemoryLimitError, is_out_of_memory
+    from fastcolor.data import UnreadableImageError
 
+    if isinstance(exc, MemoryLimitError):  # says what needed how much, and what to do
+        return EXIT_FAILURE, str(exc)
+    if is_out_of_memory(exc):
+        return EXIT_FAILURE, f"ran out of memory: {exc}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return EXIT_USAGE, f"{exc.strerror or 'no such file or directory'}: {exc.filename}" if exc.filename else str(exc)
-    if isinstance(exc, (ValueError, BackendUnavailable, PermissionError)):
+    if isinstance(exc, (ValueError, BackendUnavailable, PermissionError, UnreadableImageError)):
         return EXIT_USAGE, str(exc)
     return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
 
@@ -532,14 +528,14 @@ def _output_suffix(src: Path, has_alpha: bool) -> str:
 
 
 def _header(path: Path) -> tuple[str | None, str | None]:
-    """(PIL mode, None) if ``path`` opens as an image, else (None, the reason)."""
-    from PIL import Image
+    """(PIL mode, None) if ``path`` opens as an image (header only), else (None, why not)."""
+    from fastcolor.data import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.mode + ("A" if im.mode == "P" and "transparency" in im.info else ""), None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        return None, _one_line(f"{type(exc).__name__}: {exc}", 200)
+    except OSError as exc:  # UnreadableImageError names the file
+        return None, _one_line(str(exc), 300)
 
 
 def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
@@ -572,7 +568,7 @@ def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
     for src, rel, shown in sources:
         mode, reason = _header(src)
         if mode is None:
-            skipped.append(f"{shown}: not a readable image ({reason})")
+            skipped.append(reason if shown in reason else f"{shown}: {reason}")
             continue
         has_alpha = mode in _ALPHA_MODES or mode.endswith("A")
         dst = out if rel is None else (out / rel).with_suffix(_output_suffix(rel, has_alpha))
@@ -666,22 +662,41 @@ def _read_image(path: Path):
     return L_seen, L_seen, None
 
 
+def _rgb_u8_in_strips(L: "torch.Tensor", ab: "torch.Tensor") -> "np.ndarray":
+    """L (1, H, W) joined with ab (2, h, w) upsampled to (H, W) -> (H, W, 3) uint8, strip by strip
+    (so that only L, the upsampled ab and the output are ever full size)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from fastcolor.color import l_ab_to_rgb
+    from fastcolor.colorize import STRIP_PIXELS
+
+    H, W = L.shape[-2:]
+    ab_full = F.interpolate(ab[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    out = np.empty((H, W, 3), dtype=np.uint8)
+    step = max(1, STRIP_PIXELS // max(W, 1))
+    for r0 in range(0, H, step):
+        rgb = l_ab_to_rgb(L[:, r0:r0 + step], ab_full[:, r0:r0 + step])
+        out[r0:r0 + step] = (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return out
+
+
 def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batch_size: int = 8,
                    overwrite: bool = False, progress: bool = True,
                    on_skip: Callable[[str], None] | None = None) -> list[Path]:
     """Colorize ``jobs`` with ``model``; returns the written paths. Unreadable inputs are passed to
-    ``on_skip`` (a message) and left out. Running out of memory raises :class:`CLIError`."""
-    import numpy as np
+    ``on_skip`` (a message) and left out. Not enough memory raises :class:`CLIError` (exit 1)
+    before anything of the batch concerned is written."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from fastcolor.color import l_ab_to_rgb
-    from fastcolor.colorize import predict_ab
+    from fastcolor.colorize import MemoryLimitError, activation_bytes, check_memory, memory_guard, predict_ab
 
     device = next(model.parameters()).device
     model.eval()
     written: list[Path] = []
+    advice = "try a smaller --batch-size or --size" + (", or --device cpu" if device.type == "cuda" else "")
     bar = tqdm(total=len(jobs), unit="img", desc="colorize", disable=None if progress else True, file=sys.stderr)
     try:
         for start in range(0, len(jobs), batch_size):
@@ -689,9 +704,9 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
             for job in jobs[start:start + batch_size]:
                 try:
                     L, L_join, alpha = _read_image(job.src)
-                except Exception as exc:  # noqa: BLE001 - a bad file is skipped, not fatal
-                    reason = _one_line(f"{type(exc).__name__}: {exc}", 200)
-                    (on_skip or _warn)(f"{job.shown}: could not be decoded ({reason})")
+                except (OSError, ValueError, MemoryError) as exc:  # a bad file is skipped, not fatal
+                    reason = _one_line(str(exc), 300)
+                    (on_skip or _warn)(reason if job.shown in reason else f"{job.shown}: {reason}")
                     bar.update(1)
                     continue
                 batch.append(job)
@@ -700,28 +715,28 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
                 alphas.append(alpha)
             if not batch:
                 continue
-            L_in = torch.cat([F.interpolate(L[None], size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False) for L in Ls]).to(device)
+            what = f"colorizing {len(batch)} image(s) at network input {size}x{size} on {device}"
             try:
-                with torch.no_grad():
+                check_memory(activation_bytes(model, len(batch), size) or 0, device, what, advice)
+                with torch.no_grad(), memory_guard(device, what, advice):
+                    L_in = torch.cat([F.interpolate(L[None], size=(size, size), mode="bilinear", antialias=True,
+                                                    align_corners=False) for L in Ls]).to(device)
                     ab = predict_ab(model, L_in, T).float().cpu()
-            except Exception as exc:  # noqa: BLE001
-                if _is_oom(exc):
-                    where = "GPU memory" if device.type == "cuda" else "memory"
-                    raise CLIError(f"ran out of {where} colorizing {len(batch)} image(s) at --size {size} on "
-                                   f"{device} ({_one_line(str(exc), 160)}); nothing was written for them. Try a "
-                                   f"smaller --batch-size or --size, or --device cpu", EXIT_FAILURE) from exc
-                raise
-            if not torch.isfinite(ab).all():
-                raise CLIError("the model produced non-finite colours (NaN/inf): the weights are broken; "
-                               "nothing was written for this batch", EXIT_FAILURE)
-            for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab):
-                ab_full = F.interpolate(ab_i[None], size=L.shape[-2:], mode="bilinear", align_corners=False)
-                rgb = l_ab_to_rgb(L[None], ab_full)[0]
-                rgb_u8 = (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-                write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
-                written.append(job.dst)
-                bar.update(1)
+                if not torch.isfinite(ab).all():
+                    raise CLIError("the model produced non-finite colours (NaN/inf): its weights are broken; "
+                                   "nothing was written for this batch", EXIT_FAILURE)
+                for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab):
+                    H, W = L.shape[-2:]
+                    what = f"joining the colours with the full-resolution {W}x{H} lightness of {job.shown}"
+                    check_memory(H * W * (4 + 8 + 3) + (1 << 26), "cpu", what, "colorize it on a larger machine")
+                    with memory_guard("cpu", what, "colorize it on a larger machine"):
+                        rgb_u8 = _rgb_u8_in_strips(L, ab_i)
+                    write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
+                    written.append(job.dst)
+                    bar.update(1)
+            except MemoryLimitError as exc:
+                done = f"; {len(written)} image(s) were written before" if written else "; nothing was written"
+                raise CLIError(f"{exc}{done}", EXIT_FAILURE) from exc
     finally:
         bar.close()
     return written
