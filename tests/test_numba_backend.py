@@ -348,3 +348,10 @@ def test_forked_child_after_parallel_use_does_not_die():
     proc.join(120)
     assert proc.exitcode == 0
     assert q.get(timeout=5) == ((2, 5, 40 * nb.TILE), True)
+
+
+def test_k_out_of_range_is_refused_at_the_backend_level():
+    with pytest.raises(ValueError, match="k"):
+        nb.soft_encode(torch.zeros(1, 2, 3), 17, 5.0)
+    with pytest.raises(ValueError, match="k"):
+        nb.ce_forward(torch.zeros(1, 313, 3), torch.zeros(1, 2, 3), None, None, None, None, 0, 5.0, 1.0, False)

@@ -796,6 +796,8 @@ def _f32(t: torch.Tensor | None) -> np.ndarray:
 
 def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     n, _, p = ab.shape
+    if not 1 <= k <= K_MAX:
+        raise ValueError(f"k: the numba backend takes 1 <= k <= {K_MAX}, got {k}")
     idx = torch.empty((n, k, p), dtype=torch.int32)
     w = torch.empty((n, k, p), dtype=torch.float32)
     if n * p == 0:
