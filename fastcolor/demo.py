@@ -11,8 +11,9 @@
 5. Time the backends on the CPU (:mod:`fastcolor.bench`).
 
 Everything lands in one folder (``demo_out/``). The models see seven photos for a minute
-or two each: this demonstrates the machinery, it is not a good colorizer. On a busy CPU the
-demo uses only the idle cores (see :func:`cpu_threads`).
+or two each: this demonstrates the machinery, it is not a good colorizer. The demo trains
+on the idle cores less one (see :func:`fastcolor.cli.idle_cpu_threads`), so that its time
+holds when other work starts on the machine.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class DemoSettings:
     bench_side: int
 
 
-FULL = DemoSettings(size=64, crops_per_photo=48, heldout_crops=12, epochs=10, batch_size=16, lr=2e-3,
+FULL = DemoSettings(size=64, crops_per_photo=48, heldout_crops=12, epochs=14, batch_size=16, lr=2e-3,
                     embed_size=112, bench_batch=8, bench_side=32)
 QUICK = DemoSettings(size=32, crops_per_photo=4, heldout_crops=3, epochs=1, batch_size=8, lr=2e-3,
                      embed_size=32, bench_batch=2, bench_side=8)
@@ -202,14 +203,15 @@ def run_bench(batch: int, side: int, log: Callable[[str], None] = print) -> dict
             ms.setdefault(op, {})[name] = bench.time_op(name, op, shape, torch.float32, "cpu", True, None)
     fast = names[1:]
     lines = [f"CPU, float32 logits {batch}x{Q}x{side}x{side}, median of a few runs (wall clock), "
-             f"torch {torch.__version__}, {os.cpu_count()} CPU cores.", "",
+             f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores. "
+             f"A quick look on a possibly busy machine: bench/RESULTS.md has careful numbers.", "",
              "| op | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n} speed-up" for n in fast) + " |",
              "|---|" + "---|" * (len(names) + len(fast))]
     for op, label in BENCH_OPS.items():
         row = ms[op]
         lines.append(f"| {label} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " | "
                      + " | ".join(f"{row['torch'] / row[n]:.1f}x" for n in fast) + " |")
-    lines += ["", "speed-up = torch ms / backend ms (same run). Full benchmark: fastcolor bench (see bench/RESULTS.md).", ""]
+    lines += ["", "speed-up = torch ms / backend ms (same run). Full benchmark: fastcolor bench.", ""]
     return {"shape": list(shape), "ms": ms, "markdown": "\n".join(lines)}
 
 
@@ -228,23 +230,6 @@ def _bench(out: Path, s: DemoSettings, log: Callable[[str], None]) -> dict[str, 
             "bench_json": atomic_write_json(out / "bench.json", {k: v for k, v in res.items() if k != "markdown"})}
 
 
-def cpu_threads() -> tuple[int, float | None]:
-    """(torch CPU threads to use, 1-minute load average): as many as there are idle cores.
-
-    On a busy machine, fewer threads than torch's default is much faster: OpenMP threads that
-    wait for each other at every barrier while other processes hold the cores can make a
-    training step five times slower than a single thread (measured on 2 busy cores).
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n, None
-    return max(1, min(n, int((os.cpu_count() or 1) - load + 0.5))), load
-
-
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: str = "cpu", seed: int = 0,
              held_out: str = HELD_OUT, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``, holding back the photo ``held_out`` (one of :data:`PHOTOS`);
@@ -253,19 +238,16 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
 
     if held_out not in PHOTOS:
         raise ValueError(f"held_out must be one of {', '.join(PHOTOS)}, got {held_out!r}")
-    threads, load = cpu_threads()
-    default_threads = torch.get_num_threads()
-    if threads < default_threads:
-        log(f"the machine is busy (load {load:.1f} on {os.cpu_count()} cores): using {threads} CPU thread(s)")
-    torch.set_num_threads(threads)
-    try:
-        return _run_demo(Path(out), quick, device, seed, held_out, log)
-    finally:
-        torch.set_num_threads(default_threads)
+    from fastcolor.cli import idle_cpu_threads
+
+    # One core is left free: the time budget must hold when anything else starts meanwhile.
+    bench_threads = torch.get_num_threads()  # the benchmark compares backends at their usual thread counts
+    with idle_cpu_threads(device, log, reserve=1):
+        return _run_demo(Path(out), quick, device, seed, held_out, log, bench_threads)
 
 
-def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str,
-              log: Callable[[str], None]) -> dict[str, Any]:
+def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str, log: Callable[[str], None],
+              bench_threads: int) -> dict[str, Any]:
     import torch
 
     from fastcolor.cli import _Job, colorize_files, evaluate_all_images
@@ -349,7 +331,12 @@ def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str,
 
     # 5. benchmark --------------------------------------------------------------------------------
     log("[5/5] quick CPU benchmark of the backends ...")
-    bench_files = _bench(out, s, log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(bench_threads)
+    try:
+        bench_files = _bench(out, s, log)
+    finally:
+        torch.set_num_threads(threads)
 
     seconds = time.perf_counter() - t_start
     files = {"comparison": grid, "metrics_md": metrics_md, "metrics_json": metrics_json, "loss_curves": curves,

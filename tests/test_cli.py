@@ -37,7 +37,9 @@ def run(capsys, *argv):
 
 def assert_one_line_error(rc, err, *fragments, code=2):
     assert rc == code, err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("fastcolor: warning:")]
+    # notes and warnings ("fastcolor: warning: ...", "fastcolor: the machine is busy ...") aside
+    lines = [ln for ln in err.splitlines()
+             if ln.strip() and (ln.startswith("fastcolor: error:") or not ln.startswith("fastcolor: "))]
     assert len(lines) == 1, err
     assert lines[0].startswith("fastcolor: error: "), err
     assert "Traceback" not in err
