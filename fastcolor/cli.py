@@ -379,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         code, msg = _describe(exc)
-        hint = "" if debug or isinstance(exc, CLIError) else " (run with --debug for the traceback)"
+        expected = isinstance(exc, CLIError) or code == EXIT_USAGE or msg == str(exc)  # not a surprise
+        hint = "" if debug or expected else " (run with --debug for the traceback)"
         print(f"{PROG}: error: {_one_line(msg)}{hint}", file=sys.stderr)
         return code
 
@@ -771,7 +772,10 @@ def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batc
                     check_memory(H * W * (4 + 8 + 3) + (1 << 26), "cpu", what, "colorize it on a larger machine")
                     with memory_guard("cpu", what, "colorize it on a larger machine"):
                         rgb_u8 = _rgb_u8_in_strips(L, ab_i)
-                    write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
+                    try:
+                        write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
+                    except OSError as exc:  # disk full, read-only file system, ...
+                        raise CLIError(f"cannot write {job.dst}: {exc.strerror or exc}", EXIT_FAILURE) from exc
                     written.append(job.dst)
                     bar.update(1)
             except MemoryLimitError as exc:
@@ -793,6 +797,13 @@ def cmd_colorize(args) -> int:
             _say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
             return EXIT_OK
         raise CLIError(f"nothing was colorized: none of the {len(skipped)} input file(s) could be read")
+    for folder in sorted({job.dst.parent for job in jobs}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from exc
+        if not os.access(folder, os.W_OK):
+            raise CLIError(f"the output folder {folder} is not writable")
     device = _device(args.device)
     model = load_weights(str(weights), args.model, device)
     size = args.size or int(model.config["input_size"])
