@@ -37,10 +37,10 @@ reduction by the 1.5*2^23 trick, a degree-5 polynomial, the power of two put in 
 bits), which vectorises. It keeps NaN (NaN in, NaN out). Only ``contract`` fast-math (FMA)
 is on: no ``nnan``/``reassoc``, so NaN/Inf propagate as in PyTorch.
 
-Half precision: numba has no bfloat16. 16-bit logits are passed as their int16 bits;
-:func:`_widen` turns them into float32 (``fpext half`` for float16, ``bits << 16`` for
-bfloat16) and :func:`_narrow` rounds float32 back (``fptrunc`` / round-to-nearest-even on the
-bits, NaN kept). So each kernel has exactly two specialisations: float32 and int16 logits.
+Half precision: numba has no bfloat16. 16-bit logits are passed as their bits, float16 as
+int16 and bfloat16 as uint16; :func:`_widen` turns them into float32 (``fpext half``,
+``bits << 16``) and :func:`_narrow` rounds float32 back (``fptrunc`` / round to nearest even
+on the bits, NaN kept). So each kernel has one specialisation per logits dtype.
 
 Caching: kernels use numba's on-disk cache (``cache=True``) when numba finds a writable cache
 folder (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user-wide cache); when none
@@ -179,48 +179,43 @@ if numba is not None:
         return sig, codegen
 
     @intrinsic
-    def _widen(typingctx, v, mode):
-        """One logit element -> float32. float32 passes through; int16 bits are float16
-        (mode 1) or bfloat16 (mode 2)."""
+    def _widen(typingctx, v):
+        """One logit element -> float32: float32 passes through; int16 holds float16 bits,
+        uint16 bfloat16 bits (two array dtypes, so each is its own specialisation)."""
         if v == types.float32:
             def codegen(context, builder, signature, args):
                 return args[0]
         elif v == types.int16:
             def codegen(context, builder, signature, args):
-                h, md = args
-                f16 = builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
-                bf = builder.bitcast(builder.shl(builder.zext(h, _I32), _c32(16)), _F32)
-                is_half = builder.icmp_signed("==", md, ir.Constant(md.type, 1))
-                return builder.select(is_half, f16, bf)
+                return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+        elif v == types.uint16:
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(builder.shl(builder.zext(args[0], _I32), _c32(16)), _F32)
         else:
             return None
-        return types.float32(v, mode), codegen
+        return types.float32(v), codegen
 
     @intrinsic
-    def _narrow(typingctx, f, mode, like):
-        """float32 -> the element type of array ``like``: float32 as is; int16 bits of the
-        float16 (mode 1, IEEE rounding) or bfloat16 (mode 2, round to nearest even, NaN kept)."""
+    def _narrow(typingctx, f, like):
+        """float32 -> the element type of array ``like``: float32 as is; int16: float16 bits
+        (IEEE rounding); uint16: bfloat16 bits (round to nearest even, NaN kept)."""
         if like.dtype == types.float32:
             def codegen(context, builder, signature, args):
                 return args[0]
-
-            return types.float32(types.float32, mode, like), codegen
-        if like.dtype != types.int16:
+        elif like.dtype == types.int16:
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+        elif like.dtype == types.uint16:
+            def codegen(context, builder, signature, args):
+                x = args[0]
+                b = builder.bitcast(x, _I32)
+                lsb = builder.and_(builder.lshr(b, _c32(16)), _c32(1))
+                r = builder.lshr(builder.add(builder.add(b, _c32(0x7FFF)), lsb), _c32(16))
+                r = builder.select(builder.fcmp_unordered("uno", x, x), _c32(0x7FC0), r)
+                return builder.trunc(r, _I16)
+        else:
             return None
-
-        def codegen(context, builder, signature, args):
-            x, md, _ = args
-            h = builder.bitcast(builder.fptrunc(x, ir.HalfType()), _I16)
-            b = builder.bitcast(x, _I32)
-            lsb = builder.and_(builder.lshr(b, _c32(16)), _c32(1))
-            r = builder.lshr(builder.add(builder.add(b, _c32(0x7FFF)), lsb), _c32(16))
-            isnan = builder.fcmp_unordered("uno", x, x)
-            r = builder.select(isnan, _c32(0x7FC0), r)
-            bf = builder.trunc(r, _I16)
-            is_half = builder.icmp_signed("==", md, ir.Constant(md.type, 1))
-            return builder.select(is_half, h, bf)
-
-        return types.int16(types.float32, mode, like), codegen
+        return like.dtype(types.float32, like), codegen
 
 
 # ----------------------------------------------------------------------------- math
@@ -525,14 +520,14 @@ def _claim(counter, nchunks, ntiles):
 
 
 @_tjit
-def _tile_max(x, mode, xb, P, tw, mx):
+def _tile_max(x, xb, P, tw, mx):
     """mx[j] = max over the 313 classes of x[xb + q * P + j] (NaN skipped; caught later)."""
     for j in range(tw):
         mx[j] = _NINF
     for q in range(Q):
         xq = x[xb + q * P: xb + q * P + tw]
         for j in range(tw):
-            v = _widen(xq[j], mode)
+            v = _widen(xq[j])
             m = mx[j]
             mx[j] = v if v > m else m
 
@@ -586,10 +581,10 @@ def _soft_encode_kernel(nworkers, counter, nchunks, ab, k, s, inv2s2, idx, w, N,
 
 
 @_tjit
-def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm):
+def _ce_tile(x, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm):
     """One tile of the fused loss, the target (ti, tz) already in place; sc[j] holds the
     per-pixel loss scale s * m * v and becomes the gradient factor."""
-    _tile_max(x, mode, xb, P, tw, mx)
+    _tile_max(x, xb, P, tw, mx)
     # -- e = exp(x - max) (kept in E when the gradient is wanted) and its sum
     for j in range(tw):
         sm[j] = _ZERO
@@ -598,14 +593,14 @@ def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, m
             xq = x[xb + q * P: xb + q * P + tw]
             eq = E[q * TILE: q * TILE + tw]
             for j in range(tw):
-                e = _fexp(_widen(xq[j], mode) - mx[j])
+                e = _fexp(_widen(xq[j]) - mx[j])
                 eq[j] = e
                 sm[j] += e
     else:
         for q in range(Q):
             xq = x[xb + q * P: xb + q * P + tw]
             for j in range(tw):
-                sm[j] += _fexp(_widen(xq[j], mode) - mx[j])
+                sm[j] += _fexp(_widen(xq[j]) - mx[j])
     # -- per pixel: the loss from the k target logits only; the target subtracted in E
     #    (softmax - z = (e - z * sum) / sum), so the gradient pass is a plain scaling
     for j in range(tw):
@@ -618,7 +613,7 @@ def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, m
                 acc = _NAN
                 continue
             z = tz[i * TILE + j]
-            acc += z * (_widen(x[xb + q * P + j], mode) - lse)
+            acc += z * (_widen(x[xb + q * P + j]) - lse)
             if need_grad:
                 E[q * TILE + j] -= z * ssum
         loss[j] = -(sc[j] * acc)
@@ -629,14 +624,14 @@ def _ce_tile(x, mode, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, m
             gq = g[xb + q * P: xb + q * P + tw]
             eq = E[q * TILE: q * TILE + tw]
             for j in range(tw):
-                gq[j] = _narrow(eq[j] * sc[j], mode, g)
+                gq[j] = _narrow(eq[j] * sc[j], g)
 
 
 @_cjit
-def _ce_worker(counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+def _ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
               need_grad, loss, g, N, P):
-    """Fused soft-encoding + cross-entropy + gradient. Flat arrays; ``x``/``g`` float32 or
-    int16 bits (``mode`` 1: float16, 2: bfloat16). ``cw``/``mask``/``ps`` empty when absent.
+    """Fused soft-encoding + cross-entropy + gradient. Flat arrays; ``x``/``g`` float32, or
+    the bits of float16 (int16) / bfloat16 (uint16). ``cw``/``mask``/``ps`` empty when absent.
     (Inner loops index slices from 0, so LLVM sees non-negative contiguous indices: a signed
     offset index would make numba's negative-index wraparound turn them into gathers.)"""
     tpi = (P + TILE - 1) // TILE
@@ -668,16 +663,16 @@ def _ce_worker(counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2
                     q = ti[j]
                     v *= cw[q] if (q >= 0 and q < Q) else _ONE
                 sc[j] = v
-            _ce_tile(x, mode, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
+            _ce_tile(x, n * Q * P + p0, P, tw, k, ti, tz, sc, gscale, need_grad,
                      loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm)
         t0, t1 = _claim(counter, nchunks, ntiles)
 
 
 @_pjit
-def _ce_kernel(nworkers, counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps,
+def _ce_kernel(nworkers, counter, nchunks, x, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps,
                gscale, need_grad, loss, g, N, P):
     for _ in prange(nworkers):
-        _ce_worker(counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
+        _ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, s, inv2s2, cw, mask, ps, gscale,
                   need_grad, loss, g, N, P)
 
 
@@ -685,7 +680,7 @@ def _ce_kernel(nworkers, counter, nchunks, x, mode, ab, idx_in, w_in, use_ab, k,
 
 
 @_tjit
-def _am_accumulate(src, mode, base, stride, tw, inv_t, mx, sm, sa, sb):
+def _am_accumulate(src, base, stride, tw, inv_t, mx, sm, sa, sb):
     """sm[j] = sum_q e, sa/sb[j] = sum_q e * (a_q, b_q), e = exp((y_qj - mx[j]) / T), where
     y_qj = src[base + q * stride + j] (the logits, or a tile of log-probabilities)."""
     for j in range(tw):
@@ -697,15 +692,15 @@ def _am_accumulate(src, mode, base, stride, tw, inv_t, mx, sm, sa, sb):
         ca = _BA[q]
         cb = _BB[q]
         for j in range(tw):
-            e = _fexp((_widen(yq[j], mode) - mx[j]) * inv_t)
+            e = _fexp((_widen(yq[j]) - mx[j]) * inv_t)
             sm[j] += e
             sa[j] += e * ca
             sb[j] += e * cb
 
 
 @_tjit
-def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y, oa, ob):
-    _tile_max(x, mode, xb, P, tw, mx)
+def _am_tile(x, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y, oa, ob):
+    _tile_max(x, xb, P, tw, mx)
     if is_probs:
         # softmax(log(x) / T) = exp((log x - log max) / T) / sum; log x into the tile Y first
         for j in range(tw):
@@ -714,10 +709,10 @@ def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y, oa, ob):
             xq = x[xb + q * P: xb + q * P + tw]
             yq = Y[q * TILE: q * TILE + tw]
             for j in range(tw):
-                yq[j] = _flog(_widen(xq[j], mode))
-        _am_accumulate(Y, 0, 0, TILE, tw, inv_t, mx, sm, sa, sb)
+                yq[j] = _flog(_widen(xq[j]))
+        _am_accumulate(Y, 0, TILE, tw, inv_t, mx, sm, sa, sb)
     else:
-        _am_accumulate(x, mode, xb, P, tw, inv_t, mx, sm, sa, sb)
+        _am_accumulate(x, xb, P, tw, inv_t, mx, sm, sa, sb)
     for j in range(tw):
         inv = _ONE / sm[j]
         oa[j] = sa[j] * inv
@@ -725,7 +720,7 @@ def _am_tile(x, mode, xb, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y, oa, ob):
 
 
 @_cjit
-def _annealed_worker(counter, nchunks, x, mode, inv_t, is_probs, out, N, P):
+def _annealed_worker(counter, nchunks, x, inv_t, is_probs, out, N, P):
     tpi = (P + TILE - 1) // TILE
     ntiles = N * tpi
     mx = np.empty(TILE, np.float32)
@@ -738,20 +733,21 @@ def _annealed_worker(counter, nchunks, x, mode, inv_t, is_probs, out, N, P):
         for t in range(t0, t1):
             n, p0, tw = _tile_at(t, tpi, P)
             o = n * 2 * P + p0
-            _am_tile(x, mode, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y,
+            _am_tile(x, n * Q * P + p0, P, tw, inv_t, is_probs, mx, sm, sa, sb, Y,
                      out[o: o + tw], out[o + P: o + P + tw])
         t0, t1 = _claim(counter, nchunks, ntiles)
 
 
 @_pjit
-def _annealed_kernel(nworkers, counter, nchunks, x, mode, inv_t, is_probs, out, N, P):
+def _annealed_kernel(nworkers, counter, nchunks, x, inv_t, is_probs, out, N, P):
     for _ in prange(nworkers):
-        _annealed_worker(counter, nchunks, x, mode, inv_t, is_probs, out, N, P)
+        _annealed_worker(counter, nchunks, x, inv_t, is_probs, out, N, P)
 
 
 # ----------------------------------------------------------------------------- torch glue
 
-_MODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: logits dtype -> the dtype of the numpy view the kernels get (numba has no bfloat16)
+_VIEWS = {torch.float32: torch.float32, torch.float16: torch.int16, torch.bfloat16: torch.uint16}
 
 #: Gradients of at least this many bytes are allocated on transparent huge pages (Linux).
 HUGE_PAGE_MIN_BYTES = 8 << 20
@@ -780,12 +776,10 @@ _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
 
 
-def _logits_view(x: torch.Tensor) -> tuple[np.ndarray, int]:
-    if x.dtype not in _MODES:
+def _logits_view(x: torch.Tensor) -> np.ndarray:
+    if x.dtype not in _VIEWS:
         raise TypeError(f"logits: the numba backend takes float32, float16 or bfloat16, got {x.dtype}")
-    mode = _MODES[x.dtype]
-    t = x if mode == 0 else x.view(torch.int16)
-    return t.detach().reshape(-1).numpy(), mode
+    return x.detach().view(_VIEWS[x.dtype]).reshape(-1).numpy()
 
 
 def _f32(t: torch.Tensor | None) -> np.ndarray:
@@ -816,8 +810,8 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     grad = _empty((n, q, p), logits.dtype) if need_grad else None
     if n * p == 0:
         return loss, grad
-    x, mode = _logits_view(logits)
-    g = _logits_view(grad)[0] if need_grad else x[:0]
+    x = _logits_view(logits)
+    g = _logits_view(grad) if need_grad else x[:0]
     use_ab = indices is None
     if use_ab:
         k_eff = int(k)
@@ -829,7 +823,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     if not 1 <= k_eff <= K_MAX:
         raise ValueError(f"k: the numba backend takes 1 <= k <= {K_MAX}, got {k_eff}")
     ntiles = n * ((p + TILE - 1) // TILE)
-    _launch(_ce_kernel, _ce_worker, ntiles, x, mode, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np,
+    _launch(_ce_kernel, _ce_worker, ntiles, x, _f32(ab) if use_ab else _EMPTY_F32, idx_np, w_np,
             use_ab, k_eff, _window_size(k_eff), _F(1.0 / (2.0 * float(sigma) ** 2)), _f32(class_weights),
             _f32(image_mask), _f32(pixel_scale), _F(grad_scale), bool(need_grad), loss.view(-1).numpy(), g, n, p)
     return loss, grad
@@ -840,9 +834,9 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
     out = torch.empty((n, 2, p), dtype=torch.float32)
     if n * p == 0:
         return out
-    if x.dtype not in _MODES:
+    if x.dtype not in _VIEWS:
         x = x.float()
-    xv, mode = _logits_view(x)
+    xv = _logits_view(x)
     ntiles = n * ((p + TILE - 1) // TILE)
-    _launch(_annealed_kernel, _annealed_worker, ntiles, xv, mode, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p)
+    _launch(_annealed_kernel, _annealed_worker, ntiles, xv, _F(1.0 / T), bool(is_probs), out.view(-1).numpy(), n, p)
     return out
