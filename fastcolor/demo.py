@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -288,7 +289,7 @@ def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str, log
             results[name] = train(TrainConfig(
                 data_dir=str(data), run_dir=str(run), model=config, loss=loss, batch_size=s.batch_size,
                 epochs=s.epochs, lr=s.lr, patience=s.epochs, workers=0, device=device, seed=seed, resume=False,
-                progress=True))
+                progress=sys.stderr.isatty()))  # no progress bars flooding a log file
         res = results[name]
         log(f"      {name}: best validation loss {res.best_val_loss:.4f} (epoch {res.best_epoch + 1}) "
             f"in {time.perf_counter() - t0:.0f} s -> {run}/")
