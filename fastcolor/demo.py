@@ -18,7 +18,6 @@ holds when other work starts on the machine.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import sys
