@@ -647,15 +647,8 @@ def _encode(rgb_u8, alpha, dst: Path) -> bytes:
     return buf.getvalue()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write atomically (complete temp file, fsync, then rename), readable like any new file
-    (mode 0o666 less the umask). Without ``overwrite`` an existing ``path`` is never replaced,
+    """Write atomically (complete temp file, fsync, then rename; see atomic_write_bytes). Without ``overwrite`` an existing ``path`` is never replaced,
     even one created while we were working: the temp file is hard-linked to ``path``, which
     fails if the name is taken."""
     from fastcolor.io import atomic_write_bytes
@@ -664,7 +657,6 @@ def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
     atomic_write_bytes(part, data)
     taken = CLIError(f"output {path} appeared while colorizing; not replaced (pass --overwrite)")
     try:
-        os.chmod(part, 0o666 & ~_umask())
         if overwrite:
             os.replace(part, path)
             return

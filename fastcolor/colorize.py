@@ -268,7 +268,7 @@ def to_l_tensor(image: Any) -> torch.Tensor:
 
         image = load_rgb(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:

@@ -37,8 +37,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's current umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace, fsync dir)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace, fsync dir).
+
+    The file gets the mode of any new file (0o666 less the umask), not mkstemp's private 0o600.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     path = Path(path)
@@ -48,6 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

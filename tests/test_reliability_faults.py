@@ -269,3 +269,12 @@ def test_sigkill_in_the_middle_of_each_write_keeps_the_previous_file(tmp_path, w
     # what stays behind is only hidden temp files, never a half-written destination
     assert load_checkpoint(tmp_path / "last.safetensors")["meta"]["epoch"] == 1
     assert json.loads((tmp_path / "result.json").read_text()) == {"v": 1}
+
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    import os
+
+    from fastcolor.io import atomic_write_bytes, umask
+
+    path = atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask()  # not mkstemp's private 0o600
