@@ -231,7 +231,10 @@ def ratio_table(rows: list[dict], info: dict) -> str:
         base = by.get(key + ("torch",))
         ys_op = YARDSTICK_OF.get(r["op"])
         ys = by.get((ys_op, r["shape"], r["dtype"], "aten")) if ys_op else None
-        speedup = f"{base['ms'] / r['ms']:.1f}x faster" if base and r["provider"] != "torch" else ""
+        speedup = ""
+        if base and r["provider"] != "torch":
+            sp = base["ms"] / r["ms"]
+            speedup = f"{sp:.1f}x faster" if sp >= 1 else f"{1 / sp:.1f}x slower"
         vs_ys = f"{r['ms'] / ys['ms']:.2f}" if ys else ""
         mem = ""
         if r.get("peak_mib") is not None:
@@ -351,7 +354,12 @@ def main(argv=None) -> int:
     md = ratio_table(rows, info)
     if a.out:
         with open(a.out, "w") as f:
-            cmd = " ".join(["python bench/test_bench_cpu.py"] + (argv if argv is not None else sys.argv[1:]))
+            args = list(argv if argv is not None else sys.argv[1:])
+            for opt in ("--title", "--out"):  # not part of what was measured
+                while opt in args:
+                    i = args.index(opt)
+                    del args[i:i + 2]
+            cmd = " ".join(["python bench/test_bench_cpu.py"] + args)
             f.write(f"## {a.title or 'CPU benchmark'}\n\nCommand: `{cmd}` (interleaved rounds, fastest round each)\n\n")
             f.write(md)
     else:
