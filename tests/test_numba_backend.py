@@ -264,8 +264,10 @@ def test_result_does_not_depend_on_the_thread_count():
 def test_huge_page_gradient_is_an_ordinary_tensor(monkeypatch):
     """Large gradients come from an mmap advised MADV_HUGEPAGE: they must behave like any
     tensor through autograd (accumulation into .grad, in-place ops, freeing)."""
-    monkeypatch.setattr(nb, "HUGE_PAGE_MIN_BYTES", 0)
-    if not nb._HUGE_OK:
+    from fastcolor.backends import _alloc
+
+    monkeypatch.setattr(_alloc, "HUGE_PAGE_MIN_BYTES", 0)
+    if not _alloc._HUGE_OK:
         pytest.skip("no MADV_HUGEPAGE here")
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(2, 313, 5, 7, generator=g)).requires_grad_(True)

@@ -11,17 +11,13 @@ from __future__ import annotations
 import torch
 
 from fastcolor import _ext
+from fastcolor.backends._alloc import empty_cpu
 from fastcolor.gamut import Q
 
 SUPPORTS_FLOAT64 = False
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-try:  # the CPU gradient buffer on 2 MiB pages (first-touch faults of 4 KiB pages cost more than the kernel)
-    from fastcolor.backends.numba_backend import _empty as _empty_cpu
-except ImportError:  # numba missing: plain torch.empty
-    def _empty_cpu(shape, dtype):
-        return torch.empty(shape, dtype=dtype)
 
 
 
@@ -91,7 +87,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
     if q != Q:
         raise ValueError(f"logits: expected {Q} classes on axis 1, got shape {tuple(x.shape)}")
     loss = torch.empty((n, p), dtype=torch.float32, device=x.device)
-    grad = (torch.empty_like(x) if x.is_cuda else _empty_cpu(tuple(x.shape), x.dtype)) if need_grad else None
+    grad = (torch.empty_like(x) if x.is_cuda else empty_cpu(tuple(x.shape), x.dtype)) if need_grad else None
     if n * p == 0:
         return loss, grad
     if indices is None and x.is_cuda:  # the CUDA loss kernel takes precomputed targets

@@ -28,7 +28,7 @@ parallel kernel (GNU OpenMP, numba's default layer, cannot run in such a child: 
 terminate it; think DataLoader workers that soft-encode).
 
 Memory: the gradient is the only array of size ``N x 313 x P``; it is allocated on
-transparent huge pages when large (see :func:`_empty`), other buffers are per thread
+transparent huge pages when large (see :func:`fastcolor.backends._alloc.empty_cpu`), other buffers are per thread
 (``313 x TILE`` floats) or per pixel.
 
 Exponentials: numba has no vector math library here (no SVML), and LLVM does not vectorise a
@@ -49,7 +49,6 @@ is writable they are compiled without a cache instead of failing at import.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 
 import numpy as np
@@ -67,6 +66,7 @@ else:
 
 import torch
 
+from fastcolor.backends._alloc import empty_cpu
 from fastcolor.gamut import A_CELLS, A_MIN, AB_BINS, B_CELLS, B_MIN, CELL_TO_BIN, GRID, Q
 
 #: Pixels per tile (the inner, vectorised loop length).
@@ -749,29 +749,6 @@ def _annealed_kernel(nworkers, counter, nchunks, x, inv_t, is_probs, out, N, P):
 #: logits dtype -> the dtype of the numpy view the kernels get (numba has no bfloat16)
 _VIEWS = {torch.float32: torch.float32, torch.float16: torch.int16, torch.bfloat16: torch.uint16}
 
-#: Gradients of at least this many bytes are allocated on transparent huge pages (Linux).
-HUGE_PAGE_MIN_BYTES = 8 << 20
-_HUGE_OK = hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("FASTCOLOR_HUGE_PAGES", "1") != "0"
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty, but a large buffer is an anonymous mmap advised MADV_HUGEPAGE.
-
-    The gradient is as large as the logits and written once; with 4 KiB pages the first
-    touch of every page is a page fault, which on some machines (VMs) costs more than the
-    kernel itself. 2 MiB pages make that 512x fewer faults. The memory goes back to the OS
-    when the tensor is freed (the tensor holds the mmap). FASTCOLOR_HUGE_PAGES=0 turns it off.
-    """
-    count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
-    if not _HUGE_OK or nbytes < HUGE_PAGE_MIN_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    try:
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError, AttributeError):
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
 
@@ -807,7 +784,7 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
                pixel_scale=None):
     n, q, p = logits.shape
     loss = torch.empty((n, p), dtype=torch.float32)
-    grad = _empty((n, q, p), logits.dtype) if need_grad else None
+    grad = empty_cpu((n, q, p), logits.dtype) if need_grad else None
     if n * p == 0:
         return loss, grad
     x = _logits_view(logits)
