@@ -43,9 +43,11 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cuda": ("fastcolor.backends.compiled_backend", ("cuda",)),
 }
 
-#: The order ``backend="auto"`` tries, fastest measured first (bench/RESULTS.md).
+#: The order ``backend="auto"`` tries, fastest measured first (bench/RESULTS.md): on the CPU
+#: numba's fused loss forward+backward and soft-encoding beat cpp's in the same runs (cpp's
+#: decode is level); numba costs a one-off JIT compile (~15 s, ~1 s from its on-disk cache).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("cpp", "numba", "torch"),
+    "cpu": ("numba", "cpp", "torch"),
     "cuda": ("triton", "cuda", "torch"),
 }
 
