@@ -106,10 +106,7 @@ def resolve(backend: str, device_type: str) -> str:
         if env and env != "auto":
             backend = env
         else:
-            for name in AUTO_ORDER.get(device_type, ("torch",)):
-                if unavailable_reason(name, device_type) is None:
-                    return name
-            return "torch"
+            return (available(device_type) or ["torch"])[0]
     reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
