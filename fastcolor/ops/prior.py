@@ -5,27 +5,18 @@ import numpy as np
 import torch
 
 from fastcolor import reference
-from fastcolor.gamut import Q, ab_bins
+from fastcolor.gamut import Q
 from fastcolor.ops._common import check_tensor
-from fastcolor.ops.encode import encode_far_exactly, has_far_ab
+from fastcolor.ops.encode import soft_encode
 
 
-def nearest_bin(ab: torch.Tensor) -> torch.Tensor:
+def nearest_bin(ab: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Index of the nearest bin for every pixel: ``(N, 2, *S) -> (N, *S)`` int64.
 
-    Chunked over pixels so memory stays bounded for any image size.
+    The k = 1 soft-encoding (same kernels, same tie rule and out-of-gamut handling).
     """
     check_tensor("ab", ab, channels=2)
-    pixels = ab.detach().movedim(1, -1).reshape(-1, 2).float()
-    bins = ab_bins(ab.device)
-    out = torch.empty(pixels.shape[0], dtype=torch.int64, device=ab.device)
-    for start in range(0, pixels.shape[0], 1 << 16):
-        chunk = pixels[start : start + (1 << 16)]
-        out[start : start + chunk.shape[0]] = torch.cdist(chunk, bins).argmin(1)
-    if has_far_ab(pixels):  # out-of-gamut pixels: exact float64 distances (see soft_encode)
-        col = pixels.T[None]  # (1, 2, M)
-        encode_far_exactly(col, out.view(1, 1, -1), None, 1, 1.0)
-    return out.reshape((ab.shape[0],) + tuple(ab.shape[2:]))
+    return soft_encode(ab.detach(), k=1, backend=backend).indices[:, 0].long()
 
 
 class PriorAccumulator:
