@@ -206,6 +206,6 @@ setup(
             "scikit-learn>=1.3",
         ],
     },
-    entry_points={"console_scripts": ["fastcolor = fastcolor.cli:main"]},
+    entry_points={"console_scripts": ["fastcolor = fastcolor.app.cli:main"]},
     zip_safe=False,
 )

@@ -1,7 +1,7 @@
 """``python -m fastcolor ...``: the same command line as the ``fastcolor`` console script."""
 import sys
 
-from fastcolor.cli import main
+from fastcolor.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import importlib
 import os
 from pathlib import Path
 
-__all__ = ["load_extension", "build_info", "extension_error"]
+__all__ = ["load_extension", "build_info"]
 
 _FAILURE_FILE = Path(__file__).with_name("_build_failure.txt")
 
@@ -53,12 +53,6 @@ def load_extension(force: bool = False):
                 _error = f"{failure}\n(import error: {_error})"
     _loaded = True
     return _module
-
-
-def extension_error() -> str | None:
-    """Why the extension is unavailable (None if it loaded)."""
-    load_extension()
-    return _error
 
 
 def _version(name: str) -> str | None:

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastcolor.color import l_ab_to_rgb, rgb_to_l
+from fastcolor.data import load_rgb
+from fastcolor.models import build_model
+from fastcolor.ops import annealed_mean
 
 __all__ = ["decode_ab", "predict_ab", "colorize_tensor", "colorize_image", "to_l_tensor", "MemoryLimitError",
            "available_memory", "activation_bytes", "check_memory", "memory_guard"]
@@ -96,8 +99,6 @@ def _activation_profile(config_json: str, batch: int, size: int) -> tuple[int, i
     """(largest single output, sum of the trainable part's outputs, logits) in bytes for one
     forward pass of the model ``config_json`` on (batch, 1, size, size), traced on the meta
     device (no memory, no compute)."""
-    from fastcolor.models import build_model
-
     config = json.loads(config_json)
     if config.get("arch") == "fusion":
         config["backbone_weights"] = None
@@ -190,9 +191,7 @@ def _arch(model: torch.nn.Module) -> str:
 def decode_ab(model: torch.nn.Module, output: torch.Tensor, T: float = 0.38) -> torch.Tensor:
     """A model's raw output -> ab in Lab units (float32, at the output's resolution)."""
     if _arch(model) == "zhang":
-        import fastcolor
-
-        return fastcolor.annealed_mean(output, T=T)
+        return annealed_mean(output, T=T)
     return output.float() * 128.0
 
 
@@ -264,8 +263,6 @@ def _colorized_strips(model, L_full: torch.Tensor, size: int, T: float, embeddin
 def to_l_tensor(image: Any) -> torch.Tensor:
     """L (1, H, W) of a path, PIL image, or numpy array (H, W) / (H, W, 3), uint8 or float in [0, 1]."""
     if isinstance(image, (str, os.PathLike)):
-        from fastcolor.data import load_rgb
-
         image = load_rgb(image)
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays

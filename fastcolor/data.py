@@ -32,6 +32,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
+from fastcolor.io import atomic_write_json
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "check_pixel_limit", "open_image", "load_rgb",
            "load_l", "index_images", "split_items", "save_split", "load_split", "ColorizationDataset", "augmentation"]
@@ -204,8 +205,6 @@ def split_items(items: Sequence[ImageItem], seed: int = 0,
 
 
 def save_split(path: str | os.PathLike, split: dict[str, list[ImageItem]], seed: int | None = None) -> None:
-    from fastcolor.io import atomic_write_json
-
     atomic_write_json(path, {"seed": seed, **{k: [[it.path, it.label] for it in v] for k, v in split.items()}})
 
 

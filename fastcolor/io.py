@@ -7,7 +7,9 @@ file or the new one, never a torn one.
 
 Checkpoints are single safetensors files: tensors under ``model.`` / ``optim.`` prefixes,
 everything else (model config, optimizer hyper-parameters, training state) as JSON in the
-safetensors metadata. Loading never unpickles.
+safetensors metadata. Loading never unpickles. Rebuilding a model from such a file is
+:mod:`fastcolor.models.serialization`; this module knows nothing of the models (it imports
+nothing from fastcolor).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, safe_open, save
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
-    "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "save_model", "load_model", "load_state_file",
+    "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
 ]
 
 
@@ -229,67 +231,11 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         return _decode_metadata(path, f.metadata())
 
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
-    """Inference weights: ``<path>`` (safetensors, config in its metadata) and ``<path>.json`` beside it."""
-    from fastcolor.models import model_state
-
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file, from its header (no tensor is read)."""
     path = Path(path)
-    config = dict(model.config)
-    save_tensors(path, model_state(model), {"format": "fastcolor-model-1", "model_config": config})
-    atomic_write_json(path.with_suffix(".json"), config)
-    return path
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
-    """Rebuild a model from a model file, a checkpoint or a run directory (uses ``model.safetensors`` there).
-
-    ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    meta = read_checkpoint_meta(path)
-    config = meta.get("model_config")
-    if not isinstance(config, dict) or meta.get("format") not in ("fastcolor-model-1", "fastcolor-checkpoint-1"):
-        raise ValueError(f"path: expected a fastcolor model or checkpoint file, got {path}")
-    prefix = "model." if meta["format"] == "fastcolor-checkpoint-1" else ""
     with _open_safetensors(path) as f:
-        shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
-    config = {**config, **overrides}
-    _check_architecture(path, config, shapes)  # before allocating anything the file's config asks for
-    from fastcolor.models import build_model, load_model_state
-
-    model = build_model(config)
-    tensors, _ = load_tensors(path)
-    load_model_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    return model.to(device).eval()
-
-
-def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """The file's tensors must be exactly those of the model its config describes.
-
-    The model is first built on the meta device (no memory), so a config that asks for an
-    absurdly large network is refused from the shapes alone, as is a file whose tensors come
-    from another architecture.
-    """
-    from fastcolor.models import build_model, model_state
-
-    skeleton_config = {**config, "backbone_weights": None} if config.get("arch") == "fusion" else config
-    try:
-        with torch.device("meta"):
-            skeleton = build_model(skeleton_config)
-    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"path: {path} has an invalid model_config {json.dumps(config)[:300]}: {exc}") from exc
-    want = {k: tuple(v.shape) for k, v in model_state(skeleton).items()}
-    missing = sorted(set(want) - set(shapes))
-    unexpected = sorted(set(shapes) - set(want))
-    wrong = [f"{k}: file {shapes[k]}, model {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"path: the weights in {path} do not fit the {config.get('arch')} architecture its config "
-                         f"describes (wrong architecture or damaged file): "
-                         + "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
-                                                  f"unexpected {unexpected[:3]}" if unexpected else "",
-                                                  f"shape mismatch {wrong[:3]}" if wrong else "") if x))
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _load_failure_cause(exc: BaseException) -> str:

@@ -10,22 +10,28 @@ On RGB: PSNR and SSIM (skimage.metrics) and Hasler & Suesstrunk (2003) colourful
 """
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastcolor.color import l_ab_to_rgb
+from fastcolor.colorize import decode_ab
+from fastcolor.data import ColorizationDataset, ImageItem, index_images, load_split
 from fastcolor.gamut import A_MIN, AB_BINS, B_MIN, Q
+from fastcolor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fastcolor.models.serialization import load_model
+from fastcolor.ops import nearest_bin
 
 __all__ = ["bin_accuracy", "bin_cross_entropy", "coarse_bin_map", "coarse_accuracy", "ab_mse", "ab_r2",
            "AucAccumulator", "auc", "psnr", "ssim", "colorfulness", "comparison_grid", "markdown_table",
-           "evaluate", "AUC_MAX_THRESHOLD"]
+           "evaluate", "Splits", "AUC_MAX_THRESHOLD"]
 
 AUC_MAX_THRESHOLD = 150
 
@@ -39,9 +45,7 @@ def _check(name: str, x, channels: int) -> torch.Tensor:
 
 
 def _nearest(ab: torch.Tensor) -> torch.Tensor:
-    import fastcolor
-
-    return fastcolor.nearest_bin(ab.float())
+    return nearest_bin(ab.float())
 
 
 def bin_accuracy(logits: torch.Tensor, target_ab: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -185,14 +189,10 @@ def colorfulness(rgb: torch.Tensor) -> torch.Tensor:
 def comparison_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], path: str | os.PathLike,
                     row_labels: Sequence[str] | None = None) -> Path:
     """A PNG grid of images (rows of HxWx3 arrays, e.g. grayscale | Zhang | fusion | ground truth), atomic."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-
-    from fastcolor.io import atomic_write_bytes
 
     rows = [list(r) for r in rows]
     if not rows or any(len(r) != len(titles) for r in rows):
@@ -249,21 +249,36 @@ class _Group:
         return out
 
 
-def _resolve_items(run_or_weights: Path, data_dir: Path, splits: Sequence[str]):
-    from fastcolor.data import index_images, load_split
+#: What :func:`evaluate` evaluates: split names, or split name -> images.
+Splits = Union[Sequence[str], Mapping[str, Sequence[ImageItem]]]
 
+
+def _resolve_items(run_or_weights: Path, data_dir: Path, splits: Splits | None) -> dict[str, Sequence[ImageItem]]:
+    """split name -> the images of it to evaluate (see :func:`evaluate`)."""
+    if isinstance(splits, Mapping):
+        return dict(splits)
+    if isinstance(splits, str):
+        raise TypeError(f"splits must be a sequence of split names, e.g. ({splits!r},), not a string")
     split_file = (run_or_weights if run_or_weights.is_dir() else run_or_weights.parent) / "split.json"
-    if split_file.is_file():
-        split = load_split(split_file)
-        return {s: split[s] for s in splits if split.get(s)}
-    return {"all": index_images(data_dir)}
+    if splits is None:
+        splits = ("train", "test") if split_file.is_file() else ("all",)
+    names = [s for s in splits if s != "all"]
+    if names and not split_file.is_file():
+        raise ValueError(f"splits {names} asked for, but there is no split.json beside {run_or_weights} (pass "
+                         f"splits=('all',) to evaluate every image of data_dir)")
+    split = load_split(split_file) if names else {}
+    unknown = [s for s in names if s not in split]
+    if unknown:
+        raise ValueError(f"splits: {unknown} not in {split_file} (it has {sorted(split)})")
+    items: dict[str, Sequence[ImageItem]] = {s: split[s] for s in splits if s != "all" and split[s]}
+    if "all" in splits:
+        items["all"] = index_images(data_dir)
+    return items
 
 
 @torch.no_grad()
 def _predict(model, L: torch.Tensor, T: float):
     """(decoded ab at L's size, logits or None)."""
-    from fastcolor.colorize import decode_ab
-
     out = model(L) if model.config["arch"] == "zhang" else model(L, model.embed(L))
     ab = decode_ab(model, out, T)
     if ab.shape[-2:] != L.shape[-2:]:
@@ -276,21 +291,26 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
 
 
 def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-             splits: Sequence[str] = ("train", "test"), compare: str | os.PathLike | None = None, T: float = 0.38,
+             splits: Splits | None = None, compare: str | os.PathLike | None = None, T: float = 0.38,
              batch_size: int = 32, device: str = "auto", max_images: int | None = None,
              grid_images: int = 6) -> dict[str, Any]:
     """Evaluate a trained model on ``data_dir``; write ``metrics.json``, ``metrics.md``, ``comparison.png``.
 
-    ``run_dir_or_weights``: a run directory (its ``model.safetensors`` and ``split.json``: one
-    row per class and split in ``splits``) or a model file (every image, split ``"all"``).
+    ``run_dir_or_weights``: a run directory (its ``model.safetensors``) or a model or checkpoint
+    file. The report has one row per class and split; ``splits`` says which:
+
+    * split names of the run's ``split.json`` (in the run directory, or beside the model file),
+      e.g. ``("test",)``; the name ``"all"`` stands for every image in ``data_dir``, whatever the
+      split file says (e.g. a folder the model was never trained on);
+    * a mapping split name -> list of :class:`~fastcolor.data.ImageItem` (paths relative to
+      ``data_dir``), evaluated as given;
+    * None (default): ``("train", "test")`` when there is a ``split.json``, else ``("all",)``.
+
+    Asking for a named split where there is no ``split.json`` is a ValueError.
     ``compare``: a second run/model shown in the comparison grid (e.g. the fusion model next
     to Zhang's); its metrics are computed too. ``max_images`` caps each split (quick looks).
     Returns ``{"rows": [...], "models": {...}, "files": {...}}``.
     """
-    from fastcolor.color import l_ab_to_rgb
-    from fastcolor.data import ColorizationDataset
-    from fastcolor.io import atomic_write_json, atomic_write_text, load_model
-
     src = Path(run_dir_or_weights)
     data_dir = Path(data_dir)
     if not src.exists():

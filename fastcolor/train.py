@@ -38,8 +38,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fastcolor.colorize import activation_bytes, check_memory, memory_guard
 from fastcolor.data import ColorizationDataset, index_images, load_l, load_split, save_split, split_items
 from fastcolor.io import (append_jsonl, atomic_write_bytes, atomic_write_json, load_checkpoint, load_tensors,
-                          read_checkpoint_meta, save_checkpoint, save_model, save_tensors)
+                          read_checkpoint_meta, save_checkpoint, save_tensors)
 from fastcolor.models import EmbeddingCache, build_model, load_model_state, model_state
+from fastcolor.models.serialization import save_model
+from fastcolor.ops import PriorAccumulator, rarity_weights, rebalanced_cross_entropy
 
 __all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve"]
 
@@ -174,9 +176,7 @@ def _device(pref: str, d: _Dist) -> torch.device:
 def compute_class_prior(dataset: ColorizationDataset, batch_size: int = 100, workers: int = 0,
                         smooth_sigma: float = 5.0) -> np.ndarray:
     """Smoothed empirical prior (313,) of the dataset's ab targets, streamed batch by batch."""
-    import fastcolor
-
-    acc = fastcolor.PriorAccumulator()
+    acc = PriorAccumulator()
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         acc.update(batch["ab"])
     return acc.prior(smooth_sigma=smooth_sigma)
@@ -260,12 +260,10 @@ class _Trainer:
     def class_weights(self) -> torch.Tensor | None:
         if self.model.config["arch"] != "zhang":
             return None
-        import fastcolor
-
         path = self.run_dir / "prior.safetensors"
         if self.d.main and not path.is_file():
             prior = compute_class_prior(self.prior_ds, self.cfg.batch_size, self.cfg.workers, self.cfg.prior_sigma)
-            w = fastcolor.rarity_weights(prior, lam=self.cfg.prior_lam)
+            w = rarity_weights(prior, lam=self.cfg.prior_lam)
             save_tensors(path, {"prior": torch.from_numpy(prior), "weights": torch.from_numpy(np.asarray(w))},
                          {"lam": self.cfg.prior_lam, "smooth_sigma": self.cfg.prior_sigma})
         self.d.barrier()
@@ -273,15 +271,13 @@ class _Trainer:
         return tensors["weights"].to(self.device, torch.float32) if self.cfg.loss == "rebalanced" else None
 
     def loss(self, model, batch, weights):
-        import fastcolor
-
         L = batch["L"].to(self.device, non_blocking=True)
         ab = batch["ab"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             if self.model.config["arch"] == "fusion":
                 pred = model(L, batch["embedding"].to(self.device, non_blocking=True))
                 return regression_loss(pred, ab / 128.0)
-            return fastcolor.rebalanced_cross_entropy(model(L), ab, weights=weights)
+            return rebalanced_cross_entropy(model(L), ab, weights=weights)
 
     def loader(self, ds, epoch: int, shuffle: bool) -> DataLoader:
         sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,

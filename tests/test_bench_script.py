@@ -1,6 +1,8 @@
-"""fastcolor.bench runs end to end before a GPU ever sees it: on CPU tensors, tiny shapes, with
-triton through its interpreter, in-process and with each backend in a child process; a failing
-backend or check is recorded and the run goes on; the report ends with the markdown table."""
+"""The benchmark driver (:mod:`fastcolor.app.bench`, ``python -m fastcolor.bench``) runs end to end
+before a GPU ever sees it: on CPU tensors, tiny shapes, with triton through its interpreter
+(``TRITON_INTERPRET=1``: the registry then takes CPU tensors for triton), in-process and with
+each backend in a child process; a failing backend or check is recorded and the run goes on;
+the report ends with the markdown table."""
 from __future__ import annotations
 
 import json
@@ -10,13 +12,13 @@ import sys
 
 import pytest
 
-from fastcolor import backends, bench
+from fastcolor.app import bench
+from fastcolor.app.bench import common, correctness, report
 
 
 @pytest.fixture
 def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(backends.BACKENDS, "triton", backends.BACKENDS["triton"])  # restored afterwards
 
 
 @pytest.mark.triton
@@ -60,7 +62,7 @@ def test_a_failing_check_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
     def broken(*a, **kw):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(bench, "check_encode", broken)
+    monkeypatch.setattr(correctness, "check_encode", broken)
     out = tmp_path / "b.json"
     rc = bench.main(["--device", "cpu", "--quick", "--providers", "torch", "--json", str(out)])
     assert rc == 1  # a failed check fails the run, after everything else ran
@@ -86,10 +88,10 @@ def test_summary_ratios_and_budget():
             {"provider": "numba", "crashed": "child exited with -11", "correctness": [{"check": "loss", "case": "b", "ok": False}]},
         ],
     }
-    table = bench.summarize(result)
+    table = report.summarize(result)
     row = [ln for ln in table.splitlines() if ln.startswith("| loss_fwdbwd")][0]
     assert "| 5.000 | 0.500 |" in row and "| 10.0 |" in row and "80%" in row
     assert result["providers"][0]["timing"][0]["speedup_vs_torch"] == pytest.approx(10.0)
     assert "cuda: unavailable (not built)" in table and "numba: CRASHED" in table and "FAILED: loss:b" in table
     assert "peak mem float32 = 1.01 x grad" in table and "int64 offsets ok" in table and "sweep (zhang)" in table
-    assert not bench.Budget(0.0).ok() and bench.Budget(1e12).ok(5)
+    assert not common.Budget(0.0).ok() and common.Budget(1e12).ok(5)

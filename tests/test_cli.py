@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from skimage.color import rgb2lab
 
-from fastcolor import cli
-from fastcolor.cli import main
+from fastcolor.app import colorize_files
+from fastcolor.app.cli import main
+from fastcolor.app.messages import CLIError
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -85,8 +86,8 @@ def run_dir(photos, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fusion_weights(tmp_path_factory):
     """An untrained fusion-tiny model file (the colorize path does not care about quality)."""
-    from fastcolor.io import save_model
     from fastcolor.models import build_model
+    from fastcolor.models.serialization import save_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fusion") / "fusion" / "model.safetensors"
@@ -207,8 +208,8 @@ def test_refuses_to_overwrite_without_overwrite(capsys, run_dir, inputs, tmp_pat
 def test_no_clobber_write_loses_a_race_safely(tmp_path):
     dst = tmp_path / "x.png"
     dst.write_bytes(b"someone else's")
-    with pytest.raises(cli.CLIError, match="appeared while colorizing"):
-        cli.write_new_file(dst, b"ours", overwrite=False)
+    with pytest.raises(CLIError, match="appeared while colorizing"):
+        colorize_files.write_new_file(dst, b"ours", overwrite=False)
     assert dst.read_bytes() == b"someone else's"
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
@@ -267,12 +268,10 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
 
 def test_out_of_memory_is_an_error_and_writes_nothing(capsys, run_dir, inputs, tmp_path, monkeypatch):
-    import fastcolor.colorize
-
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(fastcolor.colorize, "predict_ab", oom)
+    monkeypatch.setattr(colorize_files, "predict_ab", oom)
     rc, _, err = run(capsys, "colorize", inputs, "-o", tmp_path / "o", "--weights", run_dir)
     assert_one_line_error(rc, err, "ran out of", "memory", "--batch-size", "nothing was written", code=1)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
@@ -284,7 +283,7 @@ def test_out_of_memory_is_an_error_and_writes_nothing(capsys, run_dir, inputs, t
 def test_train_wrote_a_run_and_guards_it(capsys, photos, run_dir):
     for f in ("model.safetensors", "last.safetensors", "split.json", "metrics.jsonl", "loss_curve.png"):
         assert (run_dir / f).is_file(), f
-    from fastcolor.io import load_model
+    from fastcolor.models.serialization import load_model
 
     assert load_model(run_dir).config["input_size"] == 48  # --size is recorded in the model
     argv = ["train", photos, "--model", "zhang-tiny", "--epochs", "1", "--workers", "0", "--out", run_dir, "-q"]
@@ -313,8 +312,7 @@ def test_eval_prints_tables_and_json(capsys, photos, run_dir, inputs, tmp_path):
     assert_one_line_error(*run(capsys, "eval", tmp_path / "nope", photos)[::2], "no such run directory")
 
 
-def test_bench_delegates_to_fastcolor_bench(capsys):
-    pytest.importorskip("fastcolor.bench")
+def test_bench_delegates_to_the_benchmark_driver(capsys):
     rc, out, err = run(capsys, "bench", "--device", "cpu", "--quick", "--providers", "torch", "--json")
     assert rc == 0, err
     data = json.loads(out)

@@ -5,7 +5,7 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from fastcolor.cli import main
+from fastcolor.app.cli import main
 
 
 def test_quick_demo_writes_every_artefact(tmp_path, capsys):

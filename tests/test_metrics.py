@@ -12,6 +12,7 @@ from PIL import Image
 
 import fastcolor
 from fastcolor.color import rgb_to_lab
+from fastcolor.data import index_images
 from fastcolor.gamut import AB_BINS
 from fastcolor.metrics import (AucAccumulator, ab_mse, ab_r2, auc, bin_accuracy, bin_cross_entropy, coarse_accuracy,
                                coarse_bin_map, colorfulness, evaluate, psnr, ssim)
@@ -145,3 +146,17 @@ def test_evaluate_writes_per_class_tables_and_grid(tmp_path):
     assert not (tmp_path / "e2" / "comparison.png").exists()
     with pytest.raises(FileNotFoundError, match="run_dir_or_weights"):
         evaluate(tmp_path / "nope", data)
+    # splits: "all" in a run directory ignores its split.json; a mapping is evaluated as given
+    run_model = tmp_path / "zhang" / "model.safetensors"
+    every = evaluate(run_model, data, out_dir=tmp_path / "e3", splits=("all",), grid_images=0)
+    assert [r["images"] for r in every["rows"] if r["class"] == "(all)"] == [20]
+    assert every["source"] == str(run_model) and str(run_model) in (tmp_path / "e3" / "metrics.md").read_text()
+    some = index_images(data)[:3]
+    mine = evaluate(run_model, data, out_dir=tmp_path / "e4", splits={"mine": some}, grid_images=0)
+    assert {(r["class"], r["split"], r["images"]) for r in mine["rows"]} >= {("(all)", "mine", 3)}
+    with pytest.raises(ValueError, match="no split.json"):
+        evaluate(tmp_path / "bare" / "m.safetensors", data, splits=("test",))
+    with pytest.raises(ValueError, match="not in"):
+        evaluate(tmp_path / "zhang", data, splits=("holdout",))
+    with pytest.raises(TypeError, match="not a string"):
+        evaluate(tmp_path / "zhang", data, splits="test")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcolor.io import load_model, save_model
 from fastcolor.models import (BACKBONES, Embedder, EmbeddingCache, FusionNet, ZhangNet, build_model, model_state)
+from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import fastcolor.io as fio
-from fastcolor.io import load_checkpoint, load_model, load_tensors
+from fastcolor.io import load_checkpoint, load_tensors
+from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import make_photo_folder, one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
@@ -191,7 +192,7 @@ def test_kill_between_last_and_best_is_repaired_on_resume(photos, tmp_path):
 
 def _writers(tmp_path):
     """(name, path, write(version)) for every kind of file fastcolor writes."""
-    from fastcolor.cli import write_new_file
+    from fastcolor.app.colorize_files import write_new_file
     from fastcolor.data import ImageItem, save_split
     from fastcolor.metrics import comparison_grid
     from fastcolor.models import EmbeddingCache, build_model, model_state
@@ -210,7 +211,7 @@ def _writers(tmp_path):
     return [
         ("checkpoint", tmp_path / "last.safetensors",
          lambda v: fio.save_checkpoint(tmp_path / "last.safetensors", model_state(net), net.config, opt, epoch=v)),
-        ("model", tmp_path / "model.safetensors", lambda v: fio.save_model(tmp_path / "model.safetensors", net)),
+        ("model", tmp_path / "model.safetensors", lambda v: save_model(tmp_path / "model.safetensors", net)),
         ("metrics.jsonl", tmp_path / "metrics.jsonl",
          lambda v: fio.append_jsonl(tmp_path / "metrics.jsonl", [{"epoch": e} for e in range(v + 1)])),
         ("json", tmp_path / "result.json", lambda v: fio.atomic_write_json(tmp_path / "result.json", {"v": v})),

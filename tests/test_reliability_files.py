@@ -2,7 +2,6 @@
 malicious weights files (every loader, the command line's --weights). Nothing from a user's
 file is ever unpickled."""
 import json
-import os
 import pickle
 import struct
 import sys
@@ -16,12 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save, save_file
 
-from fastcolor import cli
+from fastcolor.app import cli
 from fastcolor.colorize import colorize_image, to_l_tensor
 from fastcolor.data import ColorizationDataset, UnreadableImageError, index_images, load_rgb
-from fastcolor.io import (load_checkpoint, load_model, load_state_file, load_tensors, read_checkpoint_meta,
-                          save_checkpoint, save_model)
+from fastcolor.io import load_checkpoint, load_state_file, load_tensors, read_checkpoint_meta, save_checkpoint
 from fastcolor.models import FusionNet, build_model, model_state
+from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
@@ -156,7 +155,8 @@ def weight_files(zhang_file, tmp_path_factory):
         "truncated.safetensors": (raw[: len(raw) // 2], "truncated"),
         "header_only.safetensors": (raw[:6], "truncated"),
         "empty.safetensors": (b"", "empty"),
-        "random.safetensors": (os.urandom(4096), "not a valid safetensors file"),
+        # seeded: urandom bytes opening with a pickle opcode (0x80, "(", "}", "]") are a pickle
+        "random.safetensors": (np.random.default_rng(7).bytes(4096), "not a valid safetensors file"),
         "foreign.safetensors": (save({"x": torch.zeros(3)}, metadata={"format": "pt"}), "not a fastcolor file"),
         "wrong_arch.safetensors": (save(model_state(small), metadata={"format": json.dumps("fastcolor-model-1"),
                                                                       "model_config": cfg}), "do not fit"),

@@ -173,7 +173,7 @@ def test_out_of_memory_mid_training_is_a_clear_error_and_keeps_the_checkpoint(ph
 
 
 def test_cli_train_too_big_is_one_line_error(photos, tmp_path, capsys):
-    from fastcolor import cli
+    from fastcolor.app import cli
 
     capsys.readouterr()
     rc = cli.main(["train", str(photos), "--model", "zhang-tiny", "--size", "8192", "--batch-size", "4",

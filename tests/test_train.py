@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import fastcolor
-from fastcolor.io import (atomic_write_bytes, flatten_optimizer_state, load_checkpoint, load_model, load_tensors,
+from fastcolor.io import (atomic_write_bytes, flatten_optimizer_state, load_checkpoint, load_tensors,
                           unflatten_optimizer_state)
+from fastcolor.models.serialization import load_model
 from fastcolor.reference import regression_loss as ref_regression_loss
 from fastcolor.train import TrainConfig, regression_loss, train
 

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from fastcolor.color import gray_rgb
+from fastcolor.io import load_state_file, save_tensors
 
 #: name -> (builder kwargs, default input size). Every builder gets ``weights=None``.
 BACKBONES: dict[str, tuple[dict[str, Any], int]] = {
@@ -60,8 +61,6 @@ class Embedder(nn.Module):
             self.net = getattr(torchvision.models, backbone)(weights=None, **kwargs)
         self.weights_id = None
         if weights is not None:
-            from fastcolor.io import load_state_file
-
             st = Path(weights).stat() if Path(weights).is_file() else None
             self.weights_id = f"{Path(weights).resolve()}|{st.st_mtime_ns if st else ''}"
 
@@ -214,8 +213,6 @@ class EmbeddingCache:
             return None
 
     def put(self, path: str | os.PathLike, embedding: torch.Tensor) -> None:
-        from fastcolor.io import save_tensors
-
         save_tensors(self._file(path), {"embedding": embedding.detach().float().cpu()})
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The ``fastcolor`` command line (also ``python -m fastcolor``).
+"""The ``fastcolor`` command line (also ``python -m fastcolor``): argparse and one ``cmd_*``
+function per subcommand.
 
 Subcommands: ``colorize``, ``train``, ``eval``, ``bench``, ``demo``, ``info``. Each has
 ``--help`` with examples. Exit status: 0 on success, 2 on bad usage or bad input (a
@@ -6,16 +7,16 @@ one-line ``fastcolor: error: ...`` on stderr, no traceback), 1 when something fa
 while running (e.g. out of GPU memory), 130 when interrupted. ``--debug`` (anywhere on
 the command line) prints the traceback as well.
 
-Everything here is a thin layer over the library: :func:`fastcolor.train.train`,
-:func:`fastcolor.metrics.evaluate`, :mod:`fastcolor.colorize`, :mod:`fastcolor.bench`
-and :mod:`fastcolor.demo`. :func:`main` takes an argv list and returns the exit status,
-so it can be called in-process.
+Each command is a thin layer over the library (:func:`fastcolor.train.train`,
+:func:`fastcolor.metrics.evaluate`) and the rest of the application
+(:mod:`fastcolor.app.colorize_files`, :mod:`fastcolor.app.weights`, :mod:`fastcolor.app.bench`,
+:mod:`fastcolor.app.demo`). :func:`main` takes an argv list and returns the exit status, so it
+can be called in-process.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -23,54 +24,27 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-PROG = "fastcolor"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+import torch
 
-#: CLI model names -> :data:`fastcolor.models.PRESETS` keys.
-MODELS = {
-    "zhang": "zhang", "zhang-small": "zhang_small", "zhang-tiny": "zhang_tiny",
-    "fusion": "fusion", "fusion-small": "fusion_small", "fusion-tiny": "fusion_tiny",
-}
-
-#: Output suffixes written as they are; any other input suffix is written as .png.
-_WRITABLE = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".bmp": "BMP",
-             ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".tga": "TGA"}
-#: Of those, the ones that can keep an alpha channel.
-_ALPHA_OK = {".png", ".tif", ".tiff", ".webp", ".tga"}
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class CLIError(Exception):
-    """A failure to report as one line ``fastcolor: error: <message>`` with exit status ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
-
-
-def _one_line(text: str, limit: int = 600) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def _note(msg: str) -> None:
-    """A remark on stderr (kept out of stdout, which may be JSON)."""
-    from tqdm import tqdm
-
-    tqdm.write(f"{PROG}: {msg}", file=sys.stderr)
-
-
-def _warn(msg: str) -> None:
-    _note(f"warning: {_one_line(msg, 2000)}")
-
+from fastcolor import __version__
+from fastcolor.app import bench
+from fastcolor.app.colorize_files import colorize_files, plan_colorize
+from fastcolor.app.demo import PHOTOS, run_demo
+from fastcolor.app.info import info_dict
+from fastcolor.app.messages import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, note,
+                                    one_line, say, warn)
+from fastcolor.app.threads import idle_cpu_threads
+from fastcolor.app.weights import MODELS, load_weights, resolve_weights, split_matches_data
+from fastcolor.backends import BackendUnavailable
+from fastcolor.colorize import MemoryLimitError, is_out_of_memory
+from fastcolor.data import UnreadableImageError
+from fastcolor.io import read_checkpoint_meta
+from fastcolor.metrics import evaluate
+from fastcolor.models import PRESETS
+from fastcolor.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------- argparse
 
@@ -141,8 +115,6 @@ examples:
 
 exit status: 0 success, 2 bad usage or bad input, 1 failure while running, 130 interrupted.
 'fastcolor COMMAND --help' shows each command's options and examples.""")
-    from fastcolor import __version__
-
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_common(parser, top=True)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -314,8 +286,7 @@ examples:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--hold-out", default="coffee", metavar="PHOTO",
-                   choices=["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                            "retina", "motorcycle"],
+                   choices=PHOTOS,
                    help="the photo kept out of training and colorized at full resolution: astronaut, chelsea, "
                         "coffee, rocket, hubble_deep_field, immunohistochemistry, retina or motorcycle "
                         "(default: %(default)s)")
@@ -345,7 +316,7 @@ def _one_line_warnings(debug: bool) -> Iterator[None]:
         return
     with warnings.catch_warnings():
         def show(message, category, filename, lineno, file=None, line=None):
-            _warn(str(message))
+            warn(str(message))
 
         warnings.showwarning = show
         yield
@@ -381,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, msg = _describe(exc)
         expected = isinstance(exc, CLIError) or code == EXIT_USAGE or msg == str(exc)  # not a surprise
         hint = "" if debug or expected else " (run with --debug for the traceback)"
-        print(f"{PROG}: error: {_one_line(msg)}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(msg)}{hint}", file=sys.stderr)
         return code
 
 
@@ -389,10 +360,6 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit status, message) for an exception that reached :func:`main`."""
     if isinstance(exc, CLIError):
         return exc.code, str(exc)
-    from fastcolor.backends import BackendUnavailable
-    from fastcolor.colorize import MemoryLimitError, is_out_of_memory
-    from fastcolor.data import UnreadableImageError
-
     if isinstance(exc, MemoryLimitError):  # says what needed how much, and what to do
         return EXIT_FAILURE, str(exc)
     if is_out_of_memory(exc):
@@ -404,52 +371,8 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def cpu_threads(reserve: int = 0) -> tuple[int, float | None]:
-    """(torch CPU threads to use, 1-minute load average): the idle cores, less ``reserve``.
-
-    On a busy machine fewer threads than torch's default are much faster: OpenMP threads that
-    wait for each other at every barrier while other processes hold the cores made a training
-    step five times slower than a single thread (measured on 2 busy cores).
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        load = None
-    cpus = os.cpu_count() or 1
-    return max(1, min(n, cpus - reserve - int(load or 0))), load
-
-
-@contextlib.contextmanager
-def idle_cpu_threads(device: str, log: Callable[[str], None] | None = _note, reserve: int = 0) -> Iterator[None]:
-    """On the CPU, run the block with torch using only the idle cores less ``reserve`` (see
-    :func:`cpu_threads`); ``log`` (None: silent) is told when that is fewer threads than usual."""
-    import torch
-
-    if not str(device).startswith("cpu"):
-        yield
-        return
-    default = torch.get_num_threads()
-    n, load = cpu_threads(reserve)
-    if n < default and log is not None:
-        why = f"load {load:.1f} on {os.cpu_count()} cores" if load is not None else f"{os.cpu_count()} cores"
-        log(f"using {n} of {default} CPU threads ({why}{', one core left free' if reserve else ''}): busy cores "
-            f"slow every thread down")
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(default)
-
-
 def _device(choice: str) -> str:
-    import torch
-
+    """``--device``: auto picks cuda when there is a GPU; asking for cuda without one is an error."""
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice.startswith("cuda") and not torch.cuda.is_available():
@@ -458,324 +381,7 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _find_runs(folder: Path, depth: int = 2) -> list[Path]:
-    """Run directories (with model.safetensors) at most ``depth`` levels below ``folder``."""
-    found: list[Path] = []
-    if depth <= 0:
-        return found
-    try:
-        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return found
-    for d in subdirs:
-        if (d / "model.safetensors").is_file():
-            found.append(d)
-        else:
-            found += _find_runs(d, depth - 1)
-    return found
-
-
-def _arch_of(path: Path) -> str | None:
-    from fastcolor.io import read_checkpoint_meta
-
-    try:
-        return read_checkpoint_meta(path).get("model_config", {}).get("arch")
-    except Exception:  # noqa: BLE001 - not a model file: no arch
-        return None
-
-
-def no_weights_message(model: str | None) -> str:
-    name = model or "zhang-small"
-    return (f"no trained weights given: fastcolor ships no pretrained weights and cannot download any. "
-            f"Train a model first, e.g. 'fastcolor train PHOTOS/ --model {name} --out runs/{name}', then pass "
-            f"'--weights runs/{name}' (or run 'fastcolor demo' and pass --weights demo_out/runs/zhang-small)")
-
-
-def resolve_weights(weights: str | None, model: str | None = None) -> Path:
-    """The model file to load for ``--weights`` (run dir, model file, checkpoint, folder of runs)."""
-    if weights is None:
-        raise CLIError(no_weights_message(model))
-    path = Path(weights)
-    if not path.exists():
-        raise CLIError(f"--weights: no such file or directory: {weights}")
-    want = MODELS[model].split("_")[0] if model else None
-    if path.is_dir():
-        for name in ("model.safetensors", "best.safetensors"):
-            if (path / name).is_file():
-                if name != "model.safetensors":
-                    _note(f"{path} has no model.safetensors yet (training not finished?): using {name}")
-                path = path / name
-                break
-        else:
-            runs = _find_runs(path)
-            if want:
-                runs = [r for r in runs if _arch_of(r / "model.safetensors") == want]
-            if len(runs) == 1:
-                _note(f"using the run {runs[0]}")
-                path = runs[0] / "model.safetensors"
-            elif runs:
-                listed = ", ".join(str(r) for r in runs[:6])
-                raise CLIError(f"--weights {weights} holds several runs ({listed}); pass one of them"
-                               + ("" if want else " or choose with --model"))
-            else:
-                raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
-                               f"'fastcolor train' writes one")
-    arch = _arch_of(path)
-    if arch is None:
-        raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
-                       f"file written by 'fastcolor train')")
-    if want and arch != want:
-        raise CLIError(f"--model {model} was asked for but --weights {weights} holds a {arch} model")
-    return path
-
-
-def load_weights(weights: str | None, model: str | None, device: str):
-    from fastcolor.io import load_model
-
-    path = resolve_weights(weights, model)
-    try:
-        return load_model(path, device)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CLIError(f"--weights {weights}: could not load the model: {exc}") from exc
-
-
 # ----------------------------------------------------------------------------- colorize
-
-
-@dataclass
-class _Job:
-    src: Path
-    dst: Path
-    shown: str  #: the source as named for messages
-
-
-def _image_files(folder: Path, exclude: Path | None) -> list[Path]:
-    from fastcolor.data import IMAGE_EXTENSIONS
-
-    out = []
-    for root, dirs, files in os.walk(folder):
-        rootp = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (exclude is None or (rootp / d).resolve() != exclude))
-        out += [rootp / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return out
-
-
-def _output_suffix(src: Path, has_alpha: bool) -> str:
-    suffix = src.suffix.lower()
-    if suffix not in _WRITABLE or (has_alpha and suffix not in _ALPHA_OK):
-        return ".png"
-    return src.suffix
-
-
-def _header(path: Path) -> tuple[str | None, str | None]:
-    """(PIL mode, None) if ``path`` opens as an image (header only), else (None, why not)."""
-    from fastcolor.data import open_image
-
-    try:
-        with open_image(path) as im:
-            return im.mode + ("A" if im.mode == "P" and "transparency" in im.info else ""), None
-    except OSError as exc:  # UnreadableImageError names the file
-        return None, _one_line(str(exc), 300)
-
-
-def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
-                  skip_existing: bool = False) -> tuple[list[_Job], list[str], int]:
-    """(jobs, skipped-with-reason, existing outputs left alone) for the colorize command."""
-    from fastcolor.data import IMAGE_EXTENSIONS
-
-    out = Path(output)
-    sources: list[tuple[Path, Path | None, str]] = []  # (file, path under OUT or None = as file, shown)
-    single_file_out = (len(inputs) == 1 and Path(inputs[0]).is_file() and out.suffix.lower() in IMAGE_EXTENSIONS
-                       and not out.is_dir())
-    out_resolved = out.resolve()
-    for name in inputs:
-        p = Path(name)
-        if not p.exists():
-            raise CLIError(f"no such file or directory: {name}")
-        if p.is_dir():
-            if p.resolve() == out_resolved:
-                raise CLIError(f"-o {output} is the input folder {name} itself; choose another output folder")
-            files = _image_files(p, out_resolved)
-            if not files:
-                _warn(f"no image files in folder {name}")
-            sources += [(f, f.relative_to(p), str(f)) for f in files]
-        else:
-            sources.append((p, None if single_file_out else Path(p.name), name))
-    if not sources:
-        raise CLIError(f"no image files found in {', '.join(inputs)}")
-
-    jobs, skipped, existing, seen = [], [], 0, {}
-    for src, rel, shown in sources:
-        mode, reason = _header(src)
-        if mode is None:
-            skipped.append(reason if shown in reason else f"{shown}: {reason}")
-            continue
-        has_alpha = mode in _ALPHA_MODES or mode.endswith("A")
-        dst = out if rel is None else (out / rel).with_suffix(_output_suffix(rel, has_alpha))
-        if dst.resolve() == src.resolve():
-            raise CLIError(f"the output for {shown} would replace the input itself; choose another -o")
-        if dst.resolve() in seen:
-            raise CLIError(f"{seen[dst.resolve()]} and {shown} would both be written to {dst}; "
-                           f"colorize them in separate runs or into different -o folders")
-        seen[dst.resolve()] = shown
-        if dst.exists() and not overwrite:
-            if skip_existing:
-                existing += 1
-                continue
-            others = sum(1 for s, r, _ in sources if r is not None and (out / r).exists()) - 1
-            more = f" (and {others} more)" if others > 0 else ""
-            raise CLIError(f"output {dst} already exists{more}; pass --overwrite to replace or --skip-existing "
-                           f"to keep existing outputs")
-        jobs.append(_Job(src, dst, shown))
-    return jobs, skipped, existing
-
-
-def _encode(rgb_u8, alpha, dst: Path) -> bytes:
-    from PIL import Image
-
-    im = Image.fromarray(rgb_u8, "RGB")
-    fmt = _WRITABLE.get(dst.suffix.lower(), "PNG")
-    if alpha is not None:
-        if dst.suffix.lower() in _ALPHA_OK:
-            im.putalpha(alpha)
-        else:
-            _warn(f"{dst.name}: its format cannot store transparency; the alpha channel is dropped")
-    buf = io.BytesIO()
-    kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    im.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write atomically (complete temp file, fsync, then rename; see atomic_write_bytes). Without ``overwrite`` an existing ``path`` is never replaced,
-    even one created while we were working: the temp file is hard-linked to ``path``, which
-    fails if the name is taken."""
-    from fastcolor.io import atomic_write_bytes
-
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    atomic_write_bytes(part, data)
-    taken = CLIError(f"output {path} appeared while colorizing; not replaced (pass --overwrite)")
-    try:
-        if overwrite:
-            os.replace(part, path)
-            return
-        try:
-            os.link(part, path)
-        except FileExistsError:
-            raise taken from None
-        except OSError:  # file systems without hard links: check, then rename
-            if path.exists():
-                raise taken from None
-            os.replace(part, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-
-
-def _read_image(path: Path):
-    """(L the network sees, L joined with the predicted ab, alpha band or None); L (1, H, W) in 0..100.
-
-    With transparency, the network sees the image composited over white, while the output
-    keeps the input's own (straight) colour lightness and its alpha, so that the output
-    composited over anything looks as light as the input does.
-    """
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    from fastcolor.colorize import to_l_tensor
-    from fastcolor.data import load_rgb
-
-    rgb = load_rgb(path)  # any mode -> upright 8-bit RGB (alpha composited over white)
-    L_seen = to_l_tensor(np.array(rgb)).float()  # np.array: a writable copy for torch
-    with Image.open(path) as im:
-        if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
-            rgba = ImageOps.exif_transpose(im.convert("RGBA"))
-            return L_seen, to_l_tensor(np.array(rgba.convert("RGB"))).float(), rgba.getchannel("A")
-    return L_seen, L_seen, None
-
-
-def _rgb_u8_in_strips(L: "torch.Tensor", ab: "torch.Tensor") -> "np.ndarray":
-    """L (1, H, W) joined with ab (2, h, w) upsampled to (H, W) -> (H, W, 3) uint8, strip by strip
-    (so that only L, the upsampled ab and the output are ever full size)."""
-    import numpy as np
-    import torch.nn.functional as F
-
-    from fastcolor.color import l_ab_to_rgb
-    from fastcolor.colorize import STRIP_PIXELS
-
-    H, W = L.shape[-2:]
-    ab_full = F.interpolate(ab[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    out = np.empty((H, W, 3), dtype=np.uint8)
-    step = max(1, STRIP_PIXELS // max(W, 1))
-    for r0 in range(0, H, step):
-        rgb = l_ab_to_rgb(L[:, r0:r0 + step], ab_full[:, r0:r0 + step])
-        out[r0:r0 + step] = (rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    return out
-
-
-def colorize_files(model, jobs: Sequence[_Job], size: int, T: float = 0.38, batch_size: int = 8,
-                   overwrite: bool = False, progress: bool = True,
-                   on_skip: Callable[[str], None] | None = None) -> list[Path]:
-    """Colorize ``jobs`` with ``model``; returns the written paths. Unreadable inputs are passed to
-    ``on_skip`` (a message) and left out. Not enough memory raises :class:`CLIError` (exit 1)
-    before anything of the batch concerned is written."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from fastcolor.colorize import MemoryLimitError, activation_bytes, check_memory, memory_guard, predict_ab
-
-    device = next(model.parameters()).device
-    model.eval()
-    written: list[Path] = []
-    advice = "try a smaller --batch-size or --size" + (", or --device cpu" if device.type == "cuda" else "")
-    bar = tqdm(total=len(jobs), unit="img", desc="colorize", disable=None if progress else True, file=sys.stderr)
-    try:
-        for start in range(0, len(jobs), batch_size):
-            batch, Ls, L_joins, alphas = [], [], [], []
-            for job in jobs[start:start + batch_size]:
-                try:
-                    L, L_join, alpha = _read_image(job.src)
-                except (OSError, ValueError, MemoryError) as exc:  # a bad file is skipped, not fatal
-                    reason = _one_line(str(exc), 300)
-                    (on_skip or _warn)(reason if job.shown in reason else f"{job.shown}: {reason}")
-                    bar.update(1)
-                    continue
-                batch.append(job)
-                Ls.append(L)
-                L_joins.append(L_join)
-                alphas.append(alpha)
-            if not batch:
-                continue
-            what = f"colorizing {len(batch)} image(s) at network input {size}x{size} on {device}"
-            try:
-                check_memory(activation_bytes(model, len(batch), size) or 0, device, what, advice)
-                with torch.no_grad(), memory_guard(device, what, advice):
-                    L_in = torch.cat([F.interpolate(L[None], size=(size, size), mode="bilinear", antialias=True,
-                                                    align_corners=False) for L in Ls]).to(device)
-                    ab = predict_ab(model, L_in, T).float().cpu()
-                if not torch.isfinite(ab).all():
-                    raise CLIError("the model produced non-finite colours (NaN/inf): its weights are broken; "
-                                   "nothing was written for this batch", EXIT_FAILURE)
-                for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab):
-                    H, W = L.shape[-2:]
-                    what = f"joining the colours with the full-resolution {W}x{H} lightness of {job.shown}"
-                    check_memory(H * W * (4 + 8 + 3) + (1 << 26), "cpu", what, "colorize it on a larger machine")
-                    with memory_guard("cpu", what, "colorize it on a larger machine"):
-                        rgb_u8 = _rgb_u8_in_strips(L, ab_i)
-                    try:
-                        write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
-                    except OSError as exc:  # disk full, read-only file system, ...
-                        raise CLIError(f"cannot write {job.dst}: {exc.strerror or exc}", EXIT_FAILURE) from exc
-                    written.append(job.dst)
-                    bar.update(1)
-            except MemoryLimitError as exc:
-                done = f"; {len(written)} image(s) were written before" if written else "; nothing was written"
-                raise CLIError(f"{exc}{done}", EXIT_FAILURE) from exc
-    finally:
-        bar.close()
-    return written
 
 
 def cmd_colorize(args) -> int:
@@ -783,10 +389,10 @@ def cmd_colorize(args) -> int:
     weights = resolve_weights(args.weights, args.model)  # before any work: no weights, no point
     jobs, skipped, existing = plan_colorize(args.inputs, args.output, args.overwrite, args.skip_existing)
     for s in skipped:
-        _warn(f"skipping {s}")
+        warn(f"skipping {s}")
     if not jobs:
         if existing and not skipped:
-            _say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
+            say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
             return EXIT_OK
         raise CLIError(f"nothing was colorized: none of the {len(skipped)} input file(s) could be read")
     for folder in sorted({job.dst.parent for job in jobs}):
@@ -800,12 +406,12 @@ def cmd_colorize(args) -> int:
     model = load_weights(str(weights), args.model, device)
     size = args.size or int(model.config["input_size"])
     if model.config["arch"] == "fusion" and args.temperature != 0.38:
-        _note("--temperature has no effect on a fusion model (it regresses ab directly)")
+        note("--temperature has no effect on a fusion model (it regresses ab directly)")
     late: list[str] = []
 
     def on_skip(msg: str) -> None:
         late.append(msg)
-        _warn(f"skipping {msg}")
+        warn(f"skipping {msg}")
 
     with idle_cpu_threads(device, log=None):
         written = colorize_files(model, jobs, size, args.temperature, args.batch_size, args.overwrite,
@@ -817,8 +423,8 @@ def cmd_colorize(args) -> int:
         where = written[0] if len(written) == 1 else Path(args.output)
         extra = f"; skipped {n_skip} unreadable" if n_skip else ""
         extra += f"; left {existing} existing" if existing else ""
-        _say(f"colorized {len(written)} image(s) -> {where} in {time.perf_counter() - t0:.1f} s "
-             f"({model.config['arch']} model, size {size}, {device}{extra})")
+        say(f"colorized {len(written)} image(s) -> {where} in {time.perf_counter() - t0:.1f} s "
+            f"({model.config['arch']} model, size {size}, {device}{extra})")
     return EXIT_OK
 
 
@@ -826,10 +432,6 @@ def cmd_colorize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fastcolor.io import read_checkpoint_meta
-    from fastcolor.models import PRESETS
-    from fastcolor.train import TrainConfig, train
-
     data, run = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise CLIError(f"DATA must be a folder of images, got {args.data!r} ({'not a folder' if data.exists() else 'no such folder'})")
@@ -850,14 +452,14 @@ def cmd_train(args) -> int:
             meta = read_checkpoint_meta(last).get("meta", {})
             raise CLIError(f"{args.out} already holds a run (last completed epoch {meta.get('epoch', '?')}); pass "
                            f"--resume to continue it, or choose another --out")
-        _note(f"resuming {args.out} from its last checkpoint")
+        note(f"resuming {args.out} from its last checkpoint")
     elif args.resume:
-        _note(f"nothing to resume in {args.out}: starting a new run")
+        note(f"nothing to resume in {args.out}: starting a new run")
     if args.device.startswith("cuda"):
         _device(args.device)
     if arch == "fusion" and not args.backbone_weights:
-        _note("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
-              "file): expect it to help little")
+        note("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
+             "file): expect it to help little")
     cfg = TrainConfig(
         data_dir=str(data), run_dir=str(run), model=config, loss=loss, classes=args.classes, image_size=args.size,
         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
@@ -870,69 +472,31 @@ def cmd_train(args) -> int:
             res = train(cfg)
     except KeyboardInterrupt:
         if (run / "last.safetensors").is_file():
-            _note(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
-                  f"command and --resume")
+            note(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
+                 f"command and --resume")
         raise
     first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
     new = [h for h in res.history if h["epoch"] > first]
     if not new:
-        _say(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (--epochs {args.epochs})")
+        say(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (--epochs {args.epochs})")
         return EXIT_OK
     for h in new:
         if not args.quiet:
-            _say(f"epoch {h['epoch']:3d}  train {h['train_loss']:.4f}  val {h['val_loss']:.4f}"
-                 f"{'  best' if h['best'] else ''}  ({h['seconds']:.1f} s)")
+            say(f"epoch {h['epoch']:3d}  train {h['train_loss']:.4f}  val {h['val_loss']:.4f}"
+                f"{'  best' if h['best'] else ''}  ({h['seconds']:.1f} s)")
     stop = " (stopped early)" if res.stopped_early else ""
-    _say(f"trained {args.model} ({loss} loss) for {res.epochs_completed} epoch(s){stop} in "
-         f"{time.perf_counter() - t0:.0f} s; best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
-    _say(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
-    _say(f"next: fastcolor eval {run} {data}")
-    _say(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
+    say(f"trained {args.model} ({loss} loss) for {res.epochs_completed} epoch(s){stop} in "
+        f"{time.perf_counter() - t0:.0f} s; best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+    say(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
+    say(f"next: fastcolor eval {run} {data}")
+    say(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
     return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- eval
 
 
-def _split_matches_data(run_dir: Path, data: Path) -> bool:
-    from fastcolor.data import load_split
-
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        return False
-    items = [it for part in load_split(split_file).values() for it in part]
-    return bool(items) and all((data / it.path).is_file() for it in items[:20])
-
-
-def evaluate_all_images(model_file: str | os.PathLike, data_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
-    """:func:`fastcolor.metrics.evaluate` on every image of ``data_dir`` (split "all"), even when
-    ``model_file`` sits in a run directory whose split.json names other files."""
-    from fastcolor.metrics import evaluate
-
-    model_file = Path(model_file)
-    # evaluate() uses the split.json beside a model file; a link in a fresh folder has none.
-    with tempfile.TemporaryDirectory(prefix="fastcolor-eval-") as tmp:
-        link = Path(tmp) / "model.safetensors"
-        try:
-            link.symlink_to(model_file.resolve())
-        except OSError:
-            import shutil
-
-            shutil.copyfile(model_file, link)
-        report = evaluate(link, data_dir, **kwargs)
-    # name the real model file, not the temporary link, in the report and the files written
-    from fastcolor.io import atomic_write_text
-
-    report["source"] = str(model_file)
-    for key in ("json", "markdown"):
-        f = Path(report["files"][key])
-        atomic_write_text(f, f.read_text().replace(str(link), str(model_file)))
-    return report
-
-
 def cmd_eval(args) -> int:
-    from fastcolor.metrics import evaluate
-
     src = Path(args.weights)
     if not src.exists():
         raise CLIError(f"no such run directory or weights file: {args.weights}")
@@ -944,21 +508,17 @@ def cmd_eval(args) -> int:
     run_dir = model_file.parent
     out = Path(args.out) if args.out else run_dir / "eval"
     device = _device(args.device)
-    use_split = "all" not in args.split and _split_matches_data(run_dir, data)
+    use_split = "all" not in args.split and split_matches_data(run_dir, data)
     if "all" not in args.split and (run_dir / "split.json").is_file() and not use_split:
-        _note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
-    kwargs = dict(data_dir=data, out_dir=out, compare=compare, T=args.temperature, batch_size=args.batch_size,
-                  device=device, max_images=args.max_images)
+        note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
     with idle_cpu_threads(device, log=None):
-        if use_split:
-            report = evaluate(model_file, splits=args.split, **kwargs)  # uses split.json beside it
-        else:
-            report = evaluate_all_images(model_file, **kwargs)
+        report = evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",), compare=compare,
+                          T=args.temperature, batch_size=args.batch_size, device=device, max_images=args.max_images)
     if args.json:
-        _say(json.dumps(report, indent=2, sort_keys=True, default=str))
+        say(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
-        _say(Path(report["files"]["markdown"]).read_text().rstrip())
-    _note(f"wrote {', '.join(report['files'].values())}")
+        say(Path(report["files"]["markdown"]).read_text().rstrip())
+    note(f"wrote {', '.join(report['files'].values())}")
     return EXIT_OK
 
 
@@ -966,82 +526,47 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args, extra: Sequence[str] = ()) -> int:
-    try:
-        from fastcolor import bench
-    except ImportError as exc:
-        raise CLIError(f"the benchmark module fastcolor.bench is not available in this install ({exc})",
-                       EXIT_FAILURE) from exc
     device = _device(args.device)
     argv = ["--device", device, *extra]
     if not args.json:
         return int(bench.main(argv) or 0)
-    # fastcolor.bench prints its table last; keep stdout pure JSON and show the table on stderr.
+    # the benchmark prints its table last; keep stdout pure JSON and show the table on stderr.
     with tempfile.TemporaryDirectory(prefix="fastcolor-bench-") as tmp:
         path = Path(tmp) / "bench.json"
         with contextlib.redirect_stdout(sys.stderr):
             rc = bench.main([*argv, "--json", str(path)])
-        _say(path.read_text().rstrip())
+        say(path.read_text().rstrip())
     return int(rc or 0)
 
 
 def cmd_demo(args) -> int:
-    from fastcolor.demo import run_demo
-
     device = _device(args.device)
     run_demo(args.out, quick=args.quick, device=device, seed=args.seed, held_out=args.hold_out)
     return EXIT_OK
 
 
-def info_dict() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    import fastcolor
-    from fastcolor import backends
-
-    devices: dict[str, Any] = {}
-    for dev in ("cpu", "cuda"):
-        present = dev == "cpu" or torch.cuda.is_available()
-        rows = {}
-        for name in backends.AUTO_ORDER[dev]:
-            reason = backends.unavailable_reason(name, dev) if present else "no CUDA device here"
-            rows[name] = {"available": reason is None, "reason": reason}
-        try:
-            auto = backends.resolve("auto", dev) if present else None
-        except backends.BackendUnavailable as exc:
-            auto = f"error: {exc}"
-        devices[dev] = {"present": present, "auto_order": list(backends.AUTO_ORDER[dev]), "auto": auto,
-                        "backends": rows}
-    if torch.cuda.is_available():
-        devices["cuda"]["name"] = torch.cuda.get_device_name()
-    return {"version": fastcolor.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "env": {backends.ENV_VAR: os.environ.get(backends.ENV_VAR)},
-            "build_info": fastcolor.build_info(), "devices": devices}
-
-
 def cmd_info(args) -> int:
     info = info_dict()
     if args.json:
-        _say(json.dumps(info, indent=2, sort_keys=True, default=str))
+        say(json.dumps(info, indent=2, sort_keys=True, default=str))
         return EXIT_OK
     b = info["build_info"]
-    _say(f"fastcolor {info['version']}  (python {info['python']}, torch {b.get('torch')}, numba {b.get('numba')}, "
-         f"triton {b.get('triton')})")
+    say(f"fastcolor {info['version']}  (python {info['python']}, torch {b.get('torch')}, numba {b.get('numba')}, "
+        f"triton {b.get('triton')})")
     if b["extension"]:
         cuda = f"CUDA kernels for sm {b.get('cuda_archs')}" if b.get("has_cuda_kernels") else "no CUDA kernels"
-        _say(f"native extension fastcolor._C: built with {b.get('compiler')}, {b.get('build_type')}, "
-             f"OpenMP {'on' if b.get('openmp') else 'off'}, CPU ISA {b.get('cpu_isa')}, {cuda}")
+        say(f"native extension fastcolor._C: built with {b.get('compiler')}, {b.get('build_type')}, "
+            f"OpenMP {'on' if b.get('openmp') else 'off'}, CPU ISA {b.get('cpu_isa')}, {cuda}")
     else:
-        _say(f"native extension fastcolor._C: NOT available: {_one_line(b.get('reason') or '?', 300)}")
+        say(f"native extension fastcolor._C: NOT available: {one_line(b.get('reason') or '?', 300)}")
     env = info["env"][next(iter(info["env"]))]
-    _say(f"backends (FASTCOLOR_BACKEND={env or 'unset'}):")
+    say(f"backends (FASTCOLOR_BACKEND={env or 'unset'}):")
     for dev, d in info["devices"].items():
         head = f"  {dev:<5}" + ("" if d["present"] else " (no device here)")
-        _say(f"{head}  auto -> {d['auto'] or '-'}")
+        say(f"{head}  auto -> {d['auto'] or '-'}")
         for name, r in d["backends"].items():
-            mark = "yes" if r["available"] else f"no: {_one_line(r['reason'], 120)}"
-            _say(f"      {name:<7} {mark}")
+            mark = "yes" if r["available"] else f"no: {one_line(r['reason'], 120)}"
+            say(f"      {name:<7} {mark}")
     return EXIT_OK
 
 

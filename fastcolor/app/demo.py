@@ -8,11 +8,11 @@
 3. Evaluate both (:func:`fastcolor.metrics.evaluate`) on crops of the held-back photo and on
    the test split of the training crops.
 4. Colorize the held-back photo at full resolution (the ``colorize`` command's code path).
-5. Time the backends on the CPU (:mod:`fastcolor.bench`).
+5. Time the backends on the CPU (:func:`fastcolor.app.bench.timing.time_op`).
 
 Everything lands in one folder (``demo_out/``). The models see seven photos for a minute
 or two each: this demonstrates the machinery, it is not a good colorizer. The demo trains
-on the idle cores less one (see :func:`fastcolor.cli.idle_cpu_threads`), so that its time
+on the idle cores less one (see :func:`fastcolor.app.threads.idle_cpu_threads`), so that its time
 holds when other work starts on the machine.
 """
 from __future__ import annotations
@@ -28,6 +28,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
+from PIL import Image
+
+from fastcolor.app.bench.timing import time_op
+from fastcolor.app.colorize_files import Job, colorize_files
+from fastcolor.app.threads import idle_cpu_threads
+from fastcolor.backends import available
+from fastcolor.color import l_ab_to_rgb
+from fastcolor.colorize import to_l_tensor
+from fastcolor.gamut import Q
+from fastcolor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fastcolor.metrics import comparison_grid, evaluate
+from fastcolor.models import PRESETS
+from fastcolor.models.serialization import load_model
+from fastcolor.train import TrainConfig, train
 
 __all__ = ["DemoSettings", "FULL", "QUICK", "PHOTOS", "HELD_OUT", "demo_photos", "make_crops", "run_demo"]
 
@@ -69,8 +84,6 @@ def demo_photos() -> dict[str, np.ndarray]:
 
 def make_crops(photo: np.ndarray, n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` random square crops (30-100 % of the short side, random flip), resized to ``size``."""
-    from PIL import Image
-
     H, W = photo.shape[:2]
     out = []
     for _ in range(n):
@@ -84,10 +97,6 @@ def make_crops(photo: np.ndarray, n: int, size: int, rng: np.random.Generator) -
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    from fastcolor.io import atomic_write_bytes
-
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -110,8 +119,6 @@ def _write_dataset(root: Path, photos: dict[str, np.ndarray], held_out: str, s: 
 
 
 def _model_configs(s: DemoSettings) -> dict[str, dict[str, Any]]:
-    from fastcolor.models import PRESETS
-
     return {
         "zhang-small": {**PRESETS["zhang_small"], "input_size": s.size},
         "fusion-small": {**PRESETS["fusion_small"], "input_size": s.size, "embed_size": s.embed_size},
@@ -124,8 +131,6 @@ def _plot_losses(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from fastcolor.io import atomic_write_bytes
 
     fig = Figure(figsize=(5 * len(results), 3.6), dpi=100)
     for ax, (name, res) in zip(fig.subplots(1, len(results), squeeze=False)[0], results.items()):
@@ -181,26 +186,21 @@ def _metrics_markdown(reports: dict[str, dict[str, Any]], names: dict[str, str],
     return "\n".join(lines)
 
 
-#: ops timed by the demo's benchmark (names of :func:`fastcolor.bench.time_op`)
+#: ops timed by the demo's benchmark (names of :func:`fastcolor.app.bench.timing.time_op`)
 BENCH_OPS = {"loss_fwd": "rebalanced CE forward", "loss_fwdbwd": "rebalanced CE forward+backward",
              "decode": "annealed-mean decode", "encode": "soft-encode (k=5)"}
 
 
 def run_bench(batch: int, side: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every op on every CPU backend at logits (batch, 313, side, side) through
-    :func:`fastcolor.bench.time_op`; returns ``{"shape", "ms": {op: {backend: ms}}, "markdown"}``."""
-    import torch
-
-    from fastcolor import backends, bench
-    from fastcolor.gamut import Q
-
+    :func:`fastcolor.app.bench.timing.time_op`; returns ``{"shape", "ms": {op: {backend: ms}}, "markdown"}``."""
     shape = (batch, Q, side, side)
-    names = backends.available("cpu")
+    names = available("cpu")
     names = ["torch"] + [n for n in names if n != "torch"]
     ms: dict[str, dict[str, float]] = {}
     for op in BENCH_OPS:
         for name in names:
-            ms.setdefault(op, {})[name] = bench.time_op(name, op, shape, torch.float32, "cpu", True, None)
+            ms.setdefault(op, {})[name] = time_op(name, op, shape, torch.float32, "cpu", True, None)
     fast = names[1:]
     lines = [f"CPU, float32 logits {batch}x{Q}x{side}x{side}, median of a few runs (wall clock), "
              f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores. "
@@ -217,8 +217,6 @@ def run_bench(batch: int, side: int, log: Callable[[str], None] = print) -> dict
 
 def _bench(out: Path, s: DemoSettings, log: Callable[[str], None]) -> dict[str, Path]:
     """The quick CPU benchmark into bench.md and bench.json; a failure is reported, never fatal."""
-    from fastcolor.io import atomic_write_json, atomic_write_text
-
     try:
         res = run_bench(s.bench_batch, s.bench_side, log)
     except Exception as exc:  # noqa: BLE001 - the benchmark is a bonus: say why it is missing
@@ -234,12 +232,8 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
              held_out: str = HELD_OUT, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out``, holding back the photo ``held_out`` (one of :data:`PHOTOS`);
     returns ``{"files": {...}, "seconds": ..., "metrics": {...}}``."""
-    import torch
-
     if held_out not in PHOTOS:
         raise ValueError(f"held_out must be one of {', '.join(PHOTOS)}, got {held_out!r}")
-    from fastcolor.cli import idle_cpu_threads
-
     # One core is left free: the time budget must hold when anything else starts meanwhile.
     bench_threads = torch.get_num_threads()  # the benchmark compares backends at their usual thread counts
     with idle_cpu_threads(device, log, reserve=1):
@@ -248,15 +242,6 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, device: s
 
 def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str, log: Callable[[str], None],
               bench_threads: int) -> dict[str, Any]:
-    import torch
-
-    from fastcolor.cli import _Job, colorize_files, evaluate_all_images
-    from fastcolor.color import l_ab_to_rgb
-    from fastcolor.colorize import to_l_tensor
-    from fastcolor.io import atomic_write_json, atomic_write_text, load_model
-    from fastcolor.metrics import comparison_grid, evaluate
-    from fastcolor.train import TrainConfig, train
-
     t_start = time.perf_counter()
     s = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
@@ -301,8 +286,8 @@ def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str, log
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         reports = {
-            "heldout": evaluate_all_images(zrun / "model.safetensors", heldout, out_dir=out / "eval" / "heldout",
-                                           compare=frun / "model.safetensors", device=device),
+            "heldout": evaluate(zrun / "model.safetensors", heldout, out_dir=out / "eval" / "heldout", splits=("all",),
+                                compare=frun / "model.safetensors", device=device),
             "test": evaluate(zrun, data, out_dir=out / "eval" / "test", splits=("test",),
                              compare=frun / "model.safetensors", device=device),
         }
@@ -319,10 +304,8 @@ def _run_demo(out: Path, quick: bool, device: str, seed: int, held_out: str, log
     outputs = {}
     for key, model in models.items():
         dst = out / f"{held_out}_{key}.png"
-        colorize_files(model, [_Job(full, dst, str(full))], size=s.size, overwrite=True, progress=False)
+        colorize_files(model, [Job(full, dst, str(full))], size=s.size, overwrite=True, progress=False)
         outputs[key] = dst
-    from PIL import Image
-
     L = to_l_tensor(photos[held_out])
     gray = (l_ab_to_rgb(L, torch.zeros(2, *L.shape[1:])).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     row = [gray] + [np.asarray(Image.open(outputs[k]).convert("RGB")) for k in ("zhang", "fusion")] + [photos[held_out]]

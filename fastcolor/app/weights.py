@@ -1,0 +1,110 @@
+"""Which model file ``--weights`` names: a run directory, a model file, a checkpoint, or a folder
+of runs (one of them picked by ``--model``), with errors that say what to do when there is none;
+and whether a run was trained on a given data folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastcolor.app.messages import CLIError, note
+from fastcolor.data import load_split
+from fastcolor.io import read_checkpoint_meta
+from fastcolor.models.serialization import load_model
+
+__all__ = ["MODELS", "no_weights_message", "resolve_weights", "load_weights", "split_matches_data"]
+
+#: CLI model names -> :data:`fastcolor.models.PRESETS` keys.
+MODELS = {
+    "zhang": "zhang", "zhang-small": "zhang_small", "zhang-tiny": "zhang_tiny",
+    "fusion": "fusion", "fusion-small": "fusion_small", "fusion-tiny": "fusion_tiny",
+}
+
+
+def _find_runs(folder: Path, depth: int = 2) -> list[Path]:
+    """Run directories (with model.safetensors) at most ``depth`` levels below ``folder``."""
+    found: list[Path] = []
+    if depth <= 0:
+        return found
+    try:
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for d in subdirs:
+        if (d / "model.safetensors").is_file():
+            found.append(d)
+        else:
+            found += _find_runs(d, depth - 1)
+    return found
+
+
+def _arch_of(path: Path) -> str | None:
+    try:
+        return read_checkpoint_meta(path).get("model_config", {}).get("arch")
+    except Exception:  # noqa: BLE001 - not a model file: no arch
+        return None
+
+
+def no_weights_message(model: str | None) -> str:
+    """What to do when no ``--weights`` are given (none ship with fastcolor)."""
+    name = model or "zhang-small"
+    return (f"no trained weights given: fastcolor ships no pretrained weights and cannot download any. "
+            f"Train a model first, e.g. 'fastcolor train PHOTOS/ --model {name} --out runs/{name}', then pass "
+            f"'--weights runs/{name}' (or run 'fastcolor demo' and pass --weights demo_out/runs/zhang-small)")
+
+
+def resolve_weights(weights: str | None, model: str | None = None) -> Path:
+    """The model file to load for ``--weights`` (run dir, model file, checkpoint, folder of runs)."""
+    if weights is None:
+        raise CLIError(no_weights_message(model))
+    path = Path(weights)
+    if not path.exists():
+        raise CLIError(f"--weights: no such file or directory: {weights}")
+    want = MODELS[model].split("_")[0] if model else None
+    if path.is_dir():
+        for name in ("model.safetensors", "best.safetensors"):
+            if (path / name).is_file():
+                if name != "model.safetensors":
+                    note(f"{path} has no model.safetensors yet (training not finished?): using {name}")
+                path = path / name
+                break
+        else:
+            runs = _find_runs(path)
+            if want:
+                runs = [r for r in runs if _arch_of(r / "model.safetensors") == want]
+            if len(runs) == 1:
+                note(f"using the run {runs[0]}")
+                path = runs[0] / "model.safetensors"
+            elif runs:
+                listed = ", ".join(str(r) for r in runs[:6])
+                raise CLIError(f"--weights {weights} holds several runs ({listed}); pass one of them"
+                               + ("" if want else " or choose with --model"))
+            else:
+                raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
+                               f"'fastcolor train' writes one")
+    arch = _arch_of(path)
+    if arch is None:
+        raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
+                       f"file written by 'fastcolor train')")
+    if want and arch != want:
+        raise CLIError(f"--model {model} was asked for but --weights {weights} holds a {arch} model")
+    return path
+
+
+def load_weights(weights: str | None, model: str | None, device: str) -> torch.nn.Module:
+    """The model :func:`resolve_weights` finds, loaded on ``device``; a file that does not load is a
+    :class:`CLIError` naming ``--weights``."""
+    path = resolve_weights(weights, model)
+    try:
+        return load_model(path, device)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CLIError(f"--weights {weights}: could not load the model: {exc}") from exc
+
+
+def split_matches_data(run_dir: Path, data: Path) -> bool:
+    """Whether ``run_dir`` has a ``split.json`` whose images are in ``data`` (its first 20 are checked)."""
+    split_file = run_dir / "split.json"
+    if not split_file.is_file():
+        return False
+    items = [it for part in load_split(split_file).values() for it in part]
+    return bool(items) and all((data / it.path).is_file() for it in items[:20])
