@@ -1,31 +1,9 @@
 """Backend registry and dispatch.
 
-A backend is a module that implements the three hot paths on flat tensors. The public ops in
-:mod:`fastcolor.ops` validate and reshape the user's tensors, pick a backend, and call it
-with this contract (``P`` = number of pixels per image, spatial axes flattened):
-
-``unavailable_reason(device_type: str) -> str | None``
-    None when the backend can run on that device type ("cpu" or "cuda"), else a sentence
-    naming what is missing.
-
-``soft_encode(ab, k, sigma) -> (indices, weights)``
-    ``ab``: float32 contiguous ``(N, 2, P)``. Returns int32 ``(N, k, P)`` bin indices, nearest
-    first (ties: lower bin index), and float32 ``(N, k, P)`` Gaussian weights summing to 1.
-
-``ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None)``
-    ``logits``: contiguous ``(N, 313, P)``, float32 / float16 / bfloat16 (float64 where the
-    backend says so). Target: either ``ab`` (float32 ``(N, 2, P)``, encoded on the fly with
-    ``k``, ``sigma``) or the precomputed ``indices``/``weights`` (``(N, k, P)``, int32 and
-    float32), the other being None. ``class_weights``: float32 ``(313,)`` or None (v = 1).
-    ``image_mask``: float32 ``(N,)`` or None (m = 1). ``pixel_scale``: float32 ``(N, P)`` or
-    None (s = 1), an upstream gradient. Returns ``(loss, grad)``: float32 ``(N, P)`` per-pixel
-    loss ``s_np m_n v_np * -sum_q Z_nqp log softmax_nqp``, and, when ``need_grad``, the
-    gradient ``grad_scale * s_np m_n v_np (softmax_nqp - Z_nqp)`` in the logits' dtype and
-    shape (None otherwise). Arithmetic is float32 whatever the logits' dtype.
-
-``annealed_mean(x, T, is_probs) -> ab``
-    ``x``: contiguous ``(N, 313, P)`` logits (or probabilities when ``is_probs``), ``T >= 1e-6``.
-    Returns float32 ``(N, 2, P)``.
+A backend is a module (or package) that implements the three hot paths on flat tensors, with
+the typed contract written down in :mod:`fastcolor.backends.contract`. The public ops in
+:mod:`fastcolor.ops` validate and reshape the user's tensors, pick a backend here
+(:func:`resolve`), and call it. ``backends/README.md`` says how to add one.
 """
 from __future__ import annotations
 
@@ -39,7 +17,9 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "torch": ("fastcolor.backends.torch_backend", ("cpu", "cuda")),
     "numba": ("fastcolor.backends.numba_backend", ("cpu",)),
     "cpp": ("fastcolor.backends.compiled_backend", ("cpu",)),
-    "triton": ("fastcolor.backends.triton_backend", ("cuda",)),
+    # CPU tensors only under TRITON_INTERPRET=1 (the backend says so otherwise); auto never
+    # picks it on the CPU, where the interpreter is for tests.
+    "triton": ("fastcolor.backends.triton_backend", ("cuda", "cpu")),
     "cuda": ("fastcolor.backends.compiled_backend", ("cuda",)),
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastcolor.backends.contract import LossCall
 from fastcolor.gamut import Q, ab_bins
 
 
@@ -23,7 +24,7 @@ def _bins(like: torch.Tensor) -> torch.Tensor:
     return ab_bins(device=like.device, dtype=torch.float32)
 
 
-def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     n, _, p = ab.shape
     pixels = ab.float().permute(0, 2, 1).reshape(-1, 2)
     bins = _bins(ab)
@@ -58,7 +59,7 @@ def _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute):
 
 def _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale):
     if indices is None:
-        indices, weights = soft_encode(ab, k, sigma)
+        indices, weights = soft_encode(ab, k=k, sigma=sigma)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.to(compute), dim=1)
     f = _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute)
@@ -72,18 +73,20 @@ def per_pixel_loss(logits, ab, indices, weights, class_weights, image_mask, k, s
     return _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)[0]
 
 
-def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None):
+def ce_forward(call: LossCall):
     """The contract's fused op, written out: loss and the analytic gradient (no autograd inside)."""
-    loss, logp, (indices, weights), f = _loss_terms(logits, ab, indices, weights, class_weights, image_mask, k, sigma, pixel_scale)
-    if not need_grad:
+    logits = call.logits
+    loss, logp, (indices, weights), f = _loss_terms(logits, call.ab, call.indices, call.weights, call.class_weights,
+                                                    call.image_mask, call.k, call.sigma, call.pixel_scale)
+    if not call.need_grad:
         return loss, None
     grad = logp.exp_().sub_(dense_target(indices, weights).to(logp.dtype))
     if f is not None:
         grad.mul_(f[:, None, :])
-    return loss, grad.mul_(grad_scale).to(logits.dtype)
+    return loss, grad.mul_(call.grad_scale).to(logits.dtype)
 
 
-def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
+def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(compute)
     if is_probs:

@@ -8,14 +8,13 @@ from fastcolor import backends
 from fastcolor.backends import torch_backend
 from fastcolor.gamut import Q, ab_bins
 from fastcolor.ops._common import check_tensor, flat
+from fastcolor.reference import T_MODE
 
-#: Below this temperature the annealed mean is the mode (the centre of the most likely bin).
-T_MODE = 1e-6
 
 
 @torch.library.custom_op("fastcolor::annealed_mean", mutates_args=())
 def _annealed_mean_op(x: torch.Tensor, T: float, is_probs: bool, backend: str) -> torch.Tensor:
-    return backends.get(backend).annealed_mean(x, T, is_probs)
+    return backends.get(backend).annealed_mean(x, T=T, is_probs=is_probs)
 
 
 @_annealed_mean_op.register_fake
@@ -72,7 +71,7 @@ def annealed_mean(
     name = backends.resolve(backend, x.device.type)
     xf = flat(x)
     if name == "torch":
-        out = torch_backend.annealed_mean(xf, float(T), is_probs)
+        out = torch_backend.annealed_mean(xf, T=float(T), is_probs=is_probs)
     else:
         if x.dtype == torch.float64:
             xf = xf.float()

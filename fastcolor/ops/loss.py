@@ -21,6 +21,7 @@ from torch import nn
 
 from fastcolor import backends
 from fastcolor.backends import torch_backend
+from fastcolor.backends.contract import LossCall
 from fastcolor.gamut import Q
 from fastcolor.ops._common import (
     check_bin_indices,
@@ -30,10 +31,10 @@ from fastcolor.ops._common import (
     check_tensor,
     flat,
 )
-from fastcolor.ops.encode import SoftLabels, has_far_ab, soft_encode
+from fastcolor.ops.encode import SoftLabels
+from fastcolor.reference import GRAY_THRESHOLD
 
 REDUCTIONS = ("mean", "sum", "none")
-GRAY_THRESHOLD = 5.0
 
 
 def image_mask_nongray(ab: torch.Tensor) -> torch.Tensor:
@@ -61,9 +62,9 @@ def _ce_op(
     need_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = backends.get(backend).ce_forward(
-        logits, ab, indices, weights, class_weights, image_mask, k, sigma, 1.0, need_grad, pixel_scale
-    )
+    call = LossCall(logits=logits, ab=ab, indices=indices, weights=weights, class_weights=class_weights,
+                    image_mask=image_mask, pixel_scale=pixel_scale, k=k, sigma=sigma, need_grad=need_grad)
+    loss, grad = backends.get(backend).ce_forward(call)
     return loss, grad if grad is not None else logits.new_empty(0)
 
 
@@ -75,15 +76,16 @@ def _(logits, ab, indices, weights, class_weights, image_mask, pixel_scale, k, s
 
 
 def _ce_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(inputs[:7]))
-    ctx.params = inputs[7:9] + inputs[10:]
+    logits, ab, indices, weights, class_weights, image_mask, _pixel_scale, k, sigma, _need_grad, backend = inputs
+    ctx.save_for_backward(logits, ab, indices, weights, class_weights, image_mask)
+    ctx.k, ctx.sigma, ctx.backend = k, sigma, backend
 
 
 def _ce_backward(ctx, grad_loss, _grad_grad):
-    logits, ab, indices, weights, class_weights, image_mask, _ = ctx.saved_tensors
-    k, sigma, backend = ctx.params
-    _, grad = _ce_op(logits, ab, indices, weights, class_weights, image_mask, grad_loss.float().contiguous(), k, sigma, True, backend)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    logits, ab, indices, weights, class_weights, image_mask = ctx.saved_tensors
+    _, grad = _ce_op(logits, ab, indices, weights, class_weights, image_mask, grad_loss.float().contiguous(),
+                     ctx.k, ctx.sigma, True, ctx.backend)
+    return (grad,) + (None,) * 10  # the logits only: targets and weights are constants
 
 
 _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -98,9 +100,9 @@ class _FusedCE(torch.autograd.Function):
         n_pix = logits.shape[0] * logits.shape[2]
         scale = 1.0 / max(n_pix, 1) if reduction == "mean" else 1.0
         need_grad = ctx.needs_input_grad[0]
-        loss_px, grad = backends.get(backend).ce_forward(
-            logits, ab, indices, weights, class_weights, image_mask, k, sigma, scale, need_grad
-        )
+        call = LossCall(logits=logits, ab=ab, indices=indices, weights=weights, class_weights=class_weights,
+                        image_mask=image_mask, k=k, sigma=sigma, grad_scale=scale, need_grad=need_grad)
+        loss_px, grad = backends.get(backend).ce_forward(call)
         ctx.reduction = reduction
         if need_grad:
             ctx.save_for_backward(grad)
@@ -177,11 +179,6 @@ def rebalanced_cross_entropy(
     spatial = logits.shape[2:]
     x = flat(logits)
     ab_f = flat(ab, torch.float32) if (ab is not None and indices is None) else None
-    if ab_f is not None and has_far_ab(ab_f):
-        # Out-of-gamut ab: the kernels' float32 search would misplace these pixels, so the
-        # target is encoded first (exactly for them, see soft_encode) and passed precomputed.
-        labels = soft_encode(ab_f, k, sigma, backend=name)
-        indices, soft_w, ab_f = labels.indices, labels.weights, None
     idx_f = flat(indices, torch.int32) if indices is not None else None
     w_f = flat(soft_w, torch.float32) if soft_w is not None else None
     k_eff = idx_f.shape[1] if idx_f is not None else k
