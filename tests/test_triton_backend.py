@@ -1,16 +1,24 @@
 """The triton backend against fastcolor.reference, on the GPU when there is one, else on CPU tensors
-through Triton's interpreter (tiny shapes: the interpreter runs every program in Python).
+through Triton's interpreter (small shapes: the interpreter runs every program in Python).
 
-The generic matrix over the public API is tests/test_backends.py (triton on cuda); this file adds
-the backend's own paths: the contract called directly (pixel_scale, image_mask, grad_scale,
-need_grad=False, precomputed targets), the windowed k-nearest search and its full-scan fallback
-(out-of-gamut, huge, exact ties, NaN ab), both encode modes, the launch-config hooks.
+The generic matrix over the public API is tests/test_backends.py, the shared acceptance test of
+the k-nearest search tests/test_encode_exact.py; this file adds the backend's own paths: the
+contract called directly (:class:`LossCall` with pixel_scale, image_mask, grad_scale,
+need_grad=False, precomputed targets), the candidate-table search with its float64 scan for
+pixels outside the table's box and the NaN/Inf rule mixed in one program, both encode modes,
+the launch-config hooks, and (no GPU needed) the kernels compiled for sm_90 by triton's own
+toolchain, with the explicit-rounding distances in the PTX.
 
 On a machine without CUDA the ``dev`` fixture sets TRITON_INTERPRET=1 for each test (the backend
-builds interpreted kernels for CPU tensors whatever the variable said at import time) and lets the
-registry hand "triton" CPU tensors.
+builds interpreted kernels for CPU tensors whatever the variable said at import time), under which
+the registry hands "triton" CPU tensors.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -20,11 +28,14 @@ pytest.importorskip("triton")
 
 import fastcolor as fc  # noqa: E402
 from fastcolor import backends  # noqa: E402
+from fastcolor import gamut  # noqa: E402
 from fastcolor import reference as R  # noqa: E402
 from fastcolor.backends import triton_backend as tb  # noqa: E402
+from fastcolor.backends.contract import LossCall  # noqa: E402
 from fastcolor.gamut import AB_BINS, Q  # noqa: E402
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -35,9 +46,6 @@ def dev(monkeypatch):
     if CUDA:
         return "cuda"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    name, devices = backends.BACKENDS["triton"]
-    if "cpu" not in devices:
-        monkeypatch.setitem(backends.BACKENDS, "triton", (name, devices + ("cpu",)))
     assert backends.unavailable_reason("triton", "cpu") is None
     return "cpu"
 
@@ -49,42 +57,80 @@ def _ab(n, p, seed, spread=130.0):
 
 
 def _gamut_ab(n, p, seed):
-    """ab within 6 units of a bin centre: the windowed search never falls back."""
+    """ab within 6 units of a bin centre."""
     rng = np.random.default_rng(seed)
     c = AB_BINS[rng.integers(0, Q, n * p)] + rng.uniform(-6, 6, (n * p, 2))
     return torch.tensor(c.reshape(n, p, 2).transpose(0, 2, 1).copy(), dtype=torch.float32)
 
 
-def _check_encoding(ab, idx, w, k):
-    """Indices equal the reference's away from float32 near-ties; weights within 2e-5."""
-    ri, rw = R.soft_encode(ab.double().numpy(), k)
-    px = ab.double().numpy().transpose(0, 2, 1).reshape(-1, 2)
-    d2 = np.sort(((px[:, None, :] - AB_BINS[None]) ** 2).sum(-1), axis=1)[:, : k + 1]
-    clear = np.diff(d2, axis=1).min(1) > 1e-3 * (1 + d2[:, -1]) if k < Q else np.ones(len(px), bool)
-    gi = idx.cpu().numpy().transpose(0, 2, 1).reshape(-1, k)
-    np.testing.assert_array_equal(gi[clear], ri.transpose(0, 2, 1).reshape(-1, k)[clear])
-    assert clear.mean() > 0.8
-    np.testing.assert_allclose(w.cpu().numpy(), rw, atol=2e-5)
+def _mixed_ab(seed):
+    """(2, 2, P) float32 pixels of every kind in the same programs: random in the box, on the 0.25
+    grid (exact float32 distances, true ties), the box's edges, outside the box (just beyond it,
+    far, float32's range) and NaN / Inf."""
+    rng = np.random.default_rng(seed)
+    lo, hi = gamut.TABLE_LO, gamut.TABLE_HI
+    below = float(np.nextafter(np.float32(hi), np.float32(0)))
+    box = rng.uniform(lo, hi, (120, 2))
+    grid = rng.integers(-480, 480, (120, 2)) * 0.25
+    edges = [[lo, lo], [lo, below], [below, below], [below, -50.0], [lo, 7.5], [hi, 0.0], [0.0, hi], [lo - 1e-3, 0.0]]
+    far = np.stack([rng.uniform(128.0, 2e3, 20) * rng.choice([-1, 1], 20), rng.uniform(-100, 100, 20)], 1)
+    big = [[1e6, 0.0], [1e5, 3.0], [-3e5, 47.0], [2e4, -2e4], [3e38, -3e38], [2.0**24 + 3, 7.0], [-1e30, 5.0]]
+    nan, inf = float("nan"), float("inf")
+    bad = [[nan, 0.0], [0.0, nan], [inf, 0.0], [-inf, 3.0], [2.0, inf], [nan, inf]]
+    px = np.concatenate([box, grid, edges, far, far[:, ::-1], big, bad]).astype(np.float32)
+    px = px[rng.permutation(len(px))]
+    if len(px) % 2:
+        px = px[:-1]
+    return torch.from_numpy(px.reshape(2, -1, 2).transpose(0, 2, 1).copy())
+
+
+def _rule_indices(ab: np.ndarray, k: int) -> np.ndarray:
+    """The k bins the rule of fastcolor.gamut picks, by brute force: float32 d^2 (no FMA) over all
+    bins in the box, the reference's float64 outside it, bins 0..k-1 for NaN/Inf. (N, k, P)."""
+    n, _, p = ab.shape
+    px = ab.transpose(0, 2, 1).reshape(-1, 2).astype(np.float32)
+    c = AB_BINS.astype(np.float32)
+    with np.errstate(all="ignore"):
+        da = px[:, None, 0] - c[None, :, 0]
+        db = px[:, None, 1] - c[None, :, 1]
+        d32 = da * da + db * db
+    order = np.argsort(d32, axis=1, kind="stable")[:, :k]
+    ref, _ = R.soft_encode(ab.astype(np.float64), k)
+    ref = ref.transpose(0, 2, 1).reshape(-1, k)
+    inbox = ((px >= gamut.TABLE_LO) & (px < gamut.TABLE_HI)).all(1)
+    out = np.where(inbox[:, None], order, ref)
+    return out.reshape(n, p, k).transpose(0, 2, 1)
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, 16])
-def test_soft_encode_window_and_fallback(dev, k):
-    # 40 pixels near bin centres (window path) and 30 anywhere in [-130, 130]^2 (some fall back)
-    ab = torch.cat([_gamut_ab(1, 40, k), _ab(1, 30, k)], dim=2)
-    idx, w = tb.soft_encode(ab.to(dev), k, 5.0)
-    assert idx.dtype == torch.int32 and w.dtype == torch.float32 and idx.shape == (1, k, 70)
-    _check_encoding(ab, idx, w, k)
+def test_soft_encode_follows_the_rule(dev, k):
+    ab = _mixed_ab(k)
+    idx, w = tb.soft_encode(ab.to(dev), k=k, sigma=5.0)
+    assert idx.dtype == torch.int32 and w.dtype == torch.float32 and idx.shape == (2, k, ab.shape[2])
+    got_i, got_w = idx.cpu().numpy(), w.cpu().double().numpy()
+    np.testing.assert_array_equal(got_i, _rule_indices(ab.numpy(), k))
+    ri, rw = R.soft_encode(ab.double().numpy(), k)
+    # The reference's own bins wherever float32 distances are exact (the 0.25 grid) or not used.
+    a = ab.numpy().astype(np.float64)
+    exact = (np.abs(a) >= gamut.TABLE_HI).any(1) | ~np.isfinite(a).all(1) | (a * 4 == np.round(a * 4)).all(1)
+    np.testing.assert_array_equal(np.moveaxis(got_i, 1, 2)[exact], np.moveaxis(ri, 1, 2)[exact])
+    np.testing.assert_allclose(got_w, rw, rtol=0, atol=1e-6, equal_nan=True)
+    bad = ~np.isfinite(ab.numpy()).all(1)
+    assert np.isnan(got_w.transpose(0, 2, 1)[bad]).all()
+    assert (got_i.transpose(0, 2, 1)[bad] == np.arange(k)).all()
 
 
 def test_soft_encode_exact_ties_take_the_lower_bin(dev):
-    # Grid points and half-grid points: many candidates at exactly equal distances.
+    # Grid points and half-grid points: many candidates at exactly equal distances, in the box
+    # (float32) and, for k = 2, beyond it (float64: (500, 5) is as far from (100, 0) as from (100, 10)).
     g = torch.Generator().manual_seed(3)
-    ab = (torch.randint(-22, 21, (2, 2, 33), generator=g) * 5).float()
-    for k in (2, 7):
-        idx, w = tb.soft_encode(ab.to(dev), k, 5.0)
+    box = (torch.randint(-25, 26, (2, 2, 33), generator=g) * 5).float()
+    far = torch.tensor([[500.0, -300.0, 5.0, -2e3], [5.0, 15.0, 400.0, -115.0]]).expand(2, 2, 4)
+    for k, ab in ((2, torch.cat([box, far], 2)), (7, box)):
+        idx, w = tb.soft_encode(ab.to(dev), k=k, sigma=5.0)
         ri, rw = R.soft_encode(ab.double().numpy(), k)
         np.testing.assert_array_equal(idx.cpu().numpy(), ri)
-        np.testing.assert_allclose(w.cpu().numpy(), rw, atol=2e-6)
+        np.testing.assert_allclose(w.cpu().numpy(), rw, atol=1e-6)
 
 
 def test_far_ab_keeps_the_small_differences_float32_distances_would_lose(dev):
@@ -92,55 +138,67 @@ def test_far_ab_keeps_the_small_differences_float32_distances_would_lose(dev):
     the nearest is still b = 0 (bin 312), and the weights are the reference's."""
     ab = torch.tensor([[[1e6, 1e5, -3e5, 2e4], [0.0, 3.0, 47.0, -2e4]]])
     for k in (1, 4):
-        idx, w = tb.soft_encode(ab.to(dev), k, 5.0)
+        idx, w = tb.soft_encode(ab.to(dev), k=k, sigma=5.0)
         ri, rw = R.soft_encode(ab.double().numpy(), k)
         np.testing.assert_array_equal(idx.cpu().numpy(), ri)
-        np.testing.assert_allclose(w.cpu().numpy(), rw, atol=1e-5)
+        np.testing.assert_allclose(w.cpu().numpy(), rw, atol=1e-6)
     assert idx[0, 0, 0].item() == 312 and idx[0, 0, 1].item() == 312
     x = torch.zeros(1, Q, 1)
     x[0, 312] = 12.0
-    loss, _ = tb.ce_forward(x.to(dev), ab[..., :1].to(dev), None, None, None, None, 1, 5.0, 1.0, False)
+    loss, _ = tb.ce_forward(LossCall(logits=x.to(dev), ab=ab[..., :1].to(dev), k=1, need_grad=False))
     assert loss.item() < 0.01
 
 
-def test_soft_encode_far_and_non_finite_ab(dev):
-    ab = torch.tensor([[[1e6, -1e6, 3e4, 0.0, float("nan"), float("inf"), 12.0],
-                        [-2e5, 7e5, 3e4, float("nan"), 1.0, 5.0, -float("inf")]]])
-    idx, w = tb.soft_encode(ab.to(dev), 5, 5.0)
-    idx, w = idx.cpu(), w.cpu()
-    ri, _ = R.soft_encode(ab[..., :3].double().numpy(), 5)
-    np.testing.assert_array_equal(idx[..., :3].numpy(), ri)  # far but finite: the true nearest bins
-    assert torch.isfinite(w[..., :3]).all() and torch.allclose(w[..., :3].sum(1), torch.ones(1, 3))
-    assert ((idx >= 0) & (idx < Q)).all()  # never out of range, even for NaN/inf
-    assert torch.isnan(w[..., 3:]).all()  # NaN / inf ab: NaN weights, as the reference gives
+def _ref_loss(x, idx, w, cw, scale, grad_scale):
+    want_l, want_g = R.rebalanced_cross_entropy(x.double().numpy(), None, cw.double().numpy(), idx.shape[1],
+                                                reduction="none", target=(idx, w))
+    return want_l * scale, want_g * grad_scale * scale[:, None, :]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("encoded", [True, False], ids=["ab", "indices"])
 def test_ce_forward_contract(dev, dtype, encoded):
-    """The contract called directly: every scale (class weights, image mask, pixel scale, grad_scale)."""
-    n, p, k = 2, 37, 5
+    """The contract called directly: every scale (class weights, image mask, pixel scale, grad_scale),
+    the target encoded in the kernel (pixels in and beyond the box) or precomputed."""
+    n, k = 2, 5
     g = torch.Generator().manual_seed(int(encoded) + 10 * DTYPES.index(dtype))
+    ab = torch.cat([_gamut_ab(n, 30, 1), _ab(n, 7, 2), torch.tensor([[[300.0, -2e3]], [[1e4, 40.0]]]).expand(n, 2, 2)], 2)
+    p = ab.shape[2]
     x = (torch.randn(n, Q, p, generator=g) * 3).to(dtype)
-    ab = torch.cat([_gamut_ab(n, 30, 1), _ab(n, 7, 2)], dim=2)
     cw = torch.rand(Q, generator=g) * 3 + 0.1
     mask = torch.tensor([1.0, 0.5])
     ps = torch.rand(n, p, generator=g) + 0.5
     idx, w = R.soft_encode(ab.double().numpy(), k)
-    args = (None, torch.tensor(idx, dtype=torch.int32).to(dev), torch.tensor(w, dtype=torch.float32).to(dev)) if not encoded \
-        else (ab.to(dev), None, None)
-    loss, grad = tb.ce_forward(x.to(dev), *args, cw.to(dev), mask.to(dev), k, 5.0, 0.75, True, ps.to(dev))
+    target = dict(ab=ab.to(dev)) if encoded else \
+        dict(indices=torch.tensor(idx, dtype=torch.int32).to(dev), weights=torch.tensor(w, dtype=torch.float32).to(dev))
+    common = dict(logits=x.to(dev), class_weights=cw.to(dev), image_mask=mask.to(dev), pixel_scale=ps.to(dev),
+                  k=k, sigma=5.0, grad_scale=0.75, **target)
+    loss, grad = tb.ce_forward(LossCall(**common, need_grad=True))
     assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == x.shape
-    want_l, want_g = R.rebalanced_cross_entropy(x.double().numpy(), ab.double().numpy(), cw.double().numpy(), k,
-                                                reduction="none", target=(idx, w))
-    scale = (mask[:, None] * ps).double().numpy()
-    want_l = want_l * scale
-    want_g = want_g * 0.75 * scale[:, None, :]
+    want_l, want_g = _ref_loss(x, idx, w, cw, (mask[:, None] * ps).double().numpy(), 0.75)
     np.testing.assert_allclose(loss.cpu().double().numpy(), want_l, rtol=2e-5, atol=2e-5 * np.abs(want_l).max())
     np.testing.assert_allclose(grad.cpu().double().numpy(), want_g, rtol=0, atol=GRAD_TOL[dtype] * np.abs(want_g).max())
-    loss2, grad2 = tb.ce_forward(x.to(dev), *args, cw.to(dev), mask.to(dev), k, 5.0, 0.75, False, ps.to(dev))
+    loss2, grad2 = tb.ce_forward(LossCall(**common, need_grad=False))
     assert grad2 is None
     torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_loss_encodes_like_soft_encode(dev):
+    """The loss kernel's on-the-fly encoding is the encode kernel's (one search): the same
+    per-pixel loss as with soft_encode's output, for pixels of every kind, NaN/Inf included."""
+    ab = _mixed_ab(7)
+    n, _, p = ab.shape
+    x = (torch.randn(n, Q, p, generator=torch.Generator().manual_seed(0)) * 3).to(dev)
+    idx, w = tb.soft_encode(ab.to(dev), k=5, sigma=5.0)
+    fused, g1 = tb.ce_forward(LossCall(logits=x, ab=ab.to(dev), k=5))
+    pre, g2 = tb.ce_forward(LossCall(logits=x, indices=idx, weights=w, k=5))
+    torch.testing.assert_close(fused, pre, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7, equal_nan=True)
+    bad = ~torch.isfinite(ab).all(1)
+    assert torch.isnan(fused.cpu()[bad]).all() and torch.isfinite(fused.cpu()[~bad]).all()
+    # NaN / Inf ab: NaN only at bins 0..k-1 of the gradient (the reference's NaN weights there)
+    g1 = g1.cpu().permute(0, 2, 1)[bad]
+    assert torch.isnan(g1[:, :5]).all() and torch.isfinite(g1[:, 5:]).all()
 
 
 @pytest.mark.parametrize("k,reduction,nongray,dtype", [
@@ -165,12 +223,13 @@ def test_public_loss_matches_reference(dev, k, reduction, nongray, dtype):
 
 def test_separate_encode_mode_equals_fused(dev, monkeypatch):
     x = torch.randn(2, Q, 41).to(dev)
-    ab = _ab(2, 41, 5).to(dev)
-    fused = tb.ce_forward(x, ab, None, None, None, None, 10, 5.0, 1.0, True)
+    ab = torch.cat([_ab(2, 40, 5), torch.tensor([[[500.0]], [[-7.0]]]).expand(2, 2, 1)], 2).to(dev)
+    call = LossCall(logits=x, ab=ab, k=7)
+    fused = tb.ce_forward(call)
     monkeypatch.setenv("FASTCOLOR_TRITON_ENCODE", "separate")
-    sep = tb.ce_forward(x, ab, None, None, None, None, 10, 5.0, 1.0, True)
-    torch.testing.assert_close(sep[0], fused[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sep[1], fused[1], rtol=1e-5, atol=1e-7)
+    sep = tb.ce_forward(call)
+    torch.testing.assert_close(sep[0], fused[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sep[1], fused[1], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("T", [0.01, 0.38, 1.0])
@@ -181,7 +240,7 @@ def test_annealed_mean_logits_and_probs(dev, T):
         np.testing.assert_allclose(got.cpu().double().numpy(), R.annealed_mean(x.double().numpy(), T=T), atol=2e-3, rtol=1e-4)
     p = torch.softmax(torch.randn(1, Q, 1, 1, dtype=torch.float64) * 3, 1)
     p[0, 7] = 0.0  # log(0) = -inf: weight 0
-    got = tb.annealed_mean(p.float().reshape(1, Q, 1).to(dev), T, True)
+    got = tb.annealed_mean(p.float().reshape(1, Q, 1).to(dev), T=T, is_probs=True)
     np.testing.assert_allclose(got.cpu().double().numpy().reshape(1, 2, 1, 1), R.annealed_mean(probs=p.float().double().numpy(), T=T), atol=2e-3)
 
 
@@ -190,17 +249,17 @@ def test_non_finite_logits_and_empty_inputs(dev):
     x[0, 3, 2] = float("nan")
     x[0, 9, 4] = float("inf")
     ab = _gamut_ab(1, 6, 0)
-    loss, grad = tb.ce_forward(x.to(dev), ab.to(dev), None, None, None, None, 5, 5.0, 1.0, True)
+    loss, grad = tb.ce_forward(LossCall(logits=x.to(dev), ab=ab.to(dev), k=5))
     loss = loss.cpu()
     assert torch.isnan(loss[0, 2]) and torch.isnan(loss[0, 4]) and torch.isfinite(loss[0, [0, 1, 3, 5]]).all()
     assert torch.isfinite(grad.cpu()[0, :, [0, 1, 3, 5]]).all()
-    out = tb.annealed_mean(x.to(dev), 0.38, False).cpu()
+    out = tb.annealed_mean(x.to(dev), T=0.38, is_probs=False).cpu()
     assert torch.isnan(out[0, :, 2]).all() and torch.isfinite(out[0, :, 0]).all()
     for n, p in [(0, 5), (2, 0)]:
-        loss, grad = tb.ce_forward(torch.randn(n, Q, p).to(dev), torch.zeros(n, 2, p).to(dev), None, None, None, None, 5, 5.0, 1.0, True)
+        loss, grad = tb.ce_forward(LossCall(logits=torch.randn(n, Q, p).to(dev), ab=torch.zeros(n, 2, p).to(dev), k=5))
         assert loss.shape == (n, p) and grad.shape == (n, Q, p)
-        idx, w = tb.soft_encode(torch.zeros(n, 2, p).to(dev), 3, 5.0)
-        assert idx.shape == (n, 3, p) and tb.annealed_mean(torch.randn(n, Q, p).to(dev), 0.38, False).shape == (n, 2, p)
+        idx, w = tb.soft_encode(torch.zeros(n, 2, p).to(dev), k=3, sigma=5.0)
+        assert idx.shape == (n, 3, p) and tb.annealed_mean(torch.randn(n, Q, p).to(dev), T=0.38, is_probs=False).shape == (n, 2, p)
 
 
 def test_config_hooks(monkeypatch):
@@ -208,19 +267,88 @@ def test_config_hooks(monkeypatch):
     assert tb.config("ce", torch.float32) == (64, 8, None)
     assert tb.config("am", torch.bfloat16) == (16, 2, 128)
     assert tb.config("enc", torch.float32) == (128, 4, None)
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"enc": (256, 8)})
+    assert tb.config("enc", torch.float32) == (256, 8, None)
     monkeypatch.setenv("FASTCOLOR_TRITON_CONFIG", "ce=bad")
     with pytest.raises(ValueError, match="FASTCOLOR_TRITON_CONFIG"):
         tb.config("ce", torch.float32)
+    monkeypatch.delenv("FASTCOLOR_TRITON_CONFIG")
+    # the interpreter: one big block (a power of two, within triton's 2^20 elements a tile)
+    assert tb.config("ce", torch.float32, 37, device=torch.device("cpu"))[0] == 64
+    assert tb.config("enc", torch.float32, 10**6, device=torch.device("cpu"))[0] * 16 <= 2**20
     monkeypatch.setenv("FASTCOLOR_TRITON_ENCODE", "sideways")
     with pytest.raises(ValueError, match="FASTCOLOR_TRITON_ENCODE"):
         tb.encode_mode()
 
 
-def test_cpu_needs_the_interpreter(monkeypatch):
+def test_cpu_needs_the_interpreter_and_auto_never_picks_it(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in tb.unavailable_reason("cpu")
+    assert "TRITON_INTERPRET" in backends.unavailable_reason("triton", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert tb.unavailable_reason("cpu") is None
+    assert backends.unavailable_reason("triton", "cpu") is None
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.resolve("auto", "cpu") != "triton"
+
+
+# ----------------------------------------------------------------------------- the GPU build, without a GPU
+
+
+def _compiled_kernels_module(monkeypatch):
+    """A fresh, non-interpreted instance of kernels.py (triton.jit), whatever the environment."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    path = os.path.join(os.path.dirname(tb.__file__), "kernels.py")
+    name = "fastcolor.backends.triton_backend._kernels_compile_test"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # inspect.getsource needs to find it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_compile_for_sm90_without_contracted_distances(monkeypatch):
+    """triton.compile for an sm_90 target runs triton's own LLVM and ptxas on the host: the GPU
+    build of every kernel is checked here even without a GPU. The search's squared distances are
+    explicit-rounding PTX (mul.rn / add.rn, never fused into an FMA), float32 and float64."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # pragma: no cover - a triton without these
+        pytest.skip(f"triton's compiler API: {exc}")
+    km = _compiled_kernels_module(monkeypatch)
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_(fn, sig, consts, **opts):
+        sig = dict(sig, **{c: "constexpr" for c in consts})
+        try:
+            return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                                  options=dict(num_warps=4, **opts))
+        except (RuntimeError, FileNotFoundError) as exc:
+            if "ptxas" in str(exc) or "cuda" in str(exc).lower() and "not found" in str(exc).lower():
+                pytest.skip(f"no CUDA toolchain in this triton: {exc}")
+            raise
+
+    _, consts = tb._knn_consts(5, "cpu")
+    enc = compile_(km.encode_kernel, {"ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32", "offs_ptr": "*i32",
+                                      "tbins_ptr": "*i16", "cent_ptr": "*fp32", "P": "i32", "neg_inv_two_sigma2": "fp32"},
+                   dict(**consts, BP=128))
+    ce = compile_(km.ce_kernel, {"x_ptr": "*bf16", "ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32",
+                                 "cw_ptr": "*fp32", "mask_ptr": "*fp32", "ps_ptr": "*fp32", "offs_ptr": "*i32",
+                                 "tbins_ptr": "*i16", "cent_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": "*bf16",
+                                 "P": "i32", "neg_inv_two_sigma2": "fp32", "grad_scale": "fp32"},
+                  dict(**consts, ENCODE=True, HAS_CW=True, HAS_MASK=True, HAS_PS=True, WRITE_GRAD=True, BP=32),
+                  maxnreg=168)
+    am = compile_(km.annealed_mean_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "cent_ptr": "*fp32", "P": "i32",
+                                            "inv_t": "fp32"}, dict(IS_PROBS=True, BP=32))
+    for c in (enc, ce, am):
+        assert c.asm["cubin"]
+    for c in (enc, ce):
+        ptx = c.asm["ptx"]
+        # float32 (rule 1): d^2 and the weights' difference; float64 (rule 2): d^2
+        assert len(re.findall(r"\bmul\.rn(\.ftz)?\.f32\b", ptx)) >= 4, "float32 distances not explicitly rounded"
+        assert len(re.findall(r"\bmul\.rn\.f64\b", ptx)) >= 2 and re.search(r"\badd\.rn\.f64\b", ptx)
 
 
 @pytest.mark.slow
@@ -231,8 +359,9 @@ def test_offsets_beyond_int32_on_gpu():
     n, p = 7, 1 << 20
     x = torch.randn(n, Q, p, device="cuda", dtype=torch.bfloat16)
     ab = torch.rand(n, 2, p, device="cuda") * 160 - 80
-    loss, grad = tb.ce_forward(x, ab, None, None, None, None, 5, 5.0, 1.0, True)
-    l1, g1 = tb.ce_forward(x[-1:].contiguous(), ab[-1:].contiguous(), None, None, None, None, 5, 5.0, 1.0, True)
+    loss, grad = tb.ce_forward(LossCall(logits=x, ab=ab, k=5))
+    l1, g1 = tb.ce_forward(LossCall(logits=x[-1:].contiguous(), ab=ab[-1:].contiguous(), k=5))
     torch.testing.assert_close(loss[-1:], l1)
     assert torch.equal(grad[-1:], g1)
-    torch.testing.assert_close(tb.annealed_mean(x, 0.38, False)[-1:], tb.annealed_mean(x[-1:].contiguous(), 0.38, False))
+    torch.testing.assert_close(tb.annealed_mean(x, T=0.38, is_probs=False)[-1:],
+                               tb.annealed_mean(x[-1:].contiguous(), T=0.38, is_probs=False))

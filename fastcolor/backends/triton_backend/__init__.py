@@ -8,10 +8,21 @@ Implements the backend contract of :mod:`fastcolor.backends` with the kernels of
 * ``annealed_mean``: one read of the logits or probabilities;
 * ``soft_encode``: the k nearest bins and their weights.
 
-CPU tensors run on Triton's interpreter (slow, sequential, for tests on machines without a
-GPU). It is allowed only when ``TRITON_INTERPRET=1`` is set; the kernels used for CPU tensors are
-always interpreted ones, built on first use whatever the variable said when triton was imported,
-so the order in which test modules import this backend does not matter.
+The k-nearest search (in ``soft_encode`` and inside the fused loss: one ``@triton.jit`` routine)
+is the one rule of :mod:`fastcolor.gamut`, on the candidate table of ``k`` uploaded once by
+:func:`fastcolor.backends._tables.device_table` and the bin centres of
+:func:`~fastcolor.backends._tables.bin_centres`, passed as kernel arguments (the box and sub-cell
+geometry as constexprs): exact for every float32 ab, far outside the gamut included, with bins
+0..k-1 and NaN weights for NaN/Inf ab. :mod:`~fastcolor.backends.triton_backend.kernels` says how.
+
+CPU tensors run on Triton's interpreter (slow, for tests on machines without a GPU: each program
+is a sequence of numpy calls over its whole block, so CPU launches use big blocks, see
+:func:`config`). The registry lists triton for both "cuda" and "cpu"; on the CPU this backend's
+:func:`unavailable_reason` accepts CPU tensors only when ``TRITON_INTERPRET=1`` is set, and
+``backend="auto"`` never picks it there (it is not in the registry's CPU order), so it runs on the
+CPU only when named. The kernels used for CPU tensors are always interpreted ones, built on first
+use whatever the variable said when triton was imported, so the order in which test modules
+import this backend does not matter.
 
 Launch configuration: a fixed heuristic (:func:`config`), overridable for experiments through
 :data:`CONFIG_OVERRIDE` (``{"ce": (BP, num_warps, maxnreg), "am": ..., "enc": ...}``) or the
@@ -28,7 +39,9 @@ import threading
 
 import torch
 
-from fastcolor.gamut import AB_BINS, CELL_TO_BIN, Q
+from fastcolor.backends._tables import DeviceTable, bin_centres, device_table
+from fastcolor.backends.contract import LossCall
+from fastcolor.gamut import Q
 
 try:  # an optional dependency: the registry reports the reason when it is missing
     import triton
@@ -45,7 +58,6 @@ CONFIG_OVERRIDE: dict[str, tuple] = {}
 
 _lock = threading.Lock()
 _kernel_modules: dict[bool, object] = {}
-_tables: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def interpreter_enabled() -> bool:
@@ -95,19 +107,6 @@ def _kernels(device: torch.device):
     return mod
 
 
-def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cell table int32 (20*22,), bins table float32 (2, 512): a row, b row, zero beyond 313)."""
-    key = (device.type, device.index)
-    t = _tables.get(key)
-    if t is None:
-        cells = torch.tensor(CELL_TO_BIN.reshape(-1), dtype=torch.int32).to(device)
-        bins = torch.zeros(2, 512, dtype=torch.float32)
-        bins[:, :Q] = torch.tensor(AB_BINS.T, dtype=torch.float32)
-        t = (cells, bins.to(device))
-        _tables[key] = t
-    return t
-
-
 def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
     out = {}
     spec = os.environ.get("FASTCOLOR_TRITON_CONFIG", "").strip()
@@ -122,7 +121,14 @@ def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
     return out
 
 
-def config(kind: str, dtype: torch.dtype, p: int = 0) -> tuple[int, int, int | None]:
+#: Interpreter (CPU tensors): pixels per program, at most. The interpreter runs each program's
+#: operations as numpy calls over the whole block, whose cost is mostly per call: big blocks, up
+#: to triton's 2^20 elements a tile ([16, BP] slots of the encoder, [256, BP] logits).
+INTERP_BLOCK = {"enc": 65536, "ce": 4096, "am": 4096}
+
+
+def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | None = None
+           ) -> tuple[int, int, int | None]:
     """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc").
 
     The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
@@ -134,12 +140,16 @@ def config(kind: str, dtype: torch.dtype, p: int = 0) -> tuple[int, int, int | N
     The 16-bit decode (read only, no gradient to keep) takes BP = 64: 160 logits per thread, 231
     registers, two programs per SM, and a third fewer instructions per logit than BP = 32 (16 vs 23
     by ptxas for sm_90), which matters at 2 bytes a logit.
-    The encode kernel's BP = 32 * warps gives every thread one pixel's whole candidate window, so
-    its k rounds of argmin never leave the thread.
+    The encode kernel's BP = 32 * warps gives every thread one pixel, whose k candidate slots
+    (distance and bin) stay in that thread's registers through the whole search.
+    On a CPU ``device`` (the interpreter) BP is the next power of two of ``p`` up to
+    :data:`INTERP_BLOCK` (warps and register caps mean nothing there).
     """
     over = CONFIG_OVERRIDE.get(kind) or _parse_env_config().get(kind)
     if over:
         return tuple(over) + (None,) * (3 - len(over))
+    if device is not None and torch.device(device).type != "cuda":
+        return (min(max(16, 1 << max(0, int(p) - 1).bit_length()), INTERP_BLOCK[kind]), 1, None)
     if kind == "enc":
         return (128, 4, None)
     if p % 16:
@@ -158,12 +168,11 @@ def encode_mode() -> str:
     return mode
 
 
-def _knn_params(k: int) -> dict:
-    kp = max(2, 1 << (k - 1).bit_length())
-    r = 2 if k <= 12 else 3  # 5 x 5 cells hold the 12 nearest of any point inside the gamut
-    side = 2 * r + 1
-    win = 1 << (side * side - 1).bit_length()
-    return dict(K=k, KP=kp, R=r, SIDE=side, WIN=win)
+def _knn_consts(k: int, device: torch.device) -> tuple[DeviceTable, dict]:
+    """The candidate table of ``k`` on the device and the search's constexprs (geometry from gamut.py)."""
+    t = device_table(k, device)
+    return t, dict(K=k, KP=max(2, 1 << (k - 1).bit_length()), LO=float(t.lo), HI=float(t.lo + t.n * t.cell),
+                   CELL=float(t.cell), NSUB=int(t.n))
 
 
 _maxnreg_ok = True
@@ -190,24 +199,28 @@ def _launch(kernel, grid, args, consts, cfg, device):
 # ----------------------------------------------------------------------------- the contract
 
 
-def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest bins (int32 ``(N, k, P)``) and their weights (float32) of ``(N, 2, P)`` ab."""
     n, _, p = ab.shape
+    k = int(k)
     idx = torch.empty((n, k, p), dtype=torch.int32, device=ab.device)
     w = torch.empty((n, k, p), dtype=torch.float32, device=ab.device)
     if n == 0 or p == 0:
         return idx, w
     ab = ab.float().contiguous()
     km = _kernels(ab.device)
-    cells, bins = _device_tables(ab.device)
-    cfg = config("enc", torch.float32)
+    t, consts = _knn_consts(k, ab.device)
+    cfg = config("enc", torch.float32, p, device=ab.device)
     grid = (triton.cdiv(p, cfg[0]), n)
-    _launch(km.encode_kernel, grid, (ab, idx, w, cells, bins, p, 1.0 / (2.0 * float(sigma) ** 2)),
-            dict(**_knn_params(k), BP=cfg[0]), cfg, ab.device)
+    _launch(km.encode_kernel, grid,
+            (ab, idx, w, t.offsets, t.bins, bin_centres(ab.device), p, -1.0 / (2.0 * float(sigma) ** 2)),
+            dict(**consts, BP=cfg[0]), cfg, ab.device)
     return idx, w
 
 
-def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad,
-               pixel_scale=None):
+def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused loss of :class:`~fastcolor.backends.contract.LossCall`: (loss (N, P), grad or None)."""
+    logits = call.logits
     n, q, p = logits.shape
     if q != Q:
         raise ValueError(f"logits: expected {Q} classes on axis 1, got {q}")
@@ -215,43 +228,42 @@ def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma
         raise TypeError(f"logits: the triton backend takes float32, float16 or bfloat16, got {logits.dtype}")
     dev = logits.device
     loss = torch.empty((n, p), dtype=torch.float32, device=dev)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else None
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if call.need_grad else None
     if n == 0 or p == 0:
         return loss, grad
     logits = logits.contiguous()
+    ab, indices, weights = call.ab, call.indices, call.weights
     encode = indices is None
     if encode and encode_mode() == "separate":
-        indices, weights = soft_encode(ab, int(k), sigma)
+        indices, weights = soft_encode(ab, k=call.k, sigma=call.sigma)
         encode = False
     if encode:
-        if ab is None:
-            raise ValueError("ce_forward: expected ab or (indices, weights)")
         ab = ab.float().contiguous()
-        kk = int(k)
+        kk = int(call.k)
         dummy_i, dummy_w = loss, loss
     else:
         indices = indices.to(torch.int32).contiguous()
         weights = weights.float().contiguous()
         kk = indices.shape[1]
         dummy_i, dummy_w = indices, weights
-    cw = class_weights.float().contiguous() if class_weights is not None else None
-    im = image_mask.float().contiguous() if image_mask is not None else None
-    ps = pixel_scale.float().contiguous() if pixel_scale is not None else None
+    cw, im, ps = (None if t is None else t.float().contiguous()
+                  for t in (call.class_weights, call.image_mask, call.pixel_scale))
     km = _kernels(dev)
-    cells, bins = _device_tables(dev)
-    cfg = config("ce", logits.dtype, p)
+    t, consts = _knn_consts(kk, dev)
+    cfg = config("ce", logits.dtype, p, device=dev)
     grid = (triton.cdiv(p, cfg[0]), n)
     args = (logits, ab if encode else loss, dummy_i, dummy_w,
             cw if cw is not None else loss, im if im is not None else loss, ps if ps is not None else loss,
-            cells, bins, loss, grad if grad is not None else loss,
-            p, 1.0 / (2.0 * float(sigma) * float(sigma)), float(grad_scale))
-    consts = dict(**_knn_params(kk), ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None,
-                  HAS_PS=ps is not None, WRITE_GRAD=bool(need_grad), BP=cfg[0])
+            t.offsets, t.bins, bin_centres(dev), loss, grad if grad is not None else loss,
+            p, -1.0 / (2.0 * float(call.sigma) ** 2), float(call.grad_scale))
+    consts.update(ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None, HAS_PS=ps is not None,
+                  WRITE_GRAD=bool(call.need_grad), BP=cfg[0])
     _launch(km.ce_kernel, grid, args, consts, cfg, dev)
     return loss, grad
 
 
-def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
+def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
+    """The annealed mean (float32 ``(N, 2, P)``) of ``(N, 313, P)`` logits or probabilities."""
     n, q, p = x.shape
     if q != Q:
         raise ValueError(f"x: expected {Q} classes on axis 1, got {q}")
@@ -262,9 +274,8 @@ def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
         x = x.float()
     x = x.contiguous()
     km = _kernels(x.device)
-    _, bins = _device_tables(x.device)
-    cfg = config("am", x.dtype, p)
+    cfg = config("am", x.dtype, p, device=x.device)
     grid = (triton.cdiv(p, cfg[0]), n)
-    _launch(km.annealed_mean_kernel, grid, (x, out, bins, p, 1.0 / float(T)),
+    _launch(km.annealed_mean_kernel, grid, (x, out, bin_centres(x.device), p, 1.0 / float(T)),
             dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
     return out

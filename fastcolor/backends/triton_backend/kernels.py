@@ -15,22 +15,38 @@ The kernels:
 * ``encode_kernel``: the k nearest bins and their Gaussian weights.
 * ``annealed_mean_kernel``: one read of the logits (or probabilities), two dot products.
 
-The k nearest bins of a pixel are searched in a ``(2R+1) x (2R+1)`` window of grid cells around
-it (R = 2 for k <= 5, else 3), by k rounds of argmin (ties: lower bin index). The window is
-provably enough when the k-th distance found is below the distance from the pixel to any cell
-outside the window (with a relative margin for float rounding); when a program holds a pixel for
-which it is not, the program re-runs the selection over all 313 bins for its whole block. That
-happens only for ab far outside the sRGB gamut: never for any sRGB colour (checked for k <= 16).
+The k nearest bins (:func:`_knn`, shared by ``encode_kernel`` and ``ce_kernel``) follow the one
+rule of :mod:`fastcolor.gamut` ("k-nearest search"), with the candidate table of
+:func:`fastcolor.gamut.candidate_table` as kernel arguments (``offsets`` int32, ``bins`` int16,
+the bin centres float32 ``(313, 2)``; the box and sub-cell geometry as constexprs): no bin,
+window or gamut number lives in this file.
+
+1. In the box: the pixel's sub-cell list, one candidate per loop iteration for every pixel of the
+   block at once (the loop runs to the longest list in the block, shorter lists masked), float32
+   ``d^2``, strict-"<" insertion into k register slots (``tl.where`` chains over a tuple of k
+   ``[BP]`` tensors: no shuffles, no shared memory; lists are ascending, so ties keep the lower bin).
+2. Finite but outside the box: all 313 bins in float64, entered only by the programs holding such
+   a pixel (a scalar branch on a block reduction), the same insertion on float64 slots, weights
+   from float64 differences, cast to float32 at the end.
+3. NaN or infinite ab: bins 0..k-1, NaN weights.
+
+Fused multiply-add: triton contracts ``x * y + z`` into an FMA on the GPU (``enable_fp_fusion``,
+LLVM and ptxas both), which would change the last bit of a squared distance and with it the order
+of near-equal ones. The distances are therefore computed with explicit-rounding multiplies and
+adds (libdevice ``mul_rn`` / ``add_rn``: PTX ``mul.rn`` / ``add.rn``, which neither LLVM nor
+ptxas contracts); see :func:`_dot2`. In the interpreter they are numpy's ops, never fused.
 
 This module is imported twice: normally (``triton.jit``, GPU) and, for CPU tensors under the
 interpreter, as a second module instance whose ``_FORCE_INTERPRET`` global is set before it
 runs, which makes every function an ``InterpretedFunction`` whatever the environment said at
 the time triton was first imported.
 """
+import os
+
 import triton
 import triton.language as tl
 
-import os
+from fastcolor import gamut as _gamut
 
 if globals().get("_FORCE_INTERPRET", False):
     from triton.runtime.interpreter import InterpretedFunction
@@ -43,28 +59,22 @@ else:
     jit = triton.jit
     _interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+if not _interp:
+    from triton.language.extra.cuda import libdevice
+
 #: Interpreted: reductions go through tl.reduce with triton's own combine functions, which the
 #: interpreter maps onto numpy, instead of tl.max / tl.min / tl.sum, which are @triton.jit
 #: functions of triton.language that cannot be called from an interpreted kernel unless
 #: TRITON_INTERPRET=1 was set before triton was first imported.
 INTERP = tl.constexpr(_interp)
 
-Q = tl.constexpr(313)
-A_MIN = tl.constexpr(-90.0)
-B_MIN = tl.constexpr(-110.0)
-A_MAX = tl.constexpr(100.0)
-B_MAX = tl.constexpr(100.0)
-A_CELLS = tl.constexpr(20)
-B_CELLS = tl.constexpr(22)
-GRID = tl.constexpr(10.0)
-INV_GRID = tl.constexpr(0.1)
+#: Number of bins (from gamut.py); the class axis is held as a [256, QB] pair of tiles.
+Q = tl.constexpr(_gamut.Q)
+QB = tl.constexpr(max(1, 1 << (_gamut.Q - 256 - 1).bit_length()))
+assert 256 < _gamut.Q <= 256 + QB.value
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 BIG = tl.constexpr(1 << 20)
-#: bins table: (2, BINS_STRIDE) float32, row 0 = a, row 1 = b, zero beyond Q.
-BINS_STRIDE = tl.constexpr(512)
-#: relative margin of the window-sufficiency test against float32 rounding.
-MARGIN = tl.constexpr(1.0e-5)
 
 
 @jit
@@ -91,136 +101,146 @@ def _sum(x, axis: tl.constexpr):
         return tl.sum(x, axis=axis)
 
 
-
-@jit
-def _clamped(a, b):
-    """(finite, pa, pb, da, db): the pixel's projection (pa, pb) onto the box of bin centres and
-    what is left over, (da, db) = (a, b) - (pa, pb) (zero inside the box; 0 for non-finite ab)."""
-    ok = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
-    a0 = tl.where(ok, a, 0.0)
-    b0 = tl.where(ok, b, 0.0)
-    pa = tl.minimum(tl.maximum(a0, A_MIN), A_MAX)
-    pb = tl.minimum(tl.maximum(b0, B_MIN), B_MAX)
-    return ok, pa, pb, a0 - pa, b0 - pb
+# ----------------------------------------------------------------------------- k-nearest search
 
 
 @jit
-def _rdist(pa, pb, da, db, ca, cb):
-    """|p - c|^2 - |p - p_box|^2 = |e|^2 + 2 (p - p_box) . e with e = p_box - c.
+def _dot2(x1, y1, x2, y2):
+    """x1 * y1 + x2 * y2 with every operation rounded on its own (float32 or float64), never an FMA.
 
-    The same order as the distance (the subtracted term does not depend on the bin), but with no
-    huge common term: far outside the gamut (ab = 1e6) the float32 distances of a whole column of
-    bins would round to one value and tie, while these keep the small differences exactly."""
-    ea = pa - ca
-    eb = pb - cb
-    return ea * ea + eb * eb + 2.0 * (da * ea + db * eb)
+    On the GPU triton would contract it into fma(x1, y1, x2 * y2) (or the mirror image), which
+    rounds once less, and so changes the last bit of a squared distance (and with it the order of
+    near-equal ones). For a squared distance the two agree only where both squares are exact: in
+    float64 that holds for the component beyond the box (float32 |x| in [128, 2^27): x - c is
+    exact with <= 26 significant bits, so its square is exact), but not for the other one in
+    general (x = 3.7: x - c has ~30 bits); in float32 only on coarse grids (multiples of 2^-4
+    below 2^8, as the acceptance test's 0.25 grid). So nothing is left to contraction: libdevice
+    mul_rn / add_rn on the GPU (PTX mul.rn / add.rn, which LLVM and ptxas never fuse; in float32
+    they are the .ftz forms, which flush only products below 2^-126: a pixel within 1e-19 of a
+    bin in both components, whose nearest bin and weights that cannot change); numpy in the
+    interpreter.
+    """
+    if INTERP:
+        return x1 * y1 + x2 * y2
+    else:
+        return libdevice.add_rn(libdevice.mul_rn(x1, y1), libdevice.mul_rn(x2, y2))
 
 
 @jit
-def _knn_window(a, b, cell_ptr, K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
-                SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
-    """k nearest bins among a window of cells: (idx [KP, BP] int32, reduced d2 [KP, BP] f32, need_full [BP])."""
-    ok, pa, pb, da_, db_ = _clamped(a, b)
-    ta = (pa - A_MIN) * INV_GRID  # in [0, A_CELLS - 1]
-    tb = (pb - B_MIN) * INV_GRID
-    ca = (ta + 0.5).to(tl.int32)  # ta >= 0: truncation is floor, so this is the nearest cell
-    cb = (tb + 0.5).to(tl.int32)
-    c = tl.arange(0, WIN)
-    da = c // SIDE - R
-    db = c % SIDE - R
-    ia = ca[None, :] + da[:, None]
-    ib = cb[None, :] + db[:, None]
-    inwin = (c < SIDE * SIDE)[:, None] & (ia >= 0) & (ia < A_CELLS) & (ib >= 0) & (ib < B_CELLS)
-    q = tl.load(cell_ptr + ia * B_CELLS + ib, mask=inwin, other=-1)
-    d = _rdist(pa[None, :], pb[None, :], da_[None, :], db_[None, :],
-               A_MIN + GRID * ia.to(tl.float32), B_MIN + GRID * ib.to(tl.float32))
-    d = tl.where(q >= 0, d, float("inf"))
+def _insert(sd, sq, d, q, K: tl.constexpr):
+    """Insert candidate (d, q) into the k slots (sd, sq), sorted nearest first, with a strict "<".
 
-    kk = tl.arange(0, KP)[:, None]
-    sel_q = tl.full([KP, BP], 0, tl.int32)
-    sel_d = tl.full([KP, BP], 0, tl.float32)
-    dk = tl.full([BP], 0, tl.float32)
-    for j in tl.static_range(K):
-        dmin = _min(d, 0)
-        qj = _min(tl.where(d == dmin[None, :], q, BIG), 0)
-        d = tl.where(q == qj[None, :], float("inf"), d)
-        sel_q = tl.where(kk == j, qj[None, :], sel_q)
-        sel_d = tl.where(kk == j, dmin[None, :], sel_d)
-        dk = dmin
+    Slot j takes the candidate iff sd[j-1] <= d < sd[j], the old sd[j-1] iff d < sd[j-1], else
+    keeps its value: a shift by one slot below the insertion point. Candidates come in ascending
+    bin order, so a tie keeps the earlier (lower) bin ahead. d = +inf (a masked lane) never enters.
+    """
+    nd = ()
+    nq = ()
+    prev_take = d < sd[0]
+    nd = nd + (tl.where(prev_take, d, sd[0]),)
+    nq = nq + (tl.where(prev_take, q, sq[0]),)
+    for j in tl.static_range(1, K):
+        take = d < sd[j]
+        nd = nd + (tl.where(prev_take, sd[j - 1], tl.where(take, d, sd[j])),)
+        nq = nq + (tl.where(prev_take, sq[j - 1], tl.where(take, q, sq[j])),)
+        prev_take = take
+    return nd, nq
 
-    # Lower bound on the reduced distance of any bin outside the window: (p - p_box) . e >= 0 for
-    # every bin, so it is at least |p_box - c|^2, at least the squared distance from p_box to the
-    # nearest of the four half-planes beyond the window that still hold grid cells.
+
+@jit
+def _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K: tl.constexpr, KP: tl.constexpr,
+         LO: tl.constexpr, HI: tl.constexpr, CELL: tl.constexpr, NSUB: tl.constexpr, BP: tl.constexpr):
+    """The k nearest bins of pixels (a, b) [BP]: (idx [KP, BP] int32, weights [KP, BP] float32),
+    nearest first, rows >= K zero. The rule of fastcolor.gamut, cases 1-3 (module docstring)."""
     inf = float("inf")
-    g_alo = tl.where(ca - R - 1 >= 0, pa - (A_MIN + GRID * (ca - R - 1).to(tl.float32)), inf)
-    g_ahi = tl.where(ca + R + 1 < A_CELLS, (A_MIN + GRID * (ca + R + 1).to(tl.float32)) - pa, inf)
-    g_blo = tl.where(cb - R - 1 >= 0, pb - (B_MIN + GRID * (cb - R - 1).to(tl.float32)), inf)
-    g_bhi = tl.where(cb + R + 1 < B_CELLS, (B_MIN + GRID * (cb + R + 1).to(tl.float32)) - pb, inf)
-    gap = tl.maximum(tl.minimum(tl.minimum(g_alo, g_ahi), tl.minimum(g_blo, g_bhi)), 0.0)
-    enough = dk * (1.0 + MARGIN) < gap * gap
-    need_full = ok & (enough == 0)
-    return sel_q, sel_d, need_full
+    finite = (tl.abs(a) < inf) & (tl.abs(b) < inf)
+    inbox = (a >= LO) & (a < HI) & (b >= LO) & (b < HI)  # NaN fails
+    far = finite & (inbox == 0)
 
-
-@jit
-def _knn_full(a, b, bins_ptr, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexpr):
-    """k nearest bins over all 313, by k rounds of 'lexicographic successor' of (d2, index)."""
-    kk = tl.arange(0, KP)[:, None]
-    sel_q = tl.full([KP, BP], 0, tl.int32)
-    sel_d = tl.full([KP, BP], 0, tl.float32)
-    _, pa, pb, da, db = _clamped(a, b)
-    prev_d = tl.full([BP], float("-inf"), tl.float32)
-    prev_q = tl.full([BP], -1, tl.int32)
+    # 1. The sub-cell's candidate list: offsets[c] .. offsets[c + 1] (empty outside the box).
+    ia = tl.minimum(((tl.where(inbox, a, LO) - LO) / CELL).to(tl.int32), NSUB - 1)
+    ib = tl.minimum(((tl.where(inbox, b, LO) - LO) / CELL).to(tl.int32), NSUB - 1)
+    c = ia * NSUB + ib
+    start = tl.load(offs_ptr + c, mask=inbox, other=0)
+    count = tl.load(offs_ptr + c + 1, mask=inbox, other=0) - start
+    sd = ()
+    sq = ()
     for j in tl.static_range(K):
-        best_d = tl.full([BP], float("inf"), tl.float32)
-        best_q = tl.full([BP], BIG, tl.int32)
-        for c0 in range(0, 320, 32):
-            qc = c0 + tl.arange(0, 32)
-            qm = qc < Q
-            ba = tl.load(bins_ptr + qc, mask=qm, other=0.0)
-            bb = tl.load(bins_ptr + BINS_STRIDE + qc, mask=qm, other=0.0)
-            d = _rdist(pa[None, :], pb[None, :], da[None, :], db[None, :], ba[:, None], bb[:, None])
-            q2 = qc[:, None]
-            after = (d > prev_d[None, :]) | ((d == prev_d[None, :]) & (q2 > prev_q[None, :]))
-            valid = after & qm[:, None]
-            dm = tl.where(valid, d, float("inf"))
-            cmin = _min(dm, 0)
-            cq = _min(tl.where(valid & (dm == cmin[None, :]), q2, BIG), 0)
-            better = (cmin < best_d) | ((cmin == best_d) & (cq < best_q))
-            best_d = tl.where(better, cmin, best_d)
-            best_q = tl.where(better, cq, best_q)
-        sel_q = tl.where(kk == j, best_q[None, :], sel_q)
-        sel_d = tl.where(kk == j, best_d[None, :], sel_d)
-        prev_d = best_d
-        prev_q = best_q
-    return sel_q, sel_d
+        sd = sd + (tl.full([BP], inf, tl.float32),)
+        sq = sq + (tl.full([BP], 0, tl.int32),)
+    ai = tl.where(inbox, a, 0.0)  # lanes outside the box scan nothing (count 0): keep them finite
+    bi = tl.where(inbox, b, 0.0)
+    for j in range(0, _max(count, 0)):
+        m = j < count
+        q = tl.load(tbins_ptr + start + j, mask=m, other=0).to(tl.int32)
+        ca = tl.load(cent_ptr + 2 * q, mask=m, other=0.0)
+        cb = tl.load(cent_ptr + 2 * q + 1, mask=m, other=0.0)
+        d = tl.where(m, _dot2(ai - ca, ai - ca, bi - cb, bi - cb), inf)
+        sd, sq = _insert(sd, sq, d, q, K)
 
-
-@jit
-def _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K: tl.constexpr, KP: tl.constexpr,
-            R: tl.constexpr, SIDE: tl.constexpr, WIN: tl.constexpr, BP: tl.constexpr):
-    """(idx [KP, BP] int32, unnormalised weights g [KP, BP] f32 (0 beyond K), 1 / sum g [BP])."""
-    sel_q, sel_d, need_full = _knn_window(a, b, cell_ptr, K, KP, R, SIDE, WIN, BP)
-    if _max(need_full.to(tl.int32), 0) > 0:
-        f_q, f_d = _knn_full(a, b, bins_ptr, K, KP, BP)
-        sel_q = tl.where(need_full[None, :], f_q, sel_q)
-        sel_d = tl.where(need_full[None, :], f_d, sel_d)
+    # Weights: exp(-(d_j^2 - d_0^2) / (2 sigma^2)) / sum, float32, with d_j^2 - d_0^2 factored as
+    # (a0 - aj)((a - a0) + (a - aj)) + (b0 - bj)((b - b0) + (b - bj)) (a0 - aj exact: integer
+    # centres) so that it does not cancel: as the difference of two float32 d^2 of ~2000 (pixels
+    # in the box far from every bin) it would carry ~2e-4, i.e. ~1e-6 in a weight. The same
+    # formula as the C++/CUDA kernels (kernels/fc_math.cuh, dist2_diff_f32). Exactly 0 for j = 0.
+    a0 = tl.load(cent_ptr + 2 * sq[0])
+    b0 = tl.load(cent_ptr + 2 * sq[0] + 1)
+    s = tl.full([BP], 0.0, tl.float32)
+    g = ()
+    for j in tl.static_range(K):
+        aj = tl.load(cent_ptr + 2 * sq[j])
+        bj = tl.load(cent_ptr + 2 * sq[j] + 1)
+        diff = _dot2(a0 - aj, (ai - a0) + (ai - aj), b0 - bj, (bi - b0) + (bi - bj))
+        gj = tl.exp(diff * neg_inv_two_sigma2)
+        g = g + (gj,)
+        s = s + gj
     kk = tl.arange(0, KP)[:, None]
-    d0 = _sum(tl.where(kk == 0, sel_d, 0.0), 0)
-    g = tl.exp2(tl.where(kk < K, d0[None, :] - sel_d, float("-inf")) * (inv_two_sigma2 * LOG2E))
-    inv_g = 1.0 / _sum(g, 0)
-    # NaN or infinite ab: numpy's stable argsort order (0, 1, ..., k-1) and NaN weights.
-    ok = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))
-    sel_q = tl.where(ok[None, :], sel_q, kk + tl.full([KP, BP], 0, tl.int32))
-    inv_g = tl.where(ok, inv_g, float("nan"))
-    return sel_q, g, inv_g
+    idx = tl.full([KP, BP], 0, tl.int32)
+    w = tl.full([KP, BP], 0.0, tl.float32)
+    for j in tl.static_range(K):
+        idx = tl.where(kk == j, sq[j][None, :], idx)
+        w = tl.where(kk == j, (g[j] / s)[None, :], w)
+
+    # 2. Finite pixels outside the box: all bins, float64 (only in programs that hold one).
+    if _max(far.to(tl.int32), 0) > 0:
+        a64 = tl.where(far, a, 0.0).to(tl.float64)  # other lanes: any finite value, replaced below
+        b64 = tl.where(far, b, 0.0).to(tl.float64)
+        fd = ()
+        fq = ()
+        for j in tl.static_range(K):
+            fd = fd + (tl.full([BP], inf, tl.float64),)
+            fq = fq + (tl.full([BP], 0, tl.int32),)
+        for qq in range(0, Q):
+            ca64 = tl.load(cent_ptr + 2 * qq).to(tl.float64)
+            cb64 = tl.load(cent_ptr + 2 * qq + 1).to(tl.float64)
+            d64 = _dot2(a64 - ca64, a64 - ca64, b64 - cb64, b64 - cb64)
+            fd, fq = _insert(fd, fq, d64, tl.full([BP], 0, tl.int32) + qq, K)
+        s64 = tl.full([BP], 0.0, tl.float64)
+        g64 = ()
+        for j in tl.static_range(K):
+            gj64 = tl.exp((fd[j] - fd[0]) * neg_inv_two_sigma2)  # float64 (the scalar is promoted)
+            g64 = g64 + (gj64,)
+            s64 = s64 + gj64
+        farr = far[None, :]
+        for j in tl.static_range(K):
+            idx = tl.where(farr & (kk == j), fq[j][None, :], idx)
+            w = tl.where(farr & (kk == j), (g64[j] / s64).to(tl.float32)[None, :], w)
+
+    # 3. NaN or infinite ab: the reference's stable argsort of all-NaN distances, NaN weights.
+    ok = finite[None, :]
+    idx = tl.where(ok, idx, kk + tl.full([KP, BP], 0, tl.int32))
+    w = tl.where(ok, w, tl.where(kk < K, float("nan"), 0.0))
+    return idx, w
+
+
+# ----------------------------------------------------------------------------- kernels
 
 
 @jit
 def _load_classes(xbase, p, pm2, P, other):
-    """The 313 classes of pixels p as a [256, BP] and a [64, BP] float32 tile (rows >= 313: other)."""
+    """The 313 classes of pixels p as a [256, QB] and a [QB, BP] float32 tile (rows >= 313: other)."""
     qa = tl.arange(0, 256)
-    qb = 256 + tl.arange(0, 64)
+    qb = 256 + tl.arange(0, QB)
     qbm = (qb < Q)[:, None]
     offs_a = qa.to(tl.int64)[:, None] * P + p[None, :]
     offs_b = qb.to(tl.int64)[:, None] * P + p[None, :]
@@ -230,28 +250,28 @@ def _load_classes(xbase, p, pm2, P, other):
 
 
 @jit
-def encode_kernel(ab_ptr, idx_ptr, w_ptr, cell_ptr, bins_ptr, P, inv_two_sigma2,
-                  K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, SIDE: tl.constexpr,
-                  WIN: tl.constexpr, BP: tl.constexpr):
+def encode_kernel(ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
+                  K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                  CELL: tl.constexpr, NSUB: tl.constexpr, BP: tl.constexpr):
     n = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pm = p < P
     abase = ab_ptr + n * 2 * P
     a = tl.load(abase + p, mask=pm, other=0.0)
     b = tl.load(abase + P + p, mask=pm, other=0.0)
-    sel_q, g, inv_g = _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K, KP, R, SIDE, WIN, BP)
+    idx, w = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
     kk = tl.arange(0, KP)[:, None]
     offs = n * K * P + kk.to(tl.int64) * P + p[None, :]
     m = (kk < K) & pm[None, :]
-    tl.store(idx_ptr + offs, sel_q, mask=m)
-    tl.store(w_ptr + offs, g * inv_g[None, :], mask=m)
+    tl.store(idx_ptr + offs, idx, mask=m)
+    tl.store(w_ptr + offs, w, mask=m)
 
 
 @jit
-def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr, bins_ptr,
-              loss_ptr, grad_ptr, P, inv_two_sigma2, grad_scale,
-              K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, SIDE: tl.constexpr,
-              WIN: tl.constexpr, ENCODE: tl.constexpr, HAS_CW: tl.constexpr,
+def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr, tbins_ptr, cent_ptr,
+              loss_ptr, grad_ptr, P, neg_inv_two_sigma2, grad_scale,
+              K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+              CELL: tl.constexpr, NSUB: tl.constexpr, ENCODE: tl.constexpr, HAS_CW: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, WRITE_GRAD: tl.constexpr,
               BP: tl.constexpr):
     n = tl.program_id(1).to(tl.int64)
@@ -259,19 +279,18 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
     pm = p < P
     pm2 = pm[None, :]
     xbase = x_ptr + n * Q * P
-    # The target: k bins and weights per pixel, encoded here or read.
+    # The target: k bins and normalised weights per pixel, encoded here or read.
     kk = tl.arange(0, KP)[:, None]
     if ENCODE:
         abase = ab_ptr + n * 2 * P
         a = tl.load(abase + p, mask=pm, other=0.0)
         b = tl.load(abase + P + p, mask=pm, other=0.0)
-        sel_q, g, inv_g = _encode(a, b, cell_ptr, bins_ptr, inv_two_sigma2, K, KP, R, SIDE, WIN, BP)
+        sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
     else:
         toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
         tm = (kk < K) & pm2
         sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
-        g = tl.load(w_ptr + toffs, mask=tm, other=0.0)
-        inv_g = tl.full([BP], 1.0, tl.float32)
+        z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
     valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
     # The logits tile: all 313 classes of BP pixels (loaded after the encoding, so that the
     # encoding's registers are free again: fewer registers, more programs per SM).
@@ -299,7 +318,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
     if HAS_PS:
         scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
 
-    ce = _sum(tl.where(valid, g * (lse[None, :] - x_sel), 0.0), 0) * inv_g
+    ce = _sum(tl.where(valid, z * (lse[None, :] - x_sel), 0.0), 0)
     tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
 
     if WRITE_GRAD:
@@ -312,12 +331,12 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, cell_ptr,
         # has stored its part (same addresses, other threads: the barrier orders them).
         tl.debug_barrier()
         e_sel = tl.exp2(tl.fma(x_sel, LOG2E, -ml))  # bit for bit the dense entries' softmax
-        corr = c1[None, :] * e_sel - (c * inv_g)[None, :] * g
+        corr = c1[None, :] * e_sel - c[None, :] * z
         tl.store(gbase + sel_q.to(tl.int64) * P + p[None, :], corr.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 @jit
-def annealed_mean_kernel(x_ptr, out_ptr, bins_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr):
+def annealed_mean_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr):
     n = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pm = p < P
@@ -335,12 +354,14 @@ def annealed_mean_kernel(x_ptr, out_ptr, bins_ptr, P, inv_t, IS_PROBS: tl.conste
     m = tl.maximum(_max(ya, 0), _max(yb, 0))
     ea = tl.exp2((ya - m[None, :]) * k)
     eb = tl.exp2((yb - m[None, :]) * k)
+    # bin centres: float32 (313, 2), a at 2q, b at 2q + 1
     qa = tl.arange(0, 256)
-    qb = 256 + tl.arange(0, 64)
-    ba_a = tl.load(bins_ptr + qa)[:, None]
-    bb_a = tl.load(bins_ptr + BINS_STRIDE + qa)[:, None]
-    ba_b = tl.load(bins_ptr + qb)[:, None]
-    bb_b = tl.load(bins_ptr + BINS_STRIDE + qb)[:, None]
+    qb = 256 + tl.arange(0, QB)
+    qbv = qb < Q
+    ba_a = tl.load(cent_ptr + 2 * qa)[:, None]
+    bb_a = tl.load(cent_ptr + 2 * qa + 1)[:, None]
+    ba_b = tl.load(cent_ptr + 2 * qb, mask=qbv, other=0.0)[:, None]
+    bb_b = tl.load(cent_ptr + 2 * qb + 1, mask=qbv, other=0.0)[:, None]
     s = _sum(ea, 0) + _sum(eb, 0)
     sa = _sum(ea * ba_a, 0) + _sum(eb * ba_b, 0)
     sb = _sum(ea * bb_a, 0) + _sum(eb * bb_b, 0)
