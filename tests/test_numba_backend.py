@@ -1,9 +1,12 @@
-"""numba-specific tests: the grid-window search and its fallback, exact ties, far-off / NaN / Inf
-input, empty input, large k, huge-page gradients, thread-count independence, and the on-disk
-cache falling back when no cache folder is writable. The generic matrix (tests/test_backends.py)
-covers the public API against the reference for every backend, numba included."""
-import math
+"""numba-specific tests: the candidate-table search (dense grid, ties, the box's edges), the
+float64 scan outside the box (no fused multiply-add), NaN / Inf input, the exp/log rule of the
+CPU backends, empty input, large k, huge-page gradients, thread-count independence, fork
+safety, and the on-disk cache (its fallback when no cache folder is writable, and one stamp for
+the whole package). The table's own proof is tests/test_gamut_table.py; the generic matrix
+(tests/test_backends.py) covers the public API against the reference for every backend."""
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +19,8 @@ import torch
 
 import fastcolor as fc
 from fastcolor import reference as R
-from fastcolor.gamut import A_CELLS, AB_BINS, B_CELLS
+from fastcolor.backends.contract import LossCall
+from fastcolor.gamut import AB_BINS, TABLE_HI, TABLE_LO, candidate_table
 
 nb = pytest.importorskip("fastcolor.backends.numba_backend")
 if nb.unavailable_reason("cpu") is not None:
@@ -28,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _encode(ab_pixels: np.ndarray, k: int):
     """(M, 2) float32 pixels -> numba (indices (M, k), weights (M, k)) through the backend."""
     ab = torch.from_numpy(np.ascontiguousarray(ab_pixels.T[None], dtype=np.float32))
-    idx, w = nb.soft_encode(ab, k, 5.0)
+    idx, w = nb.soft_encode(ab, k=k, sigma=5.0)
     return idx[0].T.numpy(), w[0].T.numpy()
 
 
@@ -37,36 +41,13 @@ def _ref(ab_pixels: np.ndarray, k: int):
     return idx[0].T, w[0].T
 
 
-# ----------------------------------------------------------------------------- the window bound
-
-
-@pytest.mark.parametrize("s,kmax", [(2, 1), (3, 4), (4, 9), (5, 16)])
-def test_window_bound_holds_the_claimed_k_on_the_full_lattice(s, kmax):
-    """The docstring of _window_size: inside the full lattice, for every pixel position, at
-    least kmax window points are strictly closer than the window's bound (so the proof check
-    passes away from the gamut edge). Positions: a dense grid of the unit cell, edges included."""
-    assert nb._window_size(kmax) == s
-    f = np.linspace(0.0, 1.0, 101)
-    worst = 10**9
-    for fa in f + 8:  # far from the grid border: no clamping
-        for fb in f + 8:
-            la = nb._window_lo.py_func(np.float32(fa), s, 1000)
-            lb = nb._window_lo.py_func(np.float32(fb), s, 1000)
-            bound = min(fa - (la - 1), la + s - fa, fb - (lb - 1), lb + s - fb)
-            ia = np.arange(la, la + s)[:, None]
-            ib = np.arange(lb, lb + s)[None, :]
-            d = np.sqrt((ia - fa) ** 2 + (ib - fb) ** 2)
-            worst = min(worst, int((d < bound).sum()))
-    assert worst >= kmax
-
-
 # ----------------------------------------------------------------------------- exhaustive grid
 
 
 def test_dense_grid_matches_reference_exactly():
     """Every integer ab in [-120, 120]^2 (exact midpoints and exact ties included: the squared
     distances are integers, exact in float32 and float64, so ties must resolve identically,
-    lower bin index first), for every window size, plus the gamut edge and beyond."""
+    lower bin index first), for k of every table size, plus the gamut edge and beyond."""
     g = np.arange(-120, 121, dtype=np.float32)
     pix = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     ref_idx16, _ = _ref(pix, 16)  # the k nearest are a prefix of the 16 nearest (stable sort)
@@ -109,41 +90,73 @@ def test_exact_ties_resolve_to_the_lower_bin_index():
 # ----------------------------------------------------------------------------- far off, NaN, Inf
 
 
-def test_far_off_ab_falls_back_to_the_full_scan():
+def test_ab_outside_the_box_takes_the_float64_scan():
     pts = np.array([(1e4, -1e4), (-1e4, 1e4), (1e6, 0.0), (0.0, -1e6), (-3e5, 2e5), (150.0, 150.0),
-                    (-200.0, 0.0), (101.0, -111.0), (99999.0, 5.0), (100001.0, 5.0), (130.0, 60.0)], np.float32)
+                    (-200.0, 0.0), (101.0, -111.0), (99999.0, 5.0), (100001.0, 5.0), (130.0, 60.0),
+                    (3e38, -3e38), (-1e20, 1e-30), (5.0, 1e6), (0.0, 1e7)], np.float32)
     for k in (1, 5, 10, 16):
         idx, w = _encode(pts, k)
         ref_idx, ref_w = _ref(pts, k)
         np.testing.assert_array_equal(idx, ref_idx, err_msg=f"k={k}")
-        np.testing.assert_allclose(w, ref_w, atol=1e-5)
+        np.testing.assert_allclose(w, ref_w, atol=1e-7)  # float64 weights, rounded once
 
 
-def _window_passes(pix: np.ndarray, k: int) -> np.ndarray:
-    """numpy restatement of the kernel's window check: the window's top-k is provably the
-    global top-k iff the k nearest (reference) all lie in the window and the k-th is closer
-    than the window's bound."""
-    s = nb._window_size(k)
-    f = np.stack([(pix[:, 0] + 90) / 10, (pix[:, 1] + 110) / 10], 1)
-    lo = np.floor(f) - s // 2 + 1 if s % 2 == 0 else np.floor(f + 0.5) - s // 2
-    lo = np.clip(lo, 0, np.array([A_CELLS, B_CELLS]) - s)
-    side_lo = np.where(lo > 0, f - (lo - 1), np.inf)
-    side_hi = np.where(lo + s < np.array([A_CELLS, B_CELLS]), lo + s - f, np.inf)
-    bound = 10 * np.minimum(side_lo, side_hi).min(1)
-    idx, _ = _ref(pix, k)
-    cells = np.rint((AB_BINS[idx] - (-90, -110)) / 10)  # (M, k, 2)
-    inside = ((cells >= lo[:, None]) & (cells < lo[:, None] + s)).all((1, 2))
-    dk = np.sqrt(((AB_BINS[idx[:, -1]] - pix) ** 2).sum(1))
-    return inside & (dk < bound * 0.99999)
+def _rule(pix: np.ndarray, k: int):
+    """numpy restatement of the rule of fastcolor.gamut: in the box, the k smallest float32
+    squared distances (a stable sort: ties to the lower index; the table's lists hold every
+    bin that can be among them); elsewhere the reference (float64). The weights: the
+    reference's (the kernel takes float64 differences where float32 ones would be ~1e-6 off)."""
+    pix = np.asarray(pix, np.float32)
+    inside = ((pix >= np.float32(TABLE_LO)) & (pix < np.float32(TABLE_HI))).all(1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        idx, w = _ref(pix, k)
+        c = AB_BINS.astype(np.float32)
+        d = pix[inside, None, :] - c[None]
+        d2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]  # float32, no FMA
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    d64 = ((pix[inside, None, :].astype(np.float64) - AB_BINS[order]) ** 2).sum(-1)
+    g = np.exp(-(d64 - d64[:, :1]) / 50.0)
+    idx[inside], w[inside] = order, g / g.sum(1, keepdims=True)
+    return idx, w
 
 
-def test_fallback_is_rare_for_typical_ab():
-    """The window is enough for nearly every natural pixel (else the speed claims are void)."""
-    rng = np.random.default_rng(1)
-    pix = rng.normal(0, 25, (20000, 2))
-    for k, want in ((1, 0.99), (5, 0.99), (10, 0.98), (16, 0.95)):
-        rate = _window_passes(pix, k).mean()
-        assert rate > want, (k, rate)
+def test_the_edges_of_the_box():
+    """lo <= a, b < hi is the box (rule 1, float32 distances); one float32 step outside takes
+    the float64 scan (rule 2): both sides of every edge follow the rule exactly. (There the
+    float32 distances, ~1.5e4, cannot tell apart bins that float64 can: the rule decides.)"""
+    lo, hi = np.float32(TABLE_LO), np.float32(TABLE_HI)
+    edge = [lo, np.nextafter(lo, np.float32(-np.inf)), np.nextafter(lo, np.float32(np.inf)),
+            hi, np.nextafter(hi, np.float32(-np.inf)), np.float32(0.0), np.float32(-0.0), np.float32(1e-40),
+            np.float32(-97.3), np.float32(121.7)]
+    pix = np.array([(a, b) for a in edge for b in edge], np.float32)
+    for k in (1, 5, 16):
+        idx, w = _encode(pix, k)
+        want_idx, want_w = _rule(pix, k)
+        np.testing.assert_array_equal(idx, want_idx, err_msg=f"k={k}")
+        np.testing.assert_allclose(w, want_w, atol=1e-6)
+
+
+def test_random_in_box_pixels_follow_the_rule_exactly():
+    rng = np.random.default_rng(7)
+    pix = np.concatenate([rng.uniform(TABLE_LO, TABLE_HI, (20000, 2)), rng.normal(0, 30, (20000, 2))]).astype(np.float32)
+    pix = np.clip(pix, TABLE_LO, np.nextafter(np.float32(TABLE_HI), np.float32(0)))
+    for k in (1, 5, 10, 16):
+        idx, w = _encode(pix, k)
+        want_idx, want_w = _rule(pix, k)
+        np.testing.assert_array_equal(idx, want_idx, err_msg=f"k={k}")
+        np.testing.assert_allclose(w, want_w, atol=1e-6)
+
+
+def test_the_kernels_take_the_table_of_gamut_py():
+    """No copy of the table in the backend: the kernels' arguments are candidate_table(k)'s
+    arrays (the bins viewed as uint16, the same memory) and its geometry."""
+    from fastcolor.backends.numba_backend.encode import encoder_args
+
+    for k in (1, 7, 16):
+        t = candidate_table(k)
+        offsets, bins, lo, hi, inv_cell, n = encoder_args(k, 5.0)[:6]
+        assert offsets is t.offsets and bins.base is t.bins
+        assert (lo, hi, inv_cell, n) == (t.lo, t.hi, 1.0 / t.cell, t.n)
 
 
 def test_nan_inf_ab_give_nan_weights_and_valid_indices():
@@ -184,11 +197,11 @@ def test_bad_precomputed_indices_give_nan_not_a_crash():
     """The ops layer rejects out-of-range indices; the kernel itself must still never write
     out of bounds: a bad index gives a NaN loss for that pixel."""
     x = torch.randn(1, 313, 4)
-    idx, w = nb.soft_encode(torch.zeros(1, 2, 4), 3, 5.0)
+    idx, w = nb.soft_encode(torch.zeros(1, 2, 4), k=3, sigma=5.0)
     idx[0, 1, 2] = 313
     idx[0, 2, 3] = -1
     idx[0, 0, 1] = 10**6
-    loss, grad = nb.ce_forward(x, None, idx, w, torch.ones(313), None, 3, 5.0, 1.0, True)
+    loss, grad = nb.ce_forward(LossCall(logits=x, indices=idx, weights=w, class_weights=torch.ones(313), k=3))
     assert torch.isnan(loss[0, 1:]).all() and torch.isfinite(loss[0, 0])
     assert torch.isfinite(grad[0, :, 0]).all()
 
@@ -198,13 +211,12 @@ def test_bad_precomputed_indices_give_nan_not_a_crash():
 
 def test_empty_inputs_at_the_backend_level():
     for n, p in [(0, 5), (3, 0)]:
-        idx, w = nb.soft_encode(torch.zeros(n, 2, p), 5, 5.0)
+        idx, w = nb.soft_encode(torch.zeros(n, 2, p), k=5, sigma=5.0)
         assert idx.shape == (n, 5, p) and idx.dtype == torch.int32 and w.dtype == torch.float32
         for dt in (torch.float32, torch.float16, torch.bfloat16):
-            loss, grad = nb.ce_forward(torch.zeros(n, 313, p, dtype=dt), torch.zeros(n, 2, p), None, None, None, None,
-                                       5, 5.0, 1.0, True)
+            loss, grad = nb.ce_forward(LossCall(logits=torch.zeros(n, 313, p, dtype=dt), ab=torch.zeros(n, 2, p)))
             assert loss.shape == (n, p) and grad.shape == (n, 313, p) and grad.dtype == dt
-        assert nb.annealed_mean(torch.zeros(n, 313, p), 0.38, False).shape == (n, 2, p)
+        assert nb.annealed_mean(torch.zeros(n, 313, p), T=0.38, is_probs=False).shape == (n, 2, p)
 
 
 @pytest.mark.parametrize("p", [1, nb.TILE - 1, nb.TILE, nb.TILE + 1, 3 * nb.TILE + 5])
@@ -232,13 +244,14 @@ def test_pixel_scale_and_mask_at_the_backend_level():
     ps = torch.rand(2, 50, generator=g)
     mask = torch.tensor([0.0, 1.0])
     cw = torch.rand(313, generator=g) + 0.1
-    loss, grad = nb.ce_forward(x, ab, None, None, cw, mask, 5, 5.0, 0.25, True, ps)
+    call = LossCall(logits=x, ab=ab, class_weights=cw, image_mask=mask, pixel_scale=ps, grad_scale=0.25)
+    loss, grad = nb.ce_forward(call)
     want, want_grad = R.rebalanced_cross_entropy(x.double().numpy(), ab.double().numpy(), cw.double().numpy(),
                                                  reduction="none", nongray=False, grad_output=ps.double().numpy())
     m = mask.double().numpy()[:, None]
     np.testing.assert_allclose(loss.double().numpy(), want * m * ps.double().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad.double().numpy(), 0.25 * want_grad * m[:, :, None], atol=1e-6)
-    loss_ng, grad_ng = nb.ce_forward(x, ab, None, None, cw, mask, 5, 5.0, 0.25, False, ps)
+    loss_ng, grad_ng = nb.ce_forward(dataclasses.replace(call, need_grad=False))
     assert grad_ng is None
     torch.testing.assert_close(loss_ng, loss)
 
@@ -253,12 +266,14 @@ def test_result_does_not_depend_on_the_thread_count():
         outs = []
         for t in sorted({1, before}):
             numba.set_num_threads(t)
-            outs.append((nb.ce_forward(x, ab, None, None, None, None, 5, 5.0, 1.0, True), nb.annealed_mean(x, 0.38, False)))
+            outs.append((nb.ce_forward(LossCall(logits=x, ab=ab)), nb.annealed_mean(x, T=0.38, is_probs=False),
+                         nb.soft_encode(ab, k=10, sigma=5.0)))
     finally:
         numba.set_num_threads(before)
-    (l0, g0), a0 = outs[0]
-    (l1, g1), a1 = outs[-1]
+    (l0, g0), a0, (i0, w0) = outs[0]
+    (l1, g1), a1, (i1, w1) = outs[-1]
     assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(a0, a1)
+    assert torch.equal(i0, i1) and torch.equal(w0, w1)
 
 
 def test_huge_page_gradient_is_an_ordinary_tensor(monkeypatch):
@@ -280,14 +295,135 @@ def test_huge_page_gradient_is_an_ordinary_tensor(monkeypatch):
     del x
 
 
+# ----------------------------------------------------------------------------- exp / log rule
+# The rule shared with the C++ CPU code (fc_math.cuh exp_/log_), see _math.fexp / _math.flog:
+# exp: <= 2 ulp on [-87, 88], 0 below -87 (and -inf), +inf above 88, NaN for NaN;
+# log: ~1 ulp on normals, subnormals as exactly as normals (<= 2 ulp), log(0) = -inf,
+# log(x < 0) = NaN, log(+inf) = +inf, log(NaN) = NaN.
+
+
+def _vectorised(fn):
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def run(x, out):
+        for i in range(x.size):
+            out[i] = fn(x[i])
+
+    def call(x):
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x)
+        run(x, out)
+        return out
+
+    return call
+
+
+_SPECIAL = np.array([-87.5, -87.0, -86.99999, -100.0, -1e30, -np.inf, 88.0, 88.00001, 88.5, 100.0, np.inf, np.nan,
+                     0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 1e-38, 1.0, -1.0, -2.5, 3e38,
+                     -3e38, 1e-7, -1e-7], np.float32)
+
+
+def _ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """|got - want| in units of float32's spacing at want (want: float64, finite)."""
+    w32 = want.astype(np.float32)
+    return np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(w32)).astype(np.float64)
+
+
+def test_fexp_follows_the_rule():
+    from fastcolor.backends.numba_backend._math import fexp
+
+    vexp = _vectorised(fexp)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([_SPECIAL, np.linspace(-87, 88, 400001, dtype=np.float32),
+                        rng.uniform(-87, 88, 100000).astype(np.float32),
+                        np.float32(10.0) ** rng.uniform(-45, 1.9, 20000).astype(np.float32) * rng.choice([-1, 1], 20000)])
+    x = x.astype(np.float32)
+    got = vexp(x)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64))
+    low, high, nan = x < -87, x > 88, np.isnan(x)
+    mid = ~(low | high | nan)
+    assert (got[low] == 0).all() and (np.signbit(got[low]) == 0).all()
+    assert (got[high] == np.inf).all()
+    assert np.isnan(got[nan]).all()
+    assert _ulps(got[mid], want[mid]).max() <= 2.0
+    assert vexp(np.float32([-87.0]))[0] > 0 and vexp(np.float32([88.0]))[0] < np.inf
+
+
+def test_fexp_nonpos_is_fexp_up_to_88():
+    """The softmax loops' exp (no x > 88 select): bit for bit fexp on x <= 88 and NaN."""
+    from fastcolor.backends.numba_backend._math import fexp, fexp_nonpos
+
+    x = np.concatenate([_SPECIAL, np.linspace(-100, 88, 200001, dtype=np.float32)])
+    x = x[(x <= 88) | np.isnan(x)]
+    a, b = _vectorised(fexp)(x), _vectorised(fexp_nonpos)(x)
+    assert np.array_equal(np.isnan(a), np.isnan(x)) and np.array_equal(np.isnan(b), np.isnan(x))
+    assert np.array_equal(a[~np.isnan(x)].view(np.int32), b[~np.isnan(x)].view(np.int32))
+
+
+def test_flog_follows_the_rule():
+    from fastcolor.backends.numba_backend._math import flog
+
+    vlog = _vectorised(flog)
+    rng = np.random.default_rng(1)
+    tiny = np.float32(2.0) ** np.arange(-149, -125, dtype=np.float32)  # every subnormal binade
+    sub = np.concatenate([tiny, rng.uniform(1e-45, 1.1754942e-38, 20000).astype(np.float32)])
+    normal = np.concatenate([np.float32(2.0) ** rng.uniform(-126, 127.99, 100000).astype(np.float32),
+                             np.linspace(0.5, 2.0, 200001, dtype=np.float32), np.float32([1e-38, 1.1754944e-38, 3.4e38])])
+    x = np.concatenate([_SPECIAL, sub, normal, -normal[:1000]]).astype(np.float32)
+    got = vlog(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log(x.astype(np.float64))
+    pos = (x > 0) & np.isfinite(x)
+    assert _ulps(got[pos], want[pos]).max() <= 2.0
+    assert _ulps(vlog(normal), np.log(normal.astype(np.float64))).max() <= 1.0  # ~1 ulp on normals
+    assert _ulps(vlog(sub), np.log(sub.astype(np.float64))).max() <= 2.0  # subnormals: exact as normals
+    assert (got[x == 0] == -np.inf).all()  # 0 and -0
+    assert np.isnan(got[(x < 0) | np.isnan(x)]).all()  # negative (-inf included) and NaN
+    assert (got[x == np.inf] == np.inf).all()
+
+
+# ----------------------------------------------------------------------------- no fused multiply-add
+
+
+_NO_FMA_CHILD = textwrap.dedent(r"""
+    import re, torch
+    from fastcolor.backends import numba_backend as nb
+    from fastcolor.backends.numba_backend import encode as E
+    nb.soft_encode(torch.tensor([[[200.0, 0.3], [0.5, 7.0]]]), k=3, sigma=5.0)  # serial: the worker only
+    ir = "".join(E.soft_encode_worker.inspect_llvm().values())
+    asm = "".join(E.soft_encode_worker.inspect_asm().values())
+    print("DOUBLE_ARITH", len(re.findall(r"= f(?:mul|add|sub) [^\n]*double", ir)))
+    print("DOUBLE_CONTRACT", len(re.findall(r"= f(?:mul|add|sub) [^\n]*contract[^\n]*double", ir)))
+    print("FMA64", len(re.findall(r"llvm\.(?:fma|fmuladd)\.(?:v\d+)?f64", ir)) + len(re.findall(r"vfn?m(?:add|sub)\w*[sp]d\b", asm)))
+""")
+
+
+def test_the_float64_scan_has_no_fused_multiply_add(tmp_path):
+    """Rule 2 forbids FMA in the float64 distances. numba lets a callee without its own
+    fast-math flags inherit its caller's (the kernels allow ``contract``): the search functions
+    must say fastmath=False explicitly. Checked in the compiled worker (uncached, in a child)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["FASTCOLOR_NUMBA_CACHE"] = "0"
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", _NO_FMA_CHILD], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+) (\d+)$", out.stdout, re.M))
+    assert int(counts["DOUBLE_ARITH"]) > 0, out.stdout  # the scan is there
+    assert counts["DOUBLE_CONTRACT"] == "0" and counts["FMA64"] == "0", out.stdout
+
+
 # ----------------------------------------------------------------------------- on-disk cache
 
 
 _CHILD = textwrap.dedent("""
     import torch
     from fastcolor.backends import numba_backend as nb
-    idx, w = nb.soft_encode(torch.tensor([[[5.0, 1e4], [5.0, 0.0]]]), 2, 5.0)
-    print("CACHE", nb.CACHE, "IDX", idx.flatten().tolist())
+    idx, w = nb.soft_encode(torch.tensor([[[3.0, 1e4], [4.0, 0.0]]]), k=2, sigma=5.0)
+    print("CACHE", nb.CACHE, "STAMPED", nb._jit.PACKAGE_STAMPED, "IDX", idx.flatten().tolist())
+    print("W", [round(v, 4) for v in w.flatten().tolist()])
 """)
 
 
@@ -310,25 +446,41 @@ def test_cache_falls_back_when_no_cache_folder_is_writable(tmp_path):
     """NUMBA_CACHE_DIR unwritable, the package's __pycache__ unusable (a file in its way) and
     no user-wide cache folder: the backend must compile without a cache, not fail at import."""
     parent = _copy_package(tmp_path / "ro")
-    (parent / "fastcolor" / "backends" / "__pycache__").write_text("not a folder")
+    (parent / "fastcolor" / "backends" / "numba_backend" / "__pycache__").write_text("not a folder")
     out = _run_child(tmp_path, {"NUMBA_CACHE_DIR": "/dev/null/numba", "HOME": "/dev/null", "XDG_CACHE_HOME": "/dev/null/x"}, parent)
     assert "CACHE False" in out, out
-    want = np.moveaxis(R.soft_encode(np.array([[[5.0, 1e4], [5.0, 0.0]]]), k=2)[0], 1, -1).ravel()
+    want = np.moveaxis(R.soft_encode(np.array([[[3.0, 1e4], [4.0, 0.0]]]), k=2)[0], 1, -1).ravel()
     assert f"IDX {np.moveaxis(want.reshape(1, 2, 2), -1, 1).ravel().tolist()}" in out, out
 
 
-def test_cache_is_written_to_a_writable_cache_dir(tmp_path):
+def test_cache_is_written_read_back_and_stamped_by_the_whole_package(tmp_path):
+    """A writable NUMBA_CACHE_DIR: the first run writes the cache, the second loads it, and an
+    edit of a helper file alone (_math.py: fexp, compiled into encode.py's kernels) recompiles
+    them: numba's own stamp is per file, which would have served the stale kernels."""
     parent = _copy_package(tmp_path / "rw")
     cache = tmp_path / "cache"
-    out = _run_child(tmp_path, {"NUMBA_CACHE_DIR": str(cache)}, parent)
-    assert "CACHE True" in out, out
+    env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_DEBUG_CACHE": "1"}
+    out = _run_child(tmp_path, env, parent)
+    assert "CACHE True STAMPED True" in out, out
     assert list(cache.rglob("*.nbi")), "numba wrote no cache index"
+    assert "data saved to" in out and "W [0.5987, 0.8808, 0.4013, 0.1192]" in out, out
+    out = _run_child(tmp_path, env, parent)
+    assert "data loaded from" in out and "data saved to" not in out, out  # all from the cache
+    math_py = parent / "fastcolor" / "backends" / "numba_backend" / "_math.py"
+    src = math_py.read_text()
+    assert "    return p * pow2_of_magic(t)\n" in src
+    math_py.write_text(src.replace("    return p * pow2_of_magic(t)\n", "    return ONE\n"))
+    out = _run_child(tmp_path, env, parent)
+    assert "W [0.5, 0.8808, 0.5, 0.1192]" in out, out  # every fexp is 1: weights 1/k (the far-off pixel: float64 exp)
+
+
+# ----------------------------------------------------------------------------- threads, fork
 
 
 def _child_encode(q):
     ab = torch.rand(2, 2, 40 * nb.TILE) * 100 - 50
-    idx, _ = nb.soft_encode(ab, 5, 5.0)
-    loss, _ = nb.ce_forward(torch.randn(2, 313, 40 * nb.TILE), ab, None, None, None, None, 5, 5.0, 1.0, False)
+    idx, _ = nb.soft_encode(ab, k=5, sigma=5.0)
+    loss, _ = nb.ce_forward(LossCall(logits=torch.randn(2, 313, 40 * nb.TILE), ab=ab, need_grad=False))
     q.put((idx.shape, bool(torch.isfinite(loss).all())))
 
 
@@ -339,12 +491,14 @@ def test_forked_child_after_parallel_use_does_not_die():
     serially in the child."""
     import multiprocessing as mp
 
+    from fastcolor.backends.numba_backend import _launch
+
     numba = pytest.importorskip("numba")
     if numba.get_num_threads() < 2:
         pytest.skip("one thread: never parallel")
     ab = torch.rand(2, 2, 40 * nb.TILE) * 100 - 50
-    nb.ce_forward(torch.randn(2, 313, 40 * nb.TILE), ab, None, None, None, None, 5, 5.0, 1.0, False)  # parallel
-    assert nb._PARALLEL_PID == os.getpid()
+    nb.ce_forward(LossCall(logits=torch.randn(2, 313, 40 * nb.TILE), ab=ab, need_grad=False))  # parallel
+    assert _launch._PARALLEL_PID == os.getpid()
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     proc = ctx.Process(target=_child_encode, args=(q,))
@@ -354,8 +508,24 @@ def test_forked_child_after_parallel_use_does_not_die():
     assert q.get(timeout=5) == ((2, 5, 40 * nb.TILE), True)
 
 
+# ----------------------------------------------------------------------------- contract
+
+
 def test_k_out_of_range_is_refused_at_the_backend_level():
     with pytest.raises(ValueError, match="k"):
-        nb.soft_encode(torch.zeros(1, 2, 3), 17, 5.0)
+        nb.soft_encode(torch.zeros(1, 2, 3), k=17, sigma=5.0)
     with pytest.raises(ValueError, match="k"):
-        nb.ce_forward(torch.zeros(1, 313, 3), torch.zeros(1, 2, 3), None, None, None, None, 0, 5.0, 1.0, False)
+        nb.ce_forward(LossCall(logits=torch.zeros(1, 313, 3), ab=torch.zeros(1, 2, 3), k=0, need_grad=False))
+
+
+def test_the_contract_is_keyword_only():
+    """The typed contract: soft_encode(ab, *, k, sigma), ce_forward(call), annealed_mean(x, *, T, is_probs)."""
+    import inspect
+
+    for fn, names in ((nb.soft_encode, ("k", "sigma")), (nb.annealed_mean, ("T", "is_probs"))):
+        params = inspect.signature(fn).parameters
+        assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names), fn
+    assert list(inspect.signature(nb.ce_forward).parameters) == ["call"]
+    assert nb.SUPPORTS_FLOAT64 is False
+    with pytest.raises(TypeError):
+        nb.soft_encode(torch.zeros(1, 2, 3), 5, 5.0)

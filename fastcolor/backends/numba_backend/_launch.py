@@ -1,0 +1,66 @@
+"""Threads: how a kernel's tiles are spread over numba's threads (or run on the caller's).
+
+A kernel is a ``prange`` over one worker per numba thread; the workers take chunks (runs of
+tiles) from a shared atomic counter until none is left. Tiny inputs run on the calling
+thread, and so does everything in a process forked after this one ran a parallel kernel
+(GNU OpenMP, numba's default layer, cannot run in such a child: numba would terminate it;
+think DataLoader workers that soft-encode).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fastcolor.backends.numba_backend._jit import claim_index, jit, numba
+
+#: Pixels per tile (the inner, vectorised loop length).
+TILE = 128
+#: The process that first ran a parallel kernel (GNU OpenMP cannot run in a child forked
+#: after that: numba would terminate the child), see launch().
+_PARALLEL_PID: int | None = None
+#: Work of at most this many tiles (of the loss / decode; 8x more for soft-encode, which is
+#: ~10x cheaper per tile) runs on the calling thread: waking a sleeping pool thread costs
+#: ~10 us on an idle machine but a scheduler tick (4 ms here) or more on a busy one.
+SERIAL_MAX_TILES = 16
+#: Chunks (runs of tiles) per thread, taken from a shared counter.
+CHUNKS_PER_THREAD = 16
+
+
+def launch(parallel_kernel, worker, ntiles: int, *args, serial_max: int = SERIAL_MAX_TILES) -> None:
+    """Run the tiles through ``worker(counter, nchunks, *args)``.
+
+    Parallel: ``parallel_kernel`` starts one worker per numba thread, and the workers take
+    chunks of tiles from a shared atomic counter until none is left (dynamic scheduling:
+    numba's prange splits statically, so one thread descheduled by a busy machine, e.g. by
+    DataLoader workers, would hold up the whole call). Serial, on the calling thread: tiny
+    work, one thread, or a process forked after this one ran parallel code (a DataLoader
+    worker: GNU OpenMP would be terminated there).
+    """
+    global _PARALLEL_PID
+    pid = os.getpid()
+    forked = _PARALLEL_PID is not None and _PARALLEL_PID != pid
+    threads = numba.get_num_threads()
+    counter = np.zeros(1, np.int64)
+    if forked or ntiles <= serial_max or threads == 1:
+        worker(counter, 1, *args)
+        return
+    _PARALLEL_PID = pid
+    parallel_kernel(threads, counter, max(1, min(ntiles, threads * CHUNKS_PER_THREAD)), *args)
+
+
+@jit
+def claim(counter, nchunks, ntiles):
+    """The next unclaimed chunk of tiles [t0, t1), or t0 == t1 when all are taken."""
+    c = claim_index(counter)
+    if c >= nchunks:
+        return ntiles, ntiles
+    return c * ntiles // nchunks, (c + 1) * ntiles // nchunks
+
+
+@jit
+def tile_at(t, tpi, P):
+    """Tile t (tpi tiles per image) -> (image n, first pixel p0, width tw <= TILE)."""
+    n = t // tpi
+    p0 = (t - n * tpi) * TILE
+    return n, p0, min(TILE, P - p0)
