@@ -109,10 +109,12 @@ def densify(indices: np.ndarray, weights: np.ndarray, num_bins: int = Q) -> np.n
 def image_mask_nongray(ab: np.ndarray) -> np.ndarray:
     """The authors' per-image mask: 0 for images whose ab never leaves ``|a|, |b| <= 5``, else 1.
 
-    ``(N, 2, *S) -> (N,)`` float64. An empty image (no pixels) counts as grey.
+    ``(N, 2, *S) -> (N,)`` float64. An empty image (no pixels) counts as grey. NaN/Inf values
+    are ignored: a bad pixel gets a NaN loss of its own and leaves its image's mask alone.
     """
     ab = np.asarray(ab, dtype=np.float64)
     flat = np.abs(ab.reshape(ab.shape[0], -1))
+    flat = np.where(np.isfinite(flat), flat, 0.0)
     if flat.shape[1] == 0:
         return np.zeros(ab.shape[0])
     return (flat.max(axis=1) > GRAY_THRESHOLD).astype(np.float64)
@@ -126,9 +128,11 @@ def class_prior(ab: np.ndarray, smooth_sigma: float | None = None) -> np.ndarray
 
         p'_q = sum_r p_r exp(-|c_q - c_r|^2 / (2 smooth_sigma^2)) / (normaliser),
 
-    (the paper smooths with sigma = 5). ``ab`` is ``(N, 2, *S)`` or ``(P, 2)``.
+    (the paper smooths with sigma = 5). ``ab`` is ``(N, 2, *S)``. Pixels with NaN/Inf ab have no
+    nearest bin and are not counted.
     """
-    counts = np.bincount(nearest_bin(ab).ravel(), minlength=Q).astype(np.float64)
+    finite = np.isfinite(np.asarray(ab, dtype=np.float64)).all(axis=1)
+    counts = np.bincount(nearest_bin(ab)[finite].ravel(), minlength=Q).astype(np.float64)
     if counts.sum() == 0:
         raise ValueError("ab: expected at least one pixel, got none")
     p = counts / counts.sum()

@@ -53,11 +53,11 @@ def test_unavailable_backend_names_what_is_missing():
     (lambda l, a: fc.rebalanced_cross_entropy(l, a[:, :, :2]), r"target: expected batch and spatial shape \(2, 3, 4\)"),
     (lambda l, a: fc.rebalanced_cross_entropy(l, a, reduction="avg"), r"reduction: expected one of"),
     (lambda l, a: fc.rebalanced_cross_entropy(l, a, k=0), r"k: expected an integer in 1..16, got 0"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a, sigma=-1.0), r"sigma: expected a positive number"),
+    (lambda l, a: fc.rebalanced_cross_entropy(l, a, sigma=-1.0), r"sigma: expected a positive finite number"),
     (lambda l, a: fc.rebalanced_cross_entropy(l, a, weights=torch.ones(312)), r"weights: expected shape \(313,\), got \(312,\)"),
     (lambda l, a: fc.rebalanced_cross_entropy(l, fc.soft_encode(a), nongray=True), r"nongray: needs the target ab"),
     (lambda l, a: fc.rebalanced_cross_entropy(l, "ab"), r"target: expected a torch.Tensor, got str"),
-    (lambda l, a: fc.annealed_mean(l, T=0.0), r"T: expected a positive temperature, got 0.0"),
+    (lambda l, a: fc.annealed_mean(l, T=0.0), r"T: expected a positive finite number, got 0.0"),
     (lambda l, a: fc.annealed_mean(l, probs=l), r"exactly one of logits= and probs="),
     (lambda l, a: fc.annealed_mean(torch.zeros(313)), r"logits: expected shape \(N, 313, ...\), got \(313,\)"),
     (lambda l, a: fc.soft_encode(a.permute(0, 2, 1, 3)), r"ab: expected 2 channels"),
@@ -70,7 +70,7 @@ def test_bad_arguments_raise_clear_errors(call, match):
 
 def test_device_mismatch_is_reported():
     logits, ab = inputs()
-    with pytest.raises(ValueError, match="target: expected a tensor on"):
+    with pytest.raises(ValueError, match="target: expected a tensor (on|with data)"):
         fc.rebalanced_cross_entropy(logits, ab.to("meta"))
 
 

@@ -65,9 +65,9 @@ BAD_CALLS = [
     ("soft_encode k=True", lambda x, a, b: fc.soft_encode(a, k=True, backend=b), ValueError,
      r"k: expected an integer in 1..16, got True"),
     ("soft_encode sigma=nan", lambda x, a, b: fc.soft_encode(a, sigma=math.nan, backend=b), ValueError,
-     r"sigma: expected a positive number, got nan"),
+     r"sigma: expected a positive finite number, got nan"),
     ("soft_encode sigma=0", lambda x, a, b: fc.soft_encode(a, sigma=0, backend=b), ValueError,
-     r"sigma: expected a positive number, got 0"),
+     r"sigma: expected a positive finite number, got 0"),
     ("loss logits 2 classes", lambda x, a, b: fc.rebalanced_cross_entropy(x[:, :2], a, backend=b), ValueError,
      r"logits: expected 313 channels on axis 1.*got \(2, 2, 3, 4\)"),
     ("loss logits 314 classes", lambda x, a, b: fc.rebalanced_cross_entropy(torch.cat([x, x[:, :1]], 1), a, backend=b),
@@ -87,7 +87,7 @@ BAD_CALLS = [
     ("loss weights str", lambda x, a, b: fc.rebalanced_cross_entropy(x, a, "heavy", backend=b), TypeError,
      r"weights: expected a \(313,\) tensor or array, got str"),
     ("loss sigma tensor", lambda x, a, b: fc.rebalanced_cross_entropy(x, a, sigma=torch.tensor(5.0), backend=b),
-     ValueError, r"sigma: expected a positive number, got tensor"),
+     ValueError, r"sigma: expected a positive finite number, got tensor"),
     ("loss labels index 313", lambda x, a, b: fc.rebalanced_cross_entropy(
         x, _labels(_LABELS.indices.clone().index_fill_(3, torch.tensor([1]), 313)), backend=b), ValueError,
      r"target.indices: expected bin indices in 0..312, got values in [0-9]+\.\.313"),
@@ -116,11 +116,11 @@ BAD_CALLS = [
     ("decode probs 312", lambda x, a, b: fc.annealed_mean(probs=x[:, :312].softmax(1), backend=b), ValueError,
      r"probs: expected 313 channels on axis 1.*got \(2, 312, 3, 4\)"),
     ("decode T nan", lambda x, a, b: fc.annealed_mean(x, T=math.nan, backend=b), ValueError,
-     r"T: expected a positive temperature, got nan"),
+     r"T: expected a positive finite number, got nan"),
     ("decode T str", lambda x, a, b: fc.annealed_mean(x, T="0.38", backend=b), ValueError,
-     r"T: expected a positive temperature, got '0.38'"),
+     r"T: expected a positive finite number, got '0.38'"),
     ("decoder module T", lambda x, a, b: fc.AnnealedMeanDecoder(T=-1), ValueError,
-     r"T: expected a positive temperature, got -1"),
+     r"T: expected a positive finite number, got -1"),
     ("loss module weights", lambda x, a, b: fc.RebalancedCrossEntropyLoss(weights=np.ones(5)), ValueError,
      r"weights: expected shape \(313,\), got \(5,\)"),
     ("loss module reduction", lambda x, a, b: fc.RebalancedCrossEntropyLoss(reduction="max"), ValueError,
@@ -168,8 +168,6 @@ def test_device_errors_name_the_backend_and_device():
     if os.environ.get("TRITON_INTERPRET") != "1":  # triton runs on CPU tensors only in its interpreter
         with pytest.raises(fc.BackendUnavailable, match=r"'triton'.*set TRITON_INTERPRET=1"):
             fc.annealed_mean(logits, backend="triton")
-    with pytest.raises(fc.BackendUnavailable, match="not meta"):
-        fc.soft_encode(ab.to("meta"), backend="numba")
 
 
 # ----------------------------------------------------------------------------- far-off ab
@@ -260,9 +258,9 @@ def test_nan_and_inf_in_the_encoder_and_decoder(backend):
     dec = fc.annealed_mean(probs=p, backend=backend)[0, :, 0]
     assert torch.isnan(dec).any(0).tolist() == [True, True, True, True, False]
     weights = torch.ones(313)
-    weights[fc.nearest_bin(ab)[0, 0, 3]] = NAN  # a NaN rarity weight poisons only its pixels
-    loss = fc.rebalanced_cross_entropy(x, ab, weights, reduction="none", backend=backend)[0, 0]
-    assert torch.isnan(loss[3]) and loss[2] == INF
+    weights[fc.nearest_bin(ab)[0, 0, 3]] = NAN  # a NaN rarity weight is refused (issue 13)
+    with pytest.raises(ValueError, match="weights: expected finite, non-negative weights, got 1 NaN/Inf"):
+        fc.rebalanced_cross_entropy(x, ab, weights, reduction="none", backend=backend)
 
 
 def test_a_single_minus_inf_logit_outside_the_target_never_crashes(backend):
@@ -425,3 +423,141 @@ def test_cpu_kernels_index_past_2_31_elements(backend_name):
     assert torch.isfinite(loss)
     print(f"\n{backend_name}: P={P}, 313*P={313 * P} elements; " +
           ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+# ----------------------------------------------------------------------------- issue 13 (second pass)
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "cpp"])
+def test_double_backward_through_a_fused_backend_is_refused_never_silently_wrong(backend_name):
+    require_backend(backend_name, "cpu")
+    logits, ab = _inputs(1, 2, 2)
+    x = logits.requires_grad_()
+    loss = fc.rebalanced_cross_entropy(x, ab, backend=backend_name)
+    with pytest.raises(RuntimeError, match=rf"backend '{backend_name}' has no double backward.*backend='torch'"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # a plain backward still works after the refusal
+    (g,) = torch.autograd.grad(fc.rebalanced_cross_entropy(x, ab, backend=backend_name), x)
+    assert torch.isfinite(g).all()
+
+
+def test_double_backward_on_torch_gives_the_gradient_penalty():
+    logits, ab = _inputs(1, 2, 2)
+    x = logits.double().requires_grad_()
+    (g,) = torch.autograd.grad(fc.rebalanced_cross_entropy(x, ab, backend="torch"), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), x)
+    assert gg.abs().sum() > 0
+
+
+def test_targets_and_class_weights_are_constants_on_every_backend(backend):
+    logits, ab = _inputs(1, 2, 3)
+    x = logits.requires_grad_()
+    ab = ab.requires_grad_()
+    w = torch.rand(313).add_(0.5).requires_grad_()
+    loss = fc.rebalanced_cross_entropy(x, ab, w, nongray=True, backend=backend)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert ab.grad is None and w.grad is None
+    labels = fc.soft_encode(ab, backend=backend)
+    assert not labels.weights.requires_grad
+
+
+def test_nongray_ignores_a_nan_target_pixel(backend):
+    logits, ab = _inputs(1, 1, 4, seed=5)
+    ab[0, :, 0, 0] = NAN
+    loss = fc.rebalanced_cross_entropy(logits, ab, nongray=True, reduction="none", backend=backend)[0, 0]
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all() and (loss[1:] > 0).all()
+    want, _ = R.rebalanced_cross_entropy(logits.double().numpy(), ab.double().numpy(), nongray=True, reduction="none")
+    np.testing.assert_allclose(loss[1:].double().numpy(), want[0, 0, 1:], rtol=1e-5)
+    assert R.image_mask_nongray(ab.double().numpy())[0] == 1.0
+
+
+def test_prior_accumulator_skips_and_counts_non_finite_pixels():
+    ab = torch.zeros(1, 2, 2, 3)
+    ab[0, 0, 0, 0], ab[0, 1, 1, 2] = NAN, INF
+    acc = fc.PriorAccumulator().update(ab)
+    assert acc.pixels == 4 and acc.skipped == 2
+    np.testing.assert_array_equal(acc.prior(smooth_sigma=None), R.class_prior(ab.double().numpy()))
+    empty = fc.PriorAccumulator().update(torch.full((1, 2, 1, 2), NAN))
+    with pytest.raises(ValueError, match="2 NaN/Inf pixels were skipped"):
+        empty.prior()
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "cpp", "torch"])
+def test_annealed_mean_float64_in_float64_out(backend_name):
+    require_backend(backend_name, "cpu")
+    logits, _ = _inputs(1, 2, 2)
+    out = fc.annealed_mean(logits.double(), backend=backend_name)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), R.annealed_mean(logits.double().numpy()), atol=1e-4)
+
+
+def test_annealed_mean_mode_keeps_nan_validates_backend_and_refuses_bad_t():
+    logits, _ = _inputs(1, 1, 3)
+    logits[0, 7, 0, 1] = NAN
+    out = fc.annealed_mean(logits, T=1e-9)
+    assert torch.isnan(out[0, :, 0, 1]).all() and torch.isfinite(out[0, :, 0, [0, 2]]).all()
+    assert not out.requires_grad
+    with pytest.raises(fc.BackendUnavailable, match="unknown backend 'nonsense'"):
+        fc.annealed_mean(logits, T=1e-9, backend="nonsense")
+    for bad in (INF, NAN, 0.0, -1.0):
+        with pytest.raises(ValueError, match="T: expected a positive finite number"):
+            fc.annealed_mean(logits, T=bad)
+
+
+def test_out_of_range_softlabels_index_fails_under_torch_compile_too():
+    logits, _ = _inputs(1, 1, 2)
+    labels = fc.SoftLabels(torch.full((1, 1, 1, 2), 400, dtype=torch.int32), torch.ones(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="expected bin indices in 0..312"):
+        fc.rebalanced_cross_entropy(logits, labels, backend="torch")
+    compiled = torch.compile(lambda x, t: fc.rebalanced_cross_entropy(x, t, backend="torch"), backend="aot_eager",
+                             fullgraph=True)
+    with pytest.raises(RuntimeError, match="expected bin indices in 0..312"):
+        compiled(logits, labels)
+
+
+def test_numpy_scalars_are_accepted_for_k_sigma_and_t(backend):
+    logits, ab = _inputs(1, 1, 2)
+    a = fc.rebalanced_cross_entropy(logits, ab, k=np.int64(5), sigma=np.float32(5.0), backend=backend)
+    b = fc.rebalanced_cross_entropy(logits, ab, k=5, sigma=5.0, backend=backend)
+    torch.testing.assert_close(a, b)
+    assert fc.soft_encode(ab, k=np.int32(3), backend=backend).k == 3
+    torch.testing.assert_close(fc.annealed_mean(logits, T=np.float64(0.38), backend=backend),
+                               fc.annealed_mean(logits, T=0.38, backend=backend))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (-1.0, "weights: expected finite, non-negative weights, got 1 negative of 313"),
+    (NAN, "weights: expected finite, non-negative weights, got 1 NaN/Inf of 313"),
+    (INF, "weights: expected finite, non-negative weights, got 1 NaN/Inf of 313"),
+])
+def test_bad_class_weights_are_refused(backend, bad, match):
+    logits, ab = _inputs(1, 1, 2)
+    w = torch.ones(313)
+    w[3] = bad
+    with pytest.raises(ValueError, match=match):
+        fc.rebalanced_cross_entropy(logits, ab, w, backend=backend)
+    with pytest.raises(TypeError, match="weights: expected real numbers, got torch.complex64"):
+        fc.rebalanced_cross_entropy(logits, ab, torch.ones(313, dtype=torch.complex64), backend=backend)
+
+
+def test_bad_softlabels_weights_are_refused():
+    idx = torch.zeros(1, 2, 3, dtype=torch.int32)
+    for bad, what in ((-0.5, "1 negative"), (NAN, "1 NaN/Inf"), (INF, "1 NaN/Inf")):
+        w = torch.full((1, 2, 3), 0.5)
+        w[0, 1, 2] = bad
+        with pytest.raises(ValueError, match=f"SoftLabels.weights: expected finite, non-negative weights, got {what}"):
+            fc.SoftLabels(idx, w)
+    with pytest.raises(TypeError, match="SoftLabels.weights: expected a floating tensor"):
+        fc.SoftLabels(idx, torch.ones(1, 2, 3, dtype=torch.complex64))
+    # the encoder's own NaN weights for NaN ab are its documented answer, not refused
+    labels = fc.soft_encode(torch.full((1, 2, 1), NAN), k=2, backend="torch")
+    assert torch.isnan(labels.weights).all() and labels.to("cpu").k == 2
+
+
+def test_meta_tensors_get_a_clear_message(backend):
+    logits, ab = _inputs(1, 1, 2)
+    with pytest.raises(ValueError, match="logits: expected a tensor with data .*not a meta tensor"):
+        fc.rebalanced_cross_entropy(logits.to("meta"), ab.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match="ab: expected a tensor with data"):
+        fc.soft_encode(ab.to("meta"), backend=backend)

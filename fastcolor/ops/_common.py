@@ -1,6 +1,8 @@
 """Argument checks and layout helpers shared by the public ops."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastcolor.gamut import Q
@@ -12,6 +14,8 @@ def check_tensor(name: str, x, *, channels: int | None = None, floating: bool = 
     """Check that ``x`` is a tensor (N, C, *spatial) with ``C == channels``; return it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), not a meta tensor; move it to a device first")
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
     if x.dim() < 2:
@@ -42,18 +46,32 @@ def check_bin_indices(name: str, indices: torch.Tensor) -> None:
     if not 1 <= indices.shape[1] <= 16:
         raise ValueError(f"{name}: expected 1..16 bins per pixel on axis 1, got {indices.shape[1]} "
                          f"(shape {tuple(indices.shape)})")
-    if indices.numel() == 0 or indices.device.type == "meta" or torch.compiler.is_compiling():
+    if indices.numel() == 0 or indices.device.type == "meta":
+        return
+    if torch.compiler.is_compiling():
+        # A data-dependent branch would break the graph: the check runs on the device instead
+        # and fails the call (RuntimeError) rather than let a bad index give a silent NaN.
+        torch._assert_async(((indices >= 0) & (indices < Q)).all(),
+                            f"{name}: expected bin indices in 0..{Q - 1}")
         return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= Q:
         raise ValueError(f"{name}: expected bin indices in 0..{Q - 1}, got values in {lo}..{hi}")
 
 
-def check_k_sigma(k, sigma) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+def check_k_sigma(k, sigma) -> tuple[int, float]:
+    """``k`` an integer in 1..16 and ``sigma`` a positive finite number (Python or numpy scalars);
+    returns them as ``int`` and ``float``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 16:
         raise ValueError(f"k: expected an integer in 1..16, got {k!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
+    return int(k), check_positive("sigma", sigma)
+
+
+def check_positive(name: str, value) -> float:
+    """A positive finite real number (Python or numpy scalar), as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    return float(value)
 
 
 def flat(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -77,4 +95,22 @@ def check_class_weights(weights, device) -> torch.Tensor | None:
             raise TypeError(f"weights: expected a ({Q},) tensor or array, got {type(weights).__name__}") from exc
     if weights.shape != (Q,):
         raise ValueError(f"weights: expected shape ({Q},), got {tuple(weights.shape)}")
+    if weights.is_complex() or not (weights.is_floating_point() or weights.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"weights: expected real numbers, got {weights.dtype}")
+    weights = weights.detach()  # class weights are constants: no gradient flows into them
+    if weights.device.type == "cpu":  # (a value check on a GPU tensor would cost a host sync)
+        check_finite_non_negative("weights", weights)
     return weights.to(device=device, dtype=torch.float32).contiguous()
+
+
+def check_finite_non_negative(name: str, x: torch.Tensor) -> None:
+    """Refuse NaN/Inf or negative entries of a CPU tensor of weights, counting them (on the
+    device, failing the call, while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async((torch.isfinite(x) & (x >= 0)).all(), f"{name}: expected finite, non-negative weights")
+        return
+    bad = int((~torch.isfinite(x)).sum())
+    neg = int((x < 0).sum())
+    if bad or neg:
+        got = f"{bad} NaN/Inf" if bad else f"{neg} negative"
+        raise ValueError(f"{name}: expected finite, non-negative weights, got {got} of {x.numel()}")

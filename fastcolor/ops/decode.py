@@ -7,7 +7,7 @@ from torch import nn
 from fastcolor import backends
 from fastcolor.backends import torch_backend
 from fastcolor.gamut import Q, ab_bins
-from fastcolor.ops._common import check_tensor, flat
+from fastcolor.ops._common import check_positive, check_tensor, flat
 from fastcolor.reference import T_MODE
 
 
@@ -54,28 +54,31 @@ def annealed_mean(
 
     The annealed mean of Zhang et al. (2016, eq. 5): the expectation of the bin centres under
     ``softmax(logits / T)``. T = 1 is the mean, T = 0.38 the paper's choice, and any
-    ``T < 1e-6`` gives exactly the mode. Differentiable. The result is float32 (float64 for
-    float64 input). Spec: :func:`fastcolor.reference.annealed_mean`.
+    ``T < 1e-6`` gives exactly the mode (the centre of the most likely bin; NaN for a pixel with
+    a NaN input), which has no gradient. Otherwise differentiable. The result is float32, or
+    float64 for float64 input (computed in float64 by ``backend="torch"``, in float32 by the
+    fast backends). Spec: :func:`fastcolor.reference.annealed_mean`.
     """
     if (logits is None) == (probs is None):
         raise ValueError("annealed_mean: expected exactly one of logits= and probs=")
     is_probs = probs is not None
     name_arg = "probs" if is_probs else "logits"
     x = check_tensor(name_arg, probs if is_probs else logits, channels=Q)
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-        raise ValueError(f"T: expected a positive temperature, got {T!r}")
+    T = check_positive("T", T)
     spatial = x.shape[2:]
-    if T < T_MODE:
-        out = ab_bins(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)[x.argmax(1)]
-        return out.movedim(-1, 1)
     name = backends.resolve(backend, x.device.type)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if T < T_MODE:
+        x = x.detach()
+        out = ab_bins(x.device, out_dtype)[x.argmax(1)].movedim(-1, 1)
+        return torch.where(torch.isnan(x).any(1, keepdim=True), torch.full((), float("nan"), dtype=out_dtype, device=x.device), out)
     xf = flat(x)
     if name == "torch":
-        out = torch_backend.annealed_mean(xf, T=float(T), is_probs=is_probs)
+        out = torch_backend.annealed_mean(xf, T=T, is_probs=is_probs)
     else:
         if x.dtype == torch.float64:
             xf = xf.float()
-        out = _annealed_mean_op(xf, float(T), is_probs, name)
+        out = _annealed_mean_op(xf, T, is_probs, name).to(out_dtype)
     return out.reshape((x.shape[0], 2) + tuple(spatial))
 
 
@@ -84,9 +87,7 @@ class AnnealedMeanDecoder(nn.Module):
 
     def __init__(self, T: float = 0.38, from_probs: bool = False, backend: str = "auto"):
         super().__init__()
-        if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-            raise ValueError(f"T: expected a positive temperature, got {T!r}")
-        self.T, self.from_probs, self.backend = float(T), from_probs, backend
+        self.T, self.from_probs, self.backend = check_positive("T", T), from_probs, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.from_probs:

@@ -7,7 +7,7 @@ import torch
 
 from fastcolor import backends
 from fastcolor.gamut import Q
-from fastcolor.ops._common import check_k_sigma, check_tensor, flat
+from fastcolor.ops._common import check_finite_non_negative, check_k_sigma, check_tensor, flat
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,19 @@ class SoftLabels:
             )
         if self.indices.dtype not in (torch.int16, torch.int32, torch.int64):
             raise TypeError(f"SoftLabels.indices: expected an integer tensor, got {self.indices.dtype}")
+        if not self.weights.is_floating_point():
+            raise TypeError(f"SoftLabels.weights: expected a floating tensor, got {self.weights.dtype}")
+        if self.weights.device.type == "cpu" and self.weights.numel():  # (no host sync on a GPU)
+            check_finite_non_negative("SoftLabels.weights", self.weights)
+
+    @classmethod
+    def _of_kernel(cls, indices: torch.Tensor, weights: torch.Tensor) -> "SoftLabels":
+        """Wrap an encoder's output without the value checks (its NaN weights for NaN ab are
+        the documented answer, not bad input)."""
+        labels = object.__new__(cls)
+        object.__setattr__(labels, "indices", indices)
+        object.__setattr__(labels, "weights", weights)
+        return labels
 
     @property
     def k(self) -> int:
@@ -46,7 +59,7 @@ class SoftLabels:
     def to(self, *args, **kwargs) -> "SoftLabels":
         """Move both tensors (e.g. ``labels.to("cuda", non_blocking=True)``); indices stay integers."""
         kwargs.pop("dtype", None)
-        return SoftLabels(self.indices.to(*args, **kwargs), self.weights.to(*args, **kwargs))
+        return SoftLabels._of_kernel(self.indices.to(*args, **kwargs), self.weights.to(*args, **kwargs))
 
 
 @torch.library.custom_op("fastcolor::soft_encode", mutates_args=())
@@ -71,9 +84,9 @@ def soft_encode(ab: torch.Tensor, k: int = 5, sigma: float = 5.0, backend: str =
     far outside the gamut) may differ.
     """
     check_tensor("ab", ab, channels=2)
-    check_k_sigma(k, sigma)
+    k, sigma = check_k_sigma(k, sigma)
     name = backends.resolve(backend, ab.device.type)
-    ab_f = flat(ab, torch.float32)
-    idx, w = _soft_encode_op(ab_f, k, float(sigma), name)
+    ab_f = flat(ab.detach(), torch.float32)
+    idx, w = _soft_encode_op(ab_f, k, sigma, name)
     shape = (ab.shape[0], k) + tuple(ab.shape[2:])
-    return SoftLabels(idx.reshape(shape), w.reshape(shape))
+    return SoftLabels._of_kernel(idx.reshape(shape), w.reshape(shape))

@@ -38,11 +38,16 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def image_mask_nongray(ab: torch.Tensor) -> torch.Tensor:
-    """(N, 2, *S) -> float32 (N,): 0 for images whose ab never leaves |a|, |b| <= 5, else 1."""
-    flat_ab = ab.flatten(1)  # (not reshape(N, -1): ambiguous for an empty batch)
+    """(N, 2, *S) -> float32 (N,): 0 for images whose finite ab never leaves |a|, |b| <= 5, else 1.
+
+    Non-finite pixels are ignored (they give a NaN loss of their own, and must not make the rest
+    of their image count as grey). Spec: :func:`fastcolor.reference.image_mask_nongray`.
+    """
+    flat_ab = ab.detach().flatten(1)  # (not reshape(N, -1): ambiguous for an empty batch)
     if flat_ab.shape[1] == 0 or flat_ab.shape[0] == 0:
         return flat_ab.new_zeros(ab.shape[0], dtype=torch.float32)
-    return (flat_ab.abs().amax(dim=1) > GRAY_THRESHOLD).float()
+    mag = torch.where(torch.isfinite(flat_ab), flat_ab.abs(), torch.zeros((), dtype=flat_ab.dtype, device=flat_ab.device))
+    return (mag.amax(dim=1) > GRAY_THRESHOLD).float()
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -82,6 +87,8 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, _grad_grad):
+    if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph of its own
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(backend=ctx.backend))
     logits, ab, indices, weights, class_weights, image_mask = ctx.saved_tensors
     _, grad = _ce_op(logits, ab, indices, weights, class_weights, image_mask, grad_loss.float().contiguous(),
                      ctx.k, ctx.sigma, True, ctx.backend)
@@ -94,6 +101,13 @@ _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 # ----------------------------------------------------------------------------- eager route
 
 
+#: The fused backends return an analytic gradient with no graph behind it.
+_NO_DOUBLE_BACKWARD = (
+    "rebalanced_cross_entropy: backend {backend!r} has no double backward (create_graph=True, e.g. a "
+    "gradient penalty); use backend='torch' for that"
+)
+
+
 class _FusedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ab, indices, weights, class_weights, image_mask, k, sigma, reduction, backend):
@@ -103,13 +117,15 @@ class _FusedCE(torch.autograd.Function):
         call = LossCall(logits=logits, ab=ab, indices=indices, weights=weights, class_weights=class_weights,
                         image_mask=image_mask, k=k, sigma=sigma, grad_scale=scale, need_grad=need_grad)
         loss_px, grad = backends.get(backend).ce_forward(call)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.backend = reduction, backend
         if need_grad:
             ctx.save_for_backward(grad)
         return _reduce(loss_px, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: never a silently graph-less gradient
+            raise RuntimeError(_NO_DOUBLE_BACKWARD.format(backend=ctx.backend))
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             return grad * grad_loss.to(grad.dtype)[:, None, :], *([None] * 9)
@@ -155,19 +171,20 @@ def rebalanced_cross_entropy(
     check_tensor("logits", logits, channels=Q)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    # Targets and class weights are constants on every backend: no gradient flows into them.
     ab = indices = soft_w = None
     if isinstance(target, SoftLabels):
-        indices, soft_w = target.indices, target.weights
+        indices, soft_w = target.indices.detach(), target.weights.detach()
         check_same_layout("target.indices", indices, "logits", logits)
         check_bin_indices("target.indices", indices)
         ab = target_ab
         if ab is not None:
-            check_tensor("target_ab", ab, channels=2)
+            ab = check_tensor("target_ab", ab, channels=2).detach()
             check_same_layout("target_ab", ab, "logits", logits)
     else:
-        ab = check_tensor("target", target, channels=2)
+        ab = check_tensor("target", target, channels=2).detach()
         check_same_layout("target", ab, "logits", logits)
-        check_k_sigma(k, sigma)
+        k, sigma = check_k_sigma(k, sigma)
     class_weights = check_class_weights(weights, logits.device)
     if nongray and ab is None:
         raise ValueError("nongray: needs the target ab to find grey images; pass target_ab= with a SoftLabels target")
@@ -206,7 +223,7 @@ class RebalancedCrossEntropyLoss(nn.Module):
     def __init__(self, weights=None, k: int = 5, sigma: float = 5.0, reduction: str = "mean",
                  nongray: bool = False, backend: str = "auto"):
         super().__init__()
-        check_k_sigma(k, sigma)
+        k, sigma = check_k_sigma(k, sigma)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         self.register_buffer("weights", check_class_weights(weights, "cpu"))

@@ -22,6 +22,8 @@ def nearest_bin(ab: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 class PriorAccumulator:
     """Streams batches of ab and counts how often each bin is the nearest one.
 
+    Pixels with NaN/Inf ab are not counted; :attr:`skipped` says how many there were.
+
     >>> acc = PriorAccumulator()
     >>> for batch in loader: acc.update(batch_ab)      # any number of batches, any sizes
     >>> prior = acc.prior(smooth_sigma=5.0)            # (313,) float64, sums to 1
@@ -30,10 +32,14 @@ class PriorAccumulator:
 
     def __init__(self):
         self.counts = np.zeros(Q, dtype=np.int64)
+        #: Pixels left out because their ab was NaN or infinite (they have no nearest bin).
+        self.skipped = 0
 
     def update(self, ab: torch.Tensor) -> "PriorAccumulator":
         idx = nearest_bin(ab)
-        self.counts += torch.bincount(idx.reshape(-1).cpu(), minlength=Q).numpy()
+        finite = torch.isfinite(ab.detach()).all(1)
+        self.counts += torch.bincount(idx[finite].cpu(), minlength=Q).numpy()
+        self.skipped += int(finite.numel() - finite.sum())
         return self
 
     @property
@@ -43,7 +49,8 @@ class PriorAccumulator:
     def prior(self, smooth_sigma: float | None = 5.0) -> np.ndarray:
         """The normalised histogram, optionally smoothed over the ab plane (as the paper does)."""
         if self.pixels == 0:
-            raise ValueError("PriorAccumulator: expected at least one pixel before prior(), got none")
+            why = f" ({self.skipped} NaN/Inf pixels were skipped)" if self.skipped else ""
+            raise ValueError(f"PriorAccumulator: expected at least one pixel before prior(), got none{why}")
         p = self.counts / self.pixels
         return reference.smooth_prior(p, smooth_sigma) if smooth_sigma else p
 
