@@ -561,3 +561,19 @@ def test_meta_tensors_get_a_clear_message(backend):
         fc.rebalanced_cross_entropy(logits.to("meta"), ab.to("meta"), backend=backend)
     with pytest.raises(ValueError, match="ab: expected a tensor with data"):
         fc.soft_encode(ab.to("meta"), backend=backend)
+
+
+@pytest.mark.parametrize("sigma", [1e-20, 1e-30, 1e-12])
+def test_very_small_sigma_gives_the_one_hot_limit(backend, sigma):
+    ab = torch.tensor([[[3.0, 5.0, -41.0], [-7.0, 0.0, 66.0]]])  # (5, 0) ties (0, 0) and (10, 0)
+    enc = fc.soft_encode(ab, k=3, sigma=sigma, backend=backend)
+    want_idx, want_w = R.soft_encode(ab.double().numpy(), k=3, sigma=sigma)
+    dense = R.densify(enc.indices.numpy(), enc.weights.numpy())  # (the torch baseline orders ties its own way)
+    np.testing.assert_allclose(dense, R.densify(want_idx, want_w), atol=1e-6)
+    assert np.isin(dense[0, :, :], [0.0, 0.5, 1.0]).all() and dense[0, :, 1].max() == 0.5
+    logits, _ = _inputs(1, 1, 3)
+    loss = fc.rebalanced_cross_entropy(logits.reshape(1, 313, 3), ab, k=3, sigma=sigma, reduction="none",
+                                       backend=backend)
+    want, _ = R.rebalanced_cross_entropy(logits.reshape(1, 313, 3).double().numpy(), ab.double().numpy(), k=3,
+                                         sigma=sigma, reduction="none")
+    np.testing.assert_allclose(loss.double().numpy(), want, rtol=1e-5)

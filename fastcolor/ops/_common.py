@@ -59,12 +59,18 @@ def check_bin_indices(name: str, indices: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected bin indices in 0..{Q - 1}, got values in {lo}..{hi}")
 
 
+#: Smaller Gaussian widths are raised to this one for the kernels: there 1 / (2 sigma^2) would
+#: overflow float32 (0 x inf = NaN weights) while the weights already are their limit, 1 on the
+#: nearest bin (shared equally by exact ties) and 0 elsewhere, as the float64 reference gives.
+SIGMA_MIN = 1e-15
+
+
 def check_k_sigma(k, sigma) -> tuple[int, float]:
     """``k`` an integer in 1..16 and ``sigma`` a positive finite number (Python or numpy scalars);
-    returns them as ``int`` and ``float``."""
+    returns them as ``int`` and ``float`` (sigma at least :data:`SIGMA_MIN`)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 16:
         raise ValueError(f"k: expected an integer in 1..16, got {k!r}")
-    return int(k), check_positive("sigma", sigma)
+    return int(k), max(check_positive("sigma", sigma), SIGMA_MIN)
 
 
 def check_positive(name: str, value) -> float:
