@@ -133,7 +133,9 @@ def activation_bytes(model: torch.nn.Module, batch: int, size: int, training: bo
         return None
     try:
         largest, total, logits = _activation_profile(json.dumps(config, sort_keys=True), int(batch), int(size))
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, no pre-check
+    except Exception as exc:  # noqa: BLE001 - an op without a meta kernel: no estimate, no pre-check
+        if "overflow" in str(exc).lower():  # sizes past int64 bytes: more than any machine has
+            return 1 << 62
         return None
     return total + 2 * logits if training else 2 * largest + logits
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import hashlib
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -34,8 +36,10 @@ from torchvision.transforms import v2
 from fastcolor.color import rgb_to_lab
 from fastcolor.io import atomic_write_json
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "check_pixel_limit", "open_image", "load_rgb",
-           "load_l", "index_images", "split_items", "save_split", "load_split", "ColorizationDataset", "augmentation"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableImagesError", "check_pixel_limit",
+           "open_image", "file_kind", "load_rgb", "load_l", "list_images", "scan_images", "index_images", "split_items",
+           "save_split", "load_split", "files_fingerprint", "split_source", "split_change", "ColorizationDataset",
+           "augmentation"]
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -76,28 +80,65 @@ def check_pixel_limit(im: Image.Image, path: str | os.PathLike) -> None:
             f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it")
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_regular(path: str | os.PathLike):
+    """A binary file object for ``path``, refusing anything but a regular file *before* reading
+    from it: opening a FIFO for reading waits for a writer (forever), a device never ends. The
+    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UnreadableImageError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                                       f"fix or remove the link") from None
+        raise
+    except OSError as e:  # permission denied, a loop of symbolic links, ...
+        raise UnreadableImageError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImageError(f"{path}: {file_kind(st.st_mode)}, not a regular file; only regular files "
+                                       f"are read as images")
+        if st.st_size == 0:
+            raise UnreadableImageError(f"{path}: empty file (0 bytes)")
+        return open(path, "rb", opener=lambda _p, _f: fd)  # noqa: SIM115 - closed by open_image
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextlib.contextmanager
 def open_image(path: str | os.PathLike):
     """``PIL.Image.open`` that checks the pixel limit and turns every failure into
-    :class:`UnreadableImageError` naming the file and the reason."""
+    :class:`UnreadableImageError` naming the file and the reason. Only regular files are read:
+    a FIFO, a device or a directory with an image's name is refused without reading from it."""
+    f = _open_regular(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixel_limit refuses those
-            im = Image.open(path)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBombError, SyntaxError, ...
-        if Path(path).is_file() and Path(path).stat().st_size == 0:
-            raise UnreadableImageError(f"{path}: empty file (0 bytes)") from e
-        raise UnreadableImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    with im:
-        check_pixel_limit(im, path)
         try:
-            yield im
-        except UnreadableImageError:
-            raise
-        except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError) as e:
-            raise UnreadableImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixel_limit refuses those
+                im = Image.open(f)
+        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBombError, SyntaxError, ...
+            why = str(e).replace(repr(f), repr(str(path)))  # PIL names the file object
+            raise UnreadableImageError(f"{path}: not a readable image ({type(e).__name__}: {why})") from e
+        with im:
+            check_pixel_limit(im, path)
+            try:
+                yield im
+            except UnreadableImageError:
+                raise
+            except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError) as e:
+                raise UnreadableImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+    finally:
+        f.close()
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -132,8 +173,6 @@ def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:
 def _verify(path: Path) -> str | None:
     """Cheap check (header + PIL verify, no full decode): None if fine, else the reason."""
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
         with open_image(path) as im:
             im.verify()
         return None
@@ -143,18 +182,42 @@ def _verify(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True) -> list[ImageItem]:
-    """All images under ``root``: flat (class = the folder's name) or one subfolder per class.
+def _not_regular(path: Path) -> str | None:
+    """Without reading it: why ``path`` is no image file to read (a FIFO, a dangling link...), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a symbolic link to a file that does not exist" if path.is_symlink() else "vanished"
+    except OSError as e:
+        return f"cannot be opened ({e.strerror or e})"
+    return None if stat.S_ISREG(mode) else f"{file_kind(mode)}, not a regular file"
 
-    ``classes`` restricts to those subfolders. Unreadable files are skipped with one
-    warning naming them all. Sorted by path, so the result is deterministic.
-    """
+
+class NoReadableImagesError(ValueError):
+    """A data folder without one readable image: ``skipped`` lists (relative path, reason) of
+    the image files that could not be used (empty when there was no image file at all)."""
+
+    def __init__(self, root: Path, skipped: list[tuple[str, str]]):
+        self.root, self.skipped = root, skipped
+        if skipped:
+            shown = "; ".join(f"{p} ({why})" for p, why in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+            what = f"all {len(skipped)} image file(s) there are unreadable: {shown}"
+        else:
+            what = "there is no file with an image suffix (.png, .jpg, ...) in it or in its subfolders"
+        self.detail = what
+        super().__init__(f"root: expected at least one readable image in {str(root)!r}, found none: {what}")
+
+
+def list_images(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[ImageItem]:
+    """Every entry of ``root`` with an image suffix, flat or one subfolder per class (see
+    :func:`index_images`), as found in the folder: nothing is opened, so unreadable files,
+    FIFOs and dangling symbolic links are included. What a split is made from."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"root must be an existing directory of images, got {str(root)!r}")
 
     def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
 
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = {d.name: images_in(d) for d in subdirs}
@@ -166,18 +229,40 @@ def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, 
         if unknown:
             raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), got unknown {unknown}")
         per_class = {k: v for k, v in per_class.items() if k in set(classes)}
+    return [ImageItem(p.relative_to(root).as_posix(), label) for label, paths in per_class.items() for p in paths]
+
+
+def scan_images(root: str | os.PathLike, classes: Sequence[str] | None = None,
+                verify: bool = True) -> tuple[list[ImageItem], list[tuple[ImageItem, str]]]:
+    """(readable images, [(skipped image file, reason)]) of :func:`list_images`. Only regular
+    files are kept (a FIFO named ``x.png`` is skipped without being opened); ``verify`` also
+    opens each one (header and PIL's ``verify``, no full decode)."""
+    root = Path(root)
     items, bad = [], []
-    for label, paths in per_class.items():
-        for p in paths:
-            reason = _verify(p) if verify else None
-            if reason is None:
-                items.append(ImageItem(p.relative_to(root).as_posix(), label))
-            else:
-                bad.append(f"{p.relative_to(root).as_posix()} ({reason})")
+    for it in list_images(root, classes):
+        p = root / it.path
+        reason = _not_regular(p) or (_verify(p) if verify else None)
+        if reason is None:
+            items.append(it)
+        else:
+            bad.append((it, reason))
+    return items, bad
+
+
+def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True) -> list[ImageItem]:
+    """All images under ``root``: flat (class = the folder's name) or one subfolder per class.
+
+    ``classes`` restricts to those subfolders. Unreadable files (and anything with an image's
+    name that is not a regular file: FIFOs, devices, dangling symbolic links) are skipped with
+    one warning naming them all. Sorted by path, so the result is deterministic. A folder
+    without a readable image raises :class:`NoReadableImagesError` (a ``ValueError``).
+    """
+    items, bad = scan_images(root, classes, verify)
     if bad:
-        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root}: " + "; ".join(bad), stacklevel=2)
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root}: "
+                      + "; ".join(f"{it.path} ({why})" for it, why in bad), stacklevel=2)
     if not items:
-        raise ValueError(f"root: expected at least one readable image in {str(root)!r}, found none")
+        raise NoReadableImagesError(Path(root), [(it.path, why) for it, why in bad])
     return items
 
 
@@ -204,13 +289,68 @@ def split_items(items: Sequence[ImageItem], seed: int = 0,
     return out
 
 
-def save_split(path: str | os.PathLike, split: dict[str, list[ImageItem]], seed: int | None = None) -> None:
-    atomic_write_json(path, {"seed": seed, **{k: [[it.path, it.label] for it in v] for k, v in split.items()}})
+def files_fingerprint(items: Sequence[ImageItem]) -> str:
+    """A short hash of a list of images (paths and classes, in any order)."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda it: (it.path, it.label)):
+        h.update(f"{it.path}\t{it.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_split(path: str | os.PathLike, split: dict[str, list[ImageItem]], seed: int | None = None,
+               source: dict[str, Any] | None = None) -> None:
+    """Write a split; ``source`` records what it was made from (see :func:`split_source`)."""
+    raw: dict[str, Any] = {"seed": seed, **{k: [[it.path, it.label] for it in v] for k, v in split.items()}}
+    if source is not None:
+        raw["source"] = source
+    atomic_write_json(path, raw)
 
 
 def load_split(path: str | os.PathLike) -> dict[str, list[ImageItem]]:
     raw = json.loads(Path(path).read_text())
     return {k: [ImageItem(p, c) for p, c in raw[k]] for k in ("train", "val", "test")}
+
+
+def split_source(listed: Sequence[ImageItem], skipped: Sequence[ImageItem], classes: Sequence[str] | None,
+                 fractions: Sequence[float]) -> dict[str, Any]:
+    """What a split is made from: the image files listed (their number and fingerprint), those
+    of them that were skipped as unreadable, the classes asked for and the fractions."""
+    return {"files": len(listed), "fingerprint": files_fingerprint(listed),
+            "skipped": [[it.path, it.label] for it in sorted(skipped, key=lambda it: it.path)],
+            "classes": None if classes is None else sorted(classes), "fractions": [float(f) for f in fractions]}
+
+
+def split_change(path: str | os.PathLike, listed: Sequence[ImageItem], seed: int, classes: Sequence[str] | None,
+                 fractions: Sequence[float]) -> str | None:
+    """None if the split in ``path`` was made from the image files ``listed`` (by
+    :func:`list_images`) with this seed, these classes and fractions; otherwise what changed, in
+    words ("3 image files added (a.png, ...)", "seed 0 -> 1", ...). A split written before
+    splits recorded their source says so."""
+    raw = json.loads(Path(path).read_text())
+    src = raw.get("source")
+    if not isinstance(src, dict):
+        return "it does not record what it was made from (written by an older fastcolor)"
+    changes = []
+    if src.get("fingerprint") != files_fingerprint(listed):
+        old = {(p, c) for k in ("train", "val", "test") for p, c in raw.get(k, [])}
+        old |= {(p, c) for p, c in src.get("skipped", [])}
+        now = {(it.path, it.label) for it in listed}
+        added, removed = sorted(now - old), sorted(old - now)
+        for n, what, names in ((len(added), "added", added), (len(removed), "removed", removed)):
+            if n:
+                shown = ", ".join(p for p, _ in names[:3]) + (", ..." if n > 3 else "")
+                changes.append(f"{n} image file(s) {what} ({shown})")
+        if not changes:
+            changes.append("the image files differ")
+        changes.append(f"{src.get('files', len(old))} -> {len(listed)} image files")
+    if raw.get("seed") != seed:
+        changes.append(f"seed {raw.get('seed')} -> {seed}")
+    wanted = None if classes is None else sorted(classes)
+    if src.get("classes") != wanted:
+        changes.append(f"classes {src.get('classes') or 'all'} -> {wanted or 'all'}")
+    if [round(float(f), 9) for f in src.get("fractions", [])] != [round(float(f), 9) for f in fractions]:
+        changes.append(f"fractions {src.get('fractions')} -> {list(fractions)}")
+    return "; ".join(changes) or None
 
 
 def augmentation(degrees: float = 15.0, zoom: tuple[float, float] = (1.0, 1.25), shear: float = 8.0,
@@ -274,14 +414,20 @@ class ColorizationDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Like :meth:`load`, but an unreadable file is reported once and the next readable one is returned."""
-        for attempt in range(min(self.max_retries, len(self.items))):
+        """Like :meth:`load`, but an unreadable file is reported once and the next readable one is
+        returned; :class:`UnreadableImageError` when none of ``max_retries`` in a row can be read."""
+        tries = min(self.max_retries, len(self.items))
+        last = ""
+        for attempt in range(tries):
             i = (index + attempt) % len(self.items)
             try:
                 return self.load(i)
             except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
                 path = self.items[i].path
+                last = f"{type(e).__name__}: {e}"
                 if path not in self._reported:
                     self._reported.add(path)
-                    warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
-        raise RuntimeError(f"{self.max_retries} consecutive images from index {index} could not be read")
+                    warnings.warn(f"skipping unreadable image {path!r} ({last})", stacklevel=2)
+        raise UnreadableImageError(
+            f"{self.root}: none of {tries} image(s) in a row from {self.items[index].path!r} on could be read "
+            f"(the last: {' '.join(last.split())[:300]}); expected readable image files there")

@@ -10,19 +10,29 @@ everything else (model config, optimizer hyper-parameters, training state) as JS
 safetensors metadata. Loading never unpickles. Rebuilding a model from such a file is
 :mod:`fastcolor.models.serialization`; this module knows nothing of the models (it imports
 nothing from fastcolor).
+
+A write that runs out of space raises :class:`DiskFullError` (an ``OSError`` with errno
+ENOSPC or EDQUOT) naming the file, the bytes it needed and the bytes free. A directory is owned
+by one process at a time with :func:`lock_directory` (an OS file lock, ``fcntl.flock``, that the
+kernel releases on any exit, ``kill -9`` included).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save
 
 __all__ = [
+    "DiskFullError", "DirectoryLockedError", "lock_directory", "check_unlocked", "LOCK_FILE",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
@@ -46,16 +56,50 @@ def umask() -> int:
     return mask
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+class DiskFullError(OSError):
+    """A write that found no space left (ENOSPC) or no quota left (EDQUOT): the message names the
+    file, about how many bytes it needed and how many are free on its file system."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _disk_full(exc: OSError, path: Path, needed: int) -> DiskFullError:
+    try:
+        free = f"{_size(shutil.disk_usage(path.parent).free)} is free there"
+    except OSError:
+        free = "the free space there is unknown"
+    why = "No space left on device" if exc.errno == errno.ENOSPC else "Disk quota exceeded"
+    return DiskFullError(exc.errno, f"{why} writing {path}: it needs about {_size(needed)} and {free}; "
+                                    f"free some space (or write elsewhere) and try again", str(path))
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace, fsync dir).
 
     The file gets the mode of any new file (0o666 less the umask), not mkstemp's private 0o600.
+    Running out of space raises :class:`DiskFullError` (the previous file, if any, is intact).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise _disk_full(exc, path, len(data)) from exc
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,14 +107,99 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in _FULL:
+            raise _disk_full(exc, path, len(data)) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+# ----------------------------------------------------------------------------- directory locks
+
+#: The lock file :func:`lock_directory` keeps in a locked directory (it holds the owner's pid).
+LOCK_FILE = ".fastcolor.lock"
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another process holds the lock of ``directory`` (its pid is ``pid``, None if unknown)."""
+
+    def __init__(self, directory: Path, pid: int | None, what: str):
+        self.directory, self.pid = directory, pid
+        owner = f"pid {pid}" if pid is not None else "a process whose pid is not known"
+        super().__init__(f"{directory} is in use by another {what} ({owner}); wait for it to finish, "
+                         f"stop it, or use another directory")
+
+
+def _lock_owner(path: Path) -> int | None:
+    for _ in range(20):  # the owner writes its pid right after taking the lock
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None
+
+
+def check_unlocked(directory: str | os.PathLike, what: str = "fastcolor process") -> None:
+    """Raise :class:`DirectoryLockedError` if another process holds the lock of ``directory``;
+    writes nothing (no lock file, no directory is created). For refusing early, before the
+    real lock is taken with :func:`lock_directory`."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (ImportError, OSError):  # no lock file (or no locks here): nobody holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise DirectoryLockedError(directory, _lock_owner(path), what) from None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str | os.PathLike, what: str = "fastcolor process") -> Iterator[Path]:
+    """Own ``directory`` (created if missing) for the duration of the block: an exclusive
+    ``fcntl.flock`` on ``directory/.fastcolor.lock``, which records the owner's pid.
+
+    Raises :class:`DirectoryLockedError` at once if another process (or another open of the
+    lock in this one) holds it. The kernel drops the lock when the owner exits in any way,
+    ``kill -9`` included, so a lock is never stale. Where ``fcntl`` does not exist (Windows),
+    nothing is locked.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise DirectoryLockedError(directory, _lock_owner(path), what) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

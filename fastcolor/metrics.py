@@ -293,7 +293,7 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
 def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
              splits: Splits | None = None, compare: str | os.PathLike | None = None, T: float = 0.38,
              batch_size: int = 32, device: str = "auto", max_images: int | None = None,
-             grid_images: int = 6) -> dict[str, Any]:
+             grid_images: int = 6, backbone_weights: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a trained model on ``data_dir``; write ``metrics.json``, ``metrics.md``, ``comparison.png``.
 
     ``run_dir_or_weights``: a run directory (its ``model.safetensors``) or a model or checkpoint
@@ -309,6 +309,8 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
     Asking for a named split where there is no ``split.json`` is a ValueError.
     ``compare``: a second run/model shown in the comparison grid (e.g. the fusion model next
     to Zhang's); its metrics are computed too. ``max_images`` caps each split (quick looks).
+    ``backbone_weights``: a local weights file for the backbone of the fusion model(s) (a path
+    stored in a weights file is never read; see :func:`~fastcolor.models.serialization.load_model`).
     Returns ``{"rows": [...], "models": {...}, "files": {...}}``.
     """
     src = Path(run_dir_or_weights)
@@ -319,9 +321,10 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
         raise ValueError(f"data_dir must be a directory of images, got {str(data_dir)!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    models = {"model": load_model(src, dev)}
+    extra = {} if backbone_weights is None else {"backbone_weights": str(backbone_weights)}
+    models = {"model": load_model(src, dev, **extra)}
     if compare is not None:
-        models["compare"] = load_model(compare, dev)
+        models["compare"] = load_model(compare, dev, **extra)
     names = {k: m.config["arch"] for k, m in models.items()}
     out_dir = Path(out_dir) if out_dir is not None else (src if src.is_dir() else src.parent) / "eval"
     items = _resolve_items(src, data_dir, splits)

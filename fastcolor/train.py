@@ -2,15 +2,30 @@
 
 ``train(TrainConfig(data_dir=..., run_dir=...))`` does, in the run directory:
 
-* ``split.json``: the seeded stratified 80/10/10 split (reused when resuming);
+* ``split.json``: the seeded stratified 80/10/10 split, with what it was made from (the image
+  files listed, those skipped, seed, classes, fractions). A later run reuses it only while
+  that still holds: without a checkpoint a changed data folder gets a new split (and prior);
+  a resume from a checkpoint refuses, saying what changed;
 * ``prior.safetensors``: class prior of the training ab (streamed through
   :class:`fastcolor.PriorAccumulator`) and the rarity weights (``lam`` 0.5), Zhang models only;
+  recorded with the split, image size and parameters it was computed from (recomputed, or
+  refused when resuming, like the split);
 * ``last.safetensors`` after every epoch, ``best.safetensors`` when the validation loss
   improves by at least ``min_delta``: single-file, atomically written checkpoints (model,
   Adam state, training state as JSON metadata, never pickle); ``resume=True`` continues
   from ``last.safetensors``;
 * ``model.safetensors`` + ``model.json``: the best weights and the model config;
 * ``metrics.jsonl`` (one JSON line per epoch), ``loss_curve.png``, ``train_config.json``.
+
+A run directory is owned by one process at a time: ``train`` holds an OS file lock on
+``.fastcolor.lock`` in it (:func:`fastcolor.io.lock_directory`; released on any exit,
+``kill -9`` included), and a second ``train`` on the same directory raises
+:class:`fastcolor.io.DirectoryLockedError` naming the owner's pid before touching anything.
+``restart=True`` removes the files of an earlier run (:data:`RUN_FILES`) first. A checkpoint
+that cannot be resumed from (truncated, empty, damaged metadata) raises
+:class:`CheckpointError`, which says whether ``best.safetensors`` is intact. Weights paths
+stored inside checkpoints (a fusion model's ``backbone_weights``) are never followed: only
+``TrainConfig.backbone_weights`` is read.
 
 Losses: ``"rebalanced"`` (class-rebalanced soft cross-entropy), ``"ce"`` (unweighted), both
 for Zhang; ``"mse"`` (the Deep Koalarization regression loss on ab / 128) for fusion.
@@ -21,11 +36,13 @@ Checkpoints are written once per epoch, so a resumed run repeats the interrupted
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +53,21 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fastcolor.colorize import activation_bytes, check_memory, memory_guard
-from fastcolor.data import ColorizationDataset, index_images, load_l, load_split, save_split, split_items
+from fastcolor.data import (ColorizationDataset, files_fingerprint, index_images, list_images, load_l, load_split,
+                            save_split, split_change, split_items, split_source)
 from fastcolor.io import (append_jsonl, atomic_write_bytes, atomic_write_json, load_checkpoint, load_tensors,
-                          read_checkpoint_meta, save_checkpoint, save_tensors)
-from fastcolor.models import EmbeddingCache, build_model, load_model_state, model_state
-from fastcolor.models.serialization import save_model
+                          lock_directory, read_checkpoint_meta, save_checkpoint, save_tensors)
+from fastcolor.models import PRESETS, EmbeddingCache, build_model, load_model_state, model_state
+from fastcolor.models.serialization import check_stored_config, save_model
 from fastcolor.ops import PriorAccumulator, rarity_weights, rebalanced_cross_entropy
 
-__all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve"]
+__all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve",
+           "CheckpointError", "checkpoint_meta", "check_device", "RUN_FILES"]
+
+#: The files of a run that ``restart=True`` removes (other files in the directory are left alone,
+#: the content-keyed embedding cache too).
+RUN_FILES = ("last.safetensors", "best.safetensors", "model.safetensors", "model.json", "split.json",
+             "prior.safetensors", "metrics.jsonl", "loss_curve.png", "result.json", "train_config.json")
 
 LOSSES = ("rebalanced", "ce", "mse")
 
@@ -71,7 +95,8 @@ class TrainConfig:
     workers: int = 2
     prior_lam: float = 0.5
     prior_sigma: float = 5.0
-    resume: bool = True
+    resume: bool = True  #: continue from ``last.safetensors`` when there is one
+    restart: bool = False  #: start afresh: remove the files of an earlier run (:data:`RUN_FILES`) first
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  #: "fp32" or "bf16" (autocast of forward and loss; weights stay fp32)
     backbone_weights: str | None = None  #: fusion: local weights file for the backbone
@@ -93,6 +118,7 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
+        check_device(self.device, available=False)
         self.betas = tuple(self.betas)
         self.split = tuple(self.split)
 
@@ -111,6 +137,111 @@ class RunResult:
     @property
     def best_model_path(self) -> Path:
         return self.run_dir / "model.safetensors"
+
+
+def check_device(device: str, available: bool = True) -> None:
+    """Refuse (ValueError) a ``device`` that training cannot use: not ``"auto"``, a ``cpu`` or a
+    ``cuda[:N]`` device (``meta`` holds no data; ``mps`` and the rest have no fastcolor kernels);
+    with ``available``, also a CUDA device that this machine does not have."""
+    what = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if not isinstance(device, str):
+        raise ValueError(f"device: {what}, got {device!r}")
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device: {what}, got {device!r} (not a device name)") from None
+    if dev.type == "meta":
+        raise ValueError(f"device: {what}, got {device!r}: meta tensors hold no data, nothing can be trained on them")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {what}, got {device!r}: fastcolor's kernels run on cpu and cuda only")
+    if available and dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device: {device!r} asked for, but no CUDA device is available here (torch "
+                             f"{torch.__version__}, built with CUDA {torch.version.cuda}); use 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device!r} asked for, but this machine has {n} CUDA device(s) "
+                             f"(cuda:0..cuda:{n - 1})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from. ``path``: the file; ``reason``: what is wrong
+    with it; ``best``/``best_epoch``: an intact ``best.safetensors`` beside it (else None)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        self.best, self.best_epoch = None, None
+        best = self.path.parent / "best.safetensors"
+        if self.path.name != best.name and best.is_file():
+            try:
+                self.best_epoch = _valid_meta(best, read_checkpoint_meta(best).get("meta"))["epoch"]
+                self.best = best
+            except ValueError:
+                pass
+        hint = (f"{self.best} (epoch {self.best_epoch}) is intact and usable as weights; " if self.best else "")
+        super().__init__(f"cannot resume from {self.path}: {reason}; {hint}start a new run in {self.path.parent} "
+                         f"with restart=True (fastcolor train --restart), or move the file away")
+
+
+_META_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "history": (list,), "best_val_loss": (int, float),
+                                            "best_epoch": (int,), "bad_epochs": (int,), "stopped_early": (bool,)}
+
+
+def _valid_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """The training state of a checkpoint, checked field by field (CheckpointError if damaged)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, f"its training state ('meta') is {type(meta).__name__}, expected a JSON object")
+    bad = []
+    for key, types in _META_TYPES.items():
+        v = meta.get(key)
+        if key not in meta:
+            bad.append(f"{key!r} is missing")
+        elif not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            bad.append(f"{key!r} is {json.dumps(v)[:40]}, expected {' or '.join(t.__name__ for t in types)}")
+    if not bad:
+        if meta["epoch"] < 0 or not -1 <= meta["best_epoch"] <= meta["epoch"] or meta["bad_epochs"] < 0:
+            bad.append(f"epoch {meta['epoch']}, best_epoch {meta['best_epoch']}, bad_epochs {meta['bad_epochs']} "
+                       f"do not fit together")
+        for h in meta["history"]:
+            if not (isinstance(h, dict) and isinstance(h.get("epoch"), int) and not isinstance(h.get("epoch"), bool)
+                    and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", "val_loss"))):
+                bad.append(f"a 'history' entry is {json.dumps(h)[:60]}, expected {{'epoch': int, 'train_loss': "
+                           f"number, 'val_loss': number, ...}}")
+                break
+    if bad:
+        raise CheckpointError(path, "damaged training state in its metadata: " + "; ".join(bad))
+    return meta
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state (``meta``: epoch, history, ...) of a checkpoint, read from its header
+    only (no tensor is loaded) and checked: an empty, truncated or foreign file or damaged
+    metadata raises :class:`CheckpointError` saying what is wrong and what to do."""
+    path = Path(path)
+    try:
+        metadata = read_checkpoint_meta(path)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc).removeprefix(f"path: cannot read {path}: ")) from exc
+    if metadata.get("format") != "fastcolor-checkpoint-1":
+        raise CheckpointError(path, f"not a fastcolor checkpoint (format {metadata.get('format')!r})")
+    if not isinstance(metadata.get("model_config"), dict):
+        raise CheckpointError(path, "damaged metadata: its model_config is not a JSON object")
+    return _valid_meta(path, metadata.get("meta"))
+
+
+def _load_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """load_checkpoint, every failure a CheckpointError naming the file and what is wrong."""
+    checkpoint_meta(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc).removeprefix("path: ").removeprefix(f"cannot read {path}: ")) from exc
+    if ckpt["optimizer_state"] is None:
+        raise CheckpointError(path, "it holds no optimizer state (a best.safetensors or model file, not a last "
+                                    "checkpoint)")
+    return ckpt
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -218,11 +349,36 @@ class _Trainer:
         self.device = _device(cfg.device, d)
 
     # -- setup -----------------------------------------------------------------------------
-    def prepare_split(self):
+    def prepare_split(self, resuming_from: Path | None = None):
+        """The split: reused if it was made from the data as it is now, else made anew (without a
+        checkpoint) or refused (resuming: the checkpoint was trained on the old split)."""
         split_path = self.run_dir / "split.json"
-        if self.d.main and not split_path.is_file():
-            items = index_images(self.cfg.data_dir, self.cfg.classes)
-            save_split(split_path, split_items(items, self.cfg.seed, self.cfg.split), seed=self.cfg.seed)
+        cfg = self.cfg
+        if self.d.main:
+            change = None
+            if split_path.is_file():
+                try:
+                    change = split_change(split_path, list_images(cfg.data_dir, cfg.classes), cfg.seed, cfg.classes,
+                                          cfg.split)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json/structure damage
+                    change = f"it does not parse ({type(exc).__name__}: {exc})"
+                legacy = change is not None and "older fastcolor" in change
+                if change is not None and resuming_from is not None and not legacy:
+                    raise ValueError(f"data_dir: {split_path} was made from other data than {cfg.data_dir} holds now "
+                                     f"({change}), and {resuming_from} was trained on that split: resume with the "
+                                     f"data as it was, or start a new run with restart=True (fastcolor train "
+                                     f"--restart)")
+                if legacy and resuming_from is not None:
+                    change = None  # cannot tell: keep the split the checkpoint was trained on
+                if change is not None:
+                    warnings.warn(f"{split_path} is out of date ({change}): making a new split (and class prior) "
+                                  f"of {cfg.data_dir}", stacklevel=3)
+            if change is not None or not split_path.is_file():
+                listed = list_images(cfg.data_dir, cfg.classes)
+                items = index_images(cfg.data_dir, cfg.classes)  # warns about (and skips) unreadable files
+                readable = set(items)
+                source = split_source(listed, [it for it in listed if it not in readable], cfg.classes, cfg.split)
+                save_split(split_path, split_items(items, cfg.seed, cfg.split), seed=cfg.seed, source=source)
         self.d.barrier()
         self.split = load_split(split_path)
         if not self.split["train"] or not self.split["val"]:
@@ -231,7 +387,10 @@ class _Trainer:
 
     def build(self, model_config):
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        if isinstance(model_config, dict) and model_config.get("arch") == "fusion" and self.cfg.backbone_weights:
+        if isinstance(model_config, str):
+            model_config = PRESETS.get(model_config, model_config)
+        if isinstance(model_config, dict) and model_config.get("arch") == "fusion":
+            # only the path given in this run's config is read, never one stored in a checkpoint
             model_config = {**model_config, "backbone_weights": self.cfg.backbone_weights}
         self.model = build_model(model_config).to(self.device)
         arch = self.model.config["arch"]
@@ -257,15 +416,39 @@ class _Trainer:
         self.val_ds = mk(self.split["val"], False)
         self.prior_ds = mk(self.split["train"], False)
 
-    def class_weights(self) -> torch.Tensor | None:
+    def class_weights(self, resuming_from: Path | None = None) -> torch.Tensor | None:
+        """The rarity weights of ``prior.safetensors``: reused if computed from this split, image
+        size and parameters, else computed anew (without a checkpoint) or refused (resuming)."""
         if self.model.config["arch"] != "zhang":
             return None
         path = self.run_dir / "prior.safetensors"
-        if self.d.main and not path.is_file():
-            prior = compute_class_prior(self.prior_ds, self.cfg.batch_size, self.cfg.workers, self.cfg.prior_sigma)
-            w = rarity_weights(prior, lam=self.cfg.prior_lam)
-            save_tensors(path, {"prior": torch.from_numpy(prior), "weights": torch.from_numpy(np.asarray(w))},
-                         {"lam": self.cfg.prior_lam, "smooth_sigma": self.cfg.prior_sigma})
+        want = {"lam": self.cfg.prior_lam, "smooth_sigma": self.cfg.prior_sigma,
+                "split": files_fingerprint(self.split["train"]), "size": self.size, "stride": self.stride}
+        if self.d.main:
+            stale = "missing"
+            if path.is_file():
+                try:
+                    tensors, meta = load_tensors(path)
+                    ok = tensors["prior"].shape == (313,) and tensors["weights"].shape == (313,)
+                    stale = None if ok else "damaged"
+                except (ValueError, KeyError) as exc:
+                    meta, stale = {}, f"damaged ({exc})"
+                if stale is None and "split" not in meta:
+                    stale = None if resuming_from is not None else "it does not record its split (older fastcolor)"
+                elif stale is None:
+                    diff = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in want.items() if meta.get(k) != v]
+                    stale = "; ".join(diff) or None
+                    if stale and resuming_from is not None:
+                        raise ValueError(f"{path} was computed for another setting ({stale}) than this resumed run, "
+                                         f"and {resuming_from} was trained with it: resume with the same settings "
+                                         f"(e.g. --size), or start a new run with restart=True (fastcolor train "
+                                         f"--restart)")
+                if stale:
+                    warnings.warn(f"{path} is out of date ({stale}): computing the class prior again", stacklevel=3)
+            if stale:
+                prior = compute_class_prior(self.prior_ds, self.cfg.batch_size, self.cfg.workers, self.cfg.prior_sigma)
+                w = rarity_weights(prior, lam=self.cfg.prior_lam)
+                save_tensors(path, {"prior": torch.from_numpy(prior), "weights": torch.from_numpy(np.asarray(w))}, want)
         self.d.barrier()
         tensors, _ = load_tensors(path)
         return tensors["weights"].to(self.device, torch.float32) if self.cfg.loss == "rebalanced" else None
@@ -343,6 +526,7 @@ def train(config: TrainConfig | dict) -> RunResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
     cfg = config
+    check_device(cfg.device)  # before anything is written
     d = _setup_distributed(cfg.device)
     try:
         return _train(cfg, d)
@@ -379,21 +563,47 @@ def _check_training_memory(t: _Trainer, model: torch.nn.Module) -> int:
 
 def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
     t = _Trainer(cfg, d)
+    # rank 0 owns the run directory (the lock is taken before anything in it is touched)
+    with lock_directory(t.run_dir, "training run") if d.main else contextlib.nullcontext():
+        return _train_locked(t, cfg, d)
+
+
+def _resume_model_config(last_path: Path, ckpt: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's model config, checked like a model file's before anything is built."""
+    config = ckpt["model_config"]
+    try:
+        check_stored_config(last_path, config, {k: tuple(v.shape) for k, v in ckpt["model_state"].items()})
+    except ValueError as exc:
+        raise CheckpointError(last_path, str(exc).removeprefix("path: ")) from exc
+    stored = config.get("backbone_weights") if config.get("arch") == "fusion" else None
+    if stored and not cfg.backbone_weights:
+        raise ValueError(f"backbone_weights: {last_path} was trained with the backbone weights {stored!r}, but a "
+                         f"path stored in a checkpoint is never read: pass backbone_weights= (--backbone-weights) "
+                         f"again to resume")
+    return config
+
+
+def _train_locked(t: _Trainer, cfg: TrainConfig, d: _Dist) -> RunResult:
     run_dir = t.run_dir
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.restart:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
         for stale in run_dir.glob(".*.tmp"):  # temp files of writes killed half-way
             stale.unlink(missing_ok=True)
-        atomic_write_json(run_dir / "train_config.json", asdict(cfg))
     d.barrier()
 
     last_path, best_path = run_dir / "last.safetensors", run_dir / "best.safetensors"
-    ckpt = load_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
-    t.prepare_split()
-    t.build(ckpt["model_config"] if ckpt else cfg.model)
+    ckpt = _load_resume_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
+    resuming_from = last_path if ckpt is not None else None
+    t.prepare_split(resuming_from)
+    t.build(_resume_model_config(last_path, ckpt, cfg) if ckpt else cfg.model)
+    if d.main:
+        atomic_write_json(run_dir / "train_config.json", {**asdict(cfg), "restart": False})  # replayable
     t.datasets()
     batch = _check_training_memory(t, t.model)  # before the prior pass reads every image at this size
-    weights = t.class_weights()
+    weights = t.class_weights(resuming_from)
     model = t.model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                            weight_decay=cfg.weight_decay)
@@ -402,8 +612,12 @@ def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
     start_epoch, best_val, best_epoch, bad_epochs, stopped_early = 0, math.inf, -1, 0, False
     resumed_from = None
     if ckpt is not None:
-        load_model_state(model, {k: v.to(t.device) for k, v in ckpt["model_state"].items()})
-        opt.load_state_dict(ckpt["optimizer_state"])
+        try:
+            load_model_state(model, {k: v.to(t.device) for k, v in ckpt["model_state"].items()})
+            opt.load_state_dict(ckpt["optimizer_state"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(last_path, f"its weights or optimizer state do not fit the model it describes "
+                                             f"({' '.join(str(exc).split())[:300]})") from exc
         meta = ckpt["meta"]
         history, best_val, best_epoch = meta["history"], meta["best_val_loss"], meta["best_epoch"]
         bad_epochs, stopped_early = meta["bad_epochs"], meta["stopped_early"]

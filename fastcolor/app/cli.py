@@ -40,11 +40,11 @@ from fastcolor.app.threads import idle_cpu_threads
 from fastcolor.app.weights import MODELS, load_weights, resolve_weights, split_matches_data
 from fastcolor.backends import BackendUnavailable
 from fastcolor.colorize import MemoryLimitError, is_out_of_memory
-from fastcolor.data import UnreadableImageError
-from fastcolor.io import read_checkpoint_meta
+from fastcolor.data import NoReadableImagesError, UnreadableImageError
+from fastcolor.io import DirectoryLockedError, DiskFullError, check_unlocked
 from fastcolor.metrics import evaluate
 from fastcolor.models import PRESETS
-from fastcolor.train import TrainConfig, train
+from fastcolor.train import RUN_FILES, CheckpointError, TrainConfig, check_device, checkpoint_meta, train
 
 # ----------------------------------------------------------------------------- argparse
 
@@ -70,10 +70,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+#: The largest --size: 65536^2 pixels is already far beyond any machine's memory for the
+#: networks (the memory checks refuse it with numbers); larger values overflow size arithmetic.
+MAX_SIZE = 1 << 16
+
+
 def _size(text: str) -> int:
     v = _positive_int(text)
-    if v < 8 or v % 8:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the networks downsample by 8), got {text!r}")
+    if v < 8 or v % 8 or v > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the networks downsample by 8) from 8 to "
+                                         f"{MAX_SIZE}, got {text!r}")
     return v
 
 
@@ -134,9 +140,11 @@ file. Otherwise -o is a folder: a file input becomes OUT/<name>, a folder input'
 keep their path relative to that folder. The format follows the input's suffix (.png
 for uncommon formats, and for inputs with alpha whose format cannot store it).
 Files are written atomically (temp file + rename). An existing output is never replaced
-unless --overwrite is given (--skip-existing leaves existing outputs alone instead).
+unless --overwrite is given (--skip-existing leaves existing outputs alone instead), and an
+input of the same command is never an output, even with --overwrite.
 
-Unreadable inputs are skipped with a warning; the exit status is 0 if at least one
+Unreadable inputs (and anything that is not a regular file: FIFOs, devices, dangling
+symbolic links) are skipped with a warning; the exit status is 0 if at least one
 image was colorized and 2 if none could be.
 
 No pretrained weights ship with fastcolor (none can be downloaded): train a model with
@@ -154,6 +162,8 @@ examples:
     p.add_argument("--model", choices=sorted(MODELS), metavar="{zhang,zhang-small,fusion,...}",
                    help="the kind of model expected; checked against --weights (and picks one run when "
                         "--weights is a folder of runs, e.g. demo_out)")
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="fusion: local weights file for the backbone (a path stored in --weights is never read)")
     p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, metavar="T",
                    help="annealed-mean temperature, Zhang models only (default: %(default)s; lower = bolder)")
     p.add_argument("--size", type=_size, metavar="N", help="side the network sees (default: the model's training size)")
@@ -179,9 +189,13 @@ prior and rarity weights, atomically written checkpoints after every epoch
 metrics.jsonl, loss_curve.png and result.json. Training stops early when the validation
 loss stops improving (--patience).
 
-A run directory that already holds a checkpoint is only continued with --resume.
+A run directory that already holds a checkpoint is only continued with --resume, or
+started afresh with --restart (which deletes the earlier run's checkpoints, split, prior,
+metrics and model). A run directory is used by one training process at a time: a second
+one refuses, naming the first one's pid. A split or prior left by an earlier attempt on other
+data is made anew (with --resume: refused, saying what changed).
 Fusion models use a torchvision backbone with RANDOM weights unless --backbone-weights
-names a local file (nothing is downloaded).""",
+names a local file (nothing is downloaded; pass it again with --resume).""",
              """\
 examples:
   fastcolor train photos/ --out runs/zhang                      # zhang-small, rebalanced loss
@@ -204,7 +218,10 @@ then:
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
                    help="train on this class subfolder only (repeatable)")
     p.add_argument("--workers", type=int, default=2, metavar="W", help="data loader processes (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    g.add_argument("--restart", action="store_true", help="start a new run in RUN_DIR: delete the files of the "
+                   "earlier run there first (checkpoints, split, prior, metrics, model)")
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--patience", type=_positive_int, default=7, help="early-stopping patience in epochs "
                    "(default: %(default)s)")
@@ -244,6 +261,8 @@ examples:
     p.add_argument("--max-images", type=_positive_int, metavar="N", help="at most N images per split")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="fusion: local weights file for the backbone (a path stored in a weights file is never read)")
     p.set_defaults(func=cmd_eval)
 
     # -- bench ----------------------------------------------------------------------------------
@@ -360,6 +379,10 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit status, message) for an exception that reached :func:`main`."""
     if isinstance(exc, CLIError):
         return exc.code, str(exc)
+    if isinstance(exc, DirectoryLockedError):  # names the directory and the owner's pid
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, DiskFullError):  # names the file, the space needed and the space free
+        return EXIT_FAILURE, str(exc)
     if isinstance(exc, MemoryLimitError):  # says what needed how much, and what to do
         return EXIT_FAILURE, str(exc)
     if is_out_of_memory(exc):
@@ -403,7 +426,7 @@ def cmd_colorize(args) -> int:
         if not os.access(folder, os.W_OK):
             raise CLIError(f"the output folder {folder} is not writable")
     device = _device(args.device)
-    model = load_weights(str(weights), args.model, device)
+    model = load_weights(str(weights), args.model, device, backbone_weights=args.backbone_weights)
     size = args.size or int(model.config["input_size"])
     if model.config["arch"] == "fusion" and args.temperature != 0.38:
         note("--temperature has no effect on a fusion model (it regresses ab directly)")
@@ -431,6 +454,20 @@ def cmd_colorize(args) -> int:
 # ----------------------------------------------------------------------------- train
 
 
+def _no_images(args, exc: NoReadableImagesError) -> CLIError:
+    return CLIError(f"DATA {args.data}: no readable image in it: {exc.detail}; DATA must be a folder of images "
+                    f"(or of class subfolders of images)")
+
+
+def _damaged_checkpoint(args, exc: CheckpointError) -> CLIError:
+    best = (f"{exc.best} (epoch {exc.best_epoch}) is intact: colorize or evaluate with --weights {exc.best}; "
+            if exc.best else "")
+    head = (f"cannot resume from {exc.path}: {exc.reason}" if args.resume else
+            f"{args.out} already holds a run, but its {exc.path.name} is damaged: {exc.reason}")
+    return CLIError(f"{head}. {best}pass --restart to start a new run in {args.out} (deletes its checkpoints, "
+                    f"split and prior), or choose another --out")
+
+
 def cmd_train(args) -> int:
     data, run = Path(args.data), Path(args.out)
     if not data.is_dir():
@@ -438,6 +475,13 @@ def cmd_train(args) -> int:
     if run.resolve() == data.resolve() or data.resolve() in run.resolve().parents:
         raise CLIError(f"--out {args.out} is inside DATA {args.data}: its PNGs would be taken for training images; "
                        f"choose a run directory outside the data")
+    try:  # before anything is written
+        check_device(args.device)
+    except ValueError as exc:
+        raise CLIError(f"--device {args.device}: {str(exc).split(': ', 1)[-1]}") from None
+    if run.exists() and not run.is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a folder; choose a run directory")
+    check_unlocked(run, "training run")  # refuse early; train() holds the real lock
     config = dict(PRESETS[MODELS[args.model]])
     arch = config["arch"]
     loss = args.loss if args.loss != "auto" else ("mse" if arch == "fusion" else "rebalanced")
@@ -447,23 +491,28 @@ def cmd_train(args) -> int:
     if args.size:
         config["input_size"] = args.size
     last = run / "last.safetensors"
-    if last.is_file():
+    if args.restart:
+        old = [name for name in RUN_FILES if (run / name).exists()]
+        if old:
+            note(f"--restart: deleting the earlier run's {', '.join(old)} in {args.out}")
+    elif last.exists():
+        try:
+            meta = checkpoint_meta(last)
+        except CheckpointError as exc:
+            raise _damaged_checkpoint(args, exc) from None
         if not args.resume:
-            meta = read_checkpoint_meta(last).get("meta", {})
-            raise CLIError(f"{args.out} already holds a run (last completed epoch {meta.get('epoch', '?')}); pass "
-                           f"--resume to continue it, or choose another --out")
+            raise CLIError(f"{args.out} already holds a run (last completed epoch {meta['epoch']}); pass --resume to "
+                           f"continue it, --restart to start a new run there, or choose another --out")
         note(f"resuming {args.out} from its last checkpoint")
     elif args.resume:
         note(f"nothing to resume in {args.out}: starting a new run")
-    if args.device.startswith("cuda"):
-        _device(args.device)
     if arch == "fusion" and not args.backbone_weights:
         note("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
              "file): expect it to help little")
     cfg = TrainConfig(
         data_dir=str(data), run_dir=str(run), model=config, loss=loss, classes=args.classes, image_size=args.size,
         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
-        augment=args.augment, workers=args.workers, resume=True, device=args.device,
+        augment=args.augment, workers=args.workers, resume=True, restart=args.restart, device=args.device,
         precision=args.precision, backbone_weights=args.backbone_weights, max_steps_per_epoch=args.max_steps_per_epoch,
         progress=not args.quiet)
     t0 = time.perf_counter()
@@ -475,6 +524,14 @@ def cmd_train(args) -> int:
             note(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
                  f"command and --resume")
         raise
+    except CheckpointError as exc:
+        raise _damaged_checkpoint(args, exc) from exc
+    except NoReadableImagesError as exc:
+        raise _no_images(args, exc) from exc
+    except DiskFullError as exc:
+        keep = (f"; {last} holds the last completed epoch: free the space, then continue with the same command "
+                f"and --resume" if last.is_file() else "")
+        raise CLIError(f"{exc}{keep}", EXIT_FAILURE) from exc
     first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
     new = [h for h in res.history if h["epoch"] > first]
     if not new:
@@ -511,9 +568,13 @@ def cmd_eval(args) -> int:
     use_split = "all" not in args.split and split_matches_data(run_dir, data)
     if "all" not in args.split and (run_dir / "split.json").is_file() and not use_split:
         note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
-    with idle_cpu_threads(device, log=None):
-        report = evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",), compare=compare,
-                          T=args.temperature, batch_size=args.batch_size, device=device, max_images=args.max_images)
+    try:
+        with idle_cpu_threads(device, log=None):
+            report = evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",),
+                              compare=compare, T=args.temperature, batch_size=args.batch_size, device=device,
+                              max_images=args.max_images, backbone_weights=args.backbone_weights)
+    except NoReadableImagesError as exc:
+        raise _no_images(args, exc) from exc
     if args.json:
         say(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:

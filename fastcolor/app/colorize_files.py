@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastcolor.app.messages import EXIT_FAILURE, CLIError, one_line, warn
 from fastcolor.color import l_ab_to_rgb
 from fastcolor.colorize import (STRIP_PIXELS, MemoryLimitError, activation_bytes, check_memory, memory_guard,
                                 predict_ab, to_l_tensor)
-from fastcolor.data import IMAGE_EXTENSIONS, load_rgb, open_image
+from fastcolor.data import IMAGE_EXTENSIONS, file_kind, load_rgb, open_image
 from fastcolor.io import atomic_write_bytes
 
 __all__ = ["Job", "plan_colorize", "colorize_files", "write_new_file"]
@@ -57,6 +58,25 @@ def _image_files(folder: Path, exclude: Path | None) -> list[Path]:
     return out
 
 
+def _kind(path: Path) -> str:
+    """What is at ``path`` ("a character device", "a regular file", ...), for messages."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "something unreadable"
+    return "a regular file" if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def _identity(path: Path):
+    """What two names of one file share: (device, inode) where it exists (hard links, symbolic
+    links, bind mounts), else its resolved path."""
+    try:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return path.resolve()
+
+
 def _output_suffix(src: Path, has_alpha: bool) -> str:
     suffix = src.suffix.lower()
     if suffix not in _WRITABLE or (has_alpha and suffix not in _ALPHA_OK):
@@ -81,9 +101,17 @@ def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
     single_file_out = (len(inputs) == 1 and Path(inputs[0]).is_file() and out.suffix.lower() in IMAGE_EXTENSIONS
                        and not out.is_dir())
     out_resolved = out.resolve()
+    if not single_file_out and out.exists() and not out.is_dir():
+        raise CLIError(f"-o {output}: {_kind(out)} is there, not a folder; -o must be a folder (or, for a single "
+                       f"input file, an image file name such as out.png)")
+    dangling: list[str] = []
     for name in inputs:
         p = Path(name)
         if not p.exists():
+            if p.is_symlink():  # a link to nothing: an unreadable input, skipped like the others
+                dangling.append(f"{name}: a symbolic link to {os.readlink(p)!r}, which does not exist; fix or "
+                                f"remove the link")
+                continue
             raise CLIError(f"no such file or directory: {name}")
         if p.is_dir():
             if p.resolve() == out_resolved:
@@ -94,10 +122,11 @@ def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
             sources += [(f, f.relative_to(p), str(f)) for f in files]
         else:
             sources.append((p, None if single_file_out else Path(p.name), name))
-    if not sources:
+    if not sources and not dangling:
         raise CLIError(f"no image files found in {', '.join(inputs)}")
 
-    jobs, skipped, existing, seen = [], [], 0, {}
+    inputs_at = {_identity(src): shown for src, _, shown in sources}
+    jobs, skipped, existing, seen = [], list(dangling), 0, {}
     for src, rel, shown in sources:
         mode, reason = _header(src)
         if mode is None:
@@ -107,6 +136,14 @@ def plan_colorize(inputs: Sequence[str], output: str, overwrite: bool = False,
         dst = out if rel is None else (out / rel).with_suffix(_output_suffix(rel, has_alpha))
         if dst.resolve() == src.resolve():
             raise CLIError(f"the output for {shown} would replace the input itself; choose another -o")
+        if _identity(dst) in inputs_at:  # never replaced, --overwrite or not
+            other = inputs_at[_identity(dst)]
+            named = "" if other == str(dst) else f" ({other})"
+            raise CLIError(f"the output for {shown} would be {dst}, which is also an input of this command{named} "
+                           f"(never replaced, even with --overwrite); choose an -o outside the inputs")
+        if dst.exists() and not dst.is_file():
+            raise CLIError(f"the output for {shown} would be {dst}, but {_kind(dst)} is there, not a regular file; "
+                           f"choose another -o")
         if dst.resolve() in seen:
             raise CLIError(f"{seen[dst.resolve()]} and {shown} would both be written to {dst}; "
                            f"colorize them in separate runs or into different -o folders")
@@ -171,7 +208,7 @@ def _read_image(path: Path):
     """
     rgb = load_rgb(path)  # any mode -> upright 8-bit RGB (alpha composited over white)
     L_seen = to_l_tensor(np.array(rgb)).float()  # np.array: a writable copy for torch
-    with Image.open(path) as im:
+    with open_image(path) as im:  # only a regular file is opened
         if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
             rgba = ImageOps.exif_transpose(im.convert("RGBA"))
             return L_seen, to_l_tensor(np.array(rgba.convert("RGB"))).float(), rgba.getchannel("A")

@@ -91,12 +91,20 @@ def resolve_weights(weights: str | None, model: str | None = None) -> Path:
     return path
 
 
-def load_weights(weights: str | None, model: str | None, device: str) -> torch.nn.Module:
+def load_weights(weights: str | None, model: str | None, device: str,
+                 backbone_weights: str | None = None) -> torch.nn.Module:
     """The model :func:`resolve_weights` finds, loaded on ``device``; a file that does not load is a
-    :class:`CLIError` naming ``--weights``."""
+    :class:`CLIError` naming ``--weights``. ``backbone_weights`` (``--backbone-weights``) is the
+    only backbone file a fusion model is loaded with: a path stored in the weights file is not read."""
     path = resolve_weights(weights, model)
+    extra = {}
+    if backbone_weights is not None:
+        if _arch_of(path) == "fusion":
+            extra["backbone_weights"] = backbone_weights
+        else:
+            note("--backbone-weights has no effect on a Zhang model (it has no backbone)")
     try:
-        return load_model(path, device)
+        return load_model(path, device, **extra)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CLIError(f"--weights {weights}: could not load the model: {exc}") from exc
 

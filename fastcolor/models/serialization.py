@@ -2,22 +2,29 @@
 :func:`load_model` rebuilds one from a model file, a checkpoint or a run directory.
 
 The files are the safetensors files of :mod:`fastcolor.io` (config in the metadata, loading
-never unpickles); a file's tensors are checked against the architecture its config describes
-before anything that config asks for is allocated.
+never unpickles). The config inside a file is untrusted input (:func:`check_stored_config`):
+the model it describes is first built on the meta device (no memory), after bounding what
+the file itself cannot vouch for (the number of blocks); its tensors must be exactly the
+file's; and the memory that building it for real takes (parameters, and the backbone's probe
+pass at ``embed_size``) must fit in the memory available, all before anything is allocated.
+A weights path stored in a file (a fusion model's ``backbone_weights``) is never opened, not
+even checked for existence: only a path passed to :func:`load_model` is read.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastcolor.colorize import check_memory
 from fastcolor.io import atomic_write_json, load_tensors, read_checkpoint_meta, save_tensors, tensor_shapes
 from fastcolor.models import build_model, load_model_state, model_state
 
-__all__ = ["save_model", "load_model"]
+__all__ = ["save_model", "load_model", "check_stored_config"]
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
@@ -32,7 +39,10 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
     """Rebuild a model from a model file, a checkpoint or a run directory (uses ``model.safetensors`` there).
 
-    ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model).
+    ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model; it
+    is ignored for a Zhang model, which has no backbone). A ``backbone_weights`` path stored in
+    the file is never read (the backbone is then random, with a warning saying so): pass
+    ``backbone_weights=`` to load the backbone from a file.
     """
     path = Path(path)
     if path.is_dir():
@@ -43,16 +53,79 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
         raise ValueError(f"path: expected a fastcolor model or checkpoint file, got {path}")
     prefix = "model." if meta["format"] == "fastcolor-checkpoint-1" else ""
     shapes = {k[len(prefix):]: shape for k, shape in tensor_shapes(path).items() if k.startswith(prefix)}
+    stored = config.get("backbone_weights")
+    if config.get("arch") != "fusion":
+        overrides.pop("backbone_weights", None)  # a Zhang model has no backbone
+    elif "backbone_weights" not in overrides:
+        config = {**config, "backbone_weights": None}  # a path from the file: never followed
+        if stored is not None:
+            warnings.warn(f"{path} was trained with backbone weights from {str(stored)[:200]!r}; a path stored in a "
+                          f"weights file is never read, so the backbone is random: pass backbone_weights= "
+                          f"(--backbone-weights) to load them", stacklevel=2)
     config = {**config, **overrides}
-    _check_architecture(path, config, shapes)  # before allocating anything the file's config asks for
+    check_stored_config(path, config, shapes)  # before allocating anything the file's config asks for
     model = build_model(config)
     tensors, _ = load_tensors(path)
     load_model_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return model.to(device).eval()
 
 
-def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """The file's tensors must be exactly those of the model its config describes.
+def _bound_structure(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """What even the meta-device skeleton would spend time and memory on: one block per entry
+    of ``mid_dilations``, each with tensors in the file, so no more blocks than the file has
+    tensors (a 20 MB list of a million dilations would otherwise build a million modules)."""
+    dil = config.get("mid_dilations")
+    if config.get("arch") == "zhang" and isinstance(dil, (list, tuple)) and len(dil) > max(len(shapes), 1):
+        raise ValueError(f"path: {path} has an invalid model_config: mid_dilations lists {len(dil)} blocks, but the "
+                         f"file holds only {len(shapes)} tensors (each block has several)")
+
+
+def _build_bytes(skeleton: torch.nn.Module) -> tuple[int, str]:
+    """(bytes that building ``skeleton`` for real allocates, what they are): its parameters and
+    buffers, plus a fusion model's backbone probe pass (one image at ``embed_size``, run when
+    the backbone is built), traced on the meta device."""
+    params = sum(t.numel() * t.element_size() for t in list(skeleton.parameters()) + list(skeleton.buffers()))
+    embedder = getattr(skeleton, "embedder", None)
+    if embedder is None:
+        return params, f"{params / 2**20:.0f} MiB of weights"
+    size = int(embedder.input_size)
+    largest = 0
+
+    def hook(_m, _i, out):
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel() * out.element_size())
+
+    hooks = [m.register_forward_hook(hook) for m in embedder.net.modules() if not list(m.children())]
+    try:
+        with torch.device("meta"), torch.no_grad():
+            x = torch.zeros(1, 3, size, size)
+            embedder.net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    probe = x.numel() * x.element_size() + 2 * largest
+    return params + probe, (f"{params / 2**20:.0f} MiB of weights and {probe / 2**20:.0f} MiB for the backbone's "
+                            f"probe pass at embed_size={size}")
+
+
+def check_stored_config(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse (``ValueError``, or :class:`fastcolor.colorize.MemoryLimitError` for memory) a model
+    config read from the file ``path`` before anything it asks for is allocated: its block count
+    must be one the file can hold, the model it describes (built on the meta device) must have
+    exactly the file's tensor ``shapes``, and building it for real must fit in the available
+    CPU memory. A ``backbone_weights`` path in ``config`` is not opened here."""
+    path = Path(path)
+    _bound_structure(path, config, shapes)
+    skeleton = _check_architecture(path, config, shapes)
+    need, what = _build_bytes(skeleton)
+    check_memory(need, "cpu", f"building the model that {path} describes ({what})",
+                 "its model_config asks for more than this machine has (a damaged or crafted file?)")
+
+
+def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
+    """The file's tensors must be exactly those of the model its config describes; returns the
+    meta-device skeleton.
 
     The model is first built on the meta device (no memory), so a config that asks for an
     absurdly large network is refused from the shapes alone, as is a file whose tensors come
@@ -62,7 +135,7 @@ def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, .
     try:
         with torch.device("meta"):
             skeleton = build_model(skeleton_config)
-    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as exc:
         raise ValueError(f"path: {path} has an invalid model_config {json.dumps(config)[:300]}: {exc}") from exc
     want = {k: tuple(v.shape) for k, v in model_state(skeleton).items()}
     missing = sorted(set(want) - set(shapes))
@@ -74,3 +147,4 @@ def _check_architecture(path: Path, config: dict, shapes: dict[str, tuple[int, .
                          + "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
                                                   f"unexpected {unexpected[:3]}" if unexpected else "",
                                                   f"shape mismatch {wrong[:3]}" if wrong else "") if x))
+    return skeleton
