@@ -131,6 +131,9 @@ def test_no_command_and_unknown_options_are_usage_errors(capsys):
     assert_one_line_error(*run(capsys, "colorize", "x.png", "-o", "y", "--colour")[::2],
                           "unrecognized arguments: --colour")
     assert_one_line_error(*run(capsys, "colorize", "x.png", "-o", "y", "--size", "30")[::2], "multiple of 8")
+    for bad in ("inf", "0", "nan", "-1"):  # -T inf is refused like -T 0 (issue 13)
+        assert_one_line_error(*run(capsys, "colorize", "x.png", "-o", "y", "-T", bad)[::2],
+                              f"expected a positive finite number, got '{bad}'")
 
 
 def test_info_lists_backends_per_device(capsys):
