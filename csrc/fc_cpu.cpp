@@ -6,13 +6,16 @@
 // resident in L2), so the logits are read from memory once and the gradient written once:
 //   pass 1  read + convert, running max per pixel
 //   pass 2  e = exp(x - max) in place, sum per pixel (the buffer is hot in L2)
-//   loss    lse = max + log(sum), loss = s m v sum_j w_j (lse - x_j) (x_j gathered before pass 2)
+//   loss    s m v sum_j w_j (log(sum) - (x_j - max)) (x_j gathered before pass 2), from the
+//           shifted logits: never x_j - (max + log sum), which rounds log(sum) away once |max| is
+//           ~1e7 and loses it at 1e30; x_j - max only overflows to -inf (then the loss is +inf)
 //   grad    e[target] -= w * sum, then grad = (grad_scale s m v / sum) * e, converted and stored
-// The per-pixel maths (exp, log, half conversions, soft-encoding) is fastcolor/kernels/fc_math.cuh,
-// shared with the CUDA kernels.
+// The per-pixel maths (exp, log, half conversions) is kernels/fc_math.cuh, shared with the CUDA
+// kernels; the soft-encoding of a tile (soft_encode, and the loss's targets from ab) is
+// csrc/fc_encode.cpp.
 //
 // Instruction sets: the build is portable (no -march), so each tile function is compiled
-// three times, for the baseline, AVX2+FMA+F16C and AVX-512 (GCC target attributes), and
+// three times, for the baseline, AVX2+FMA+F16C and AVX-512 (GCC target attributes, csrc/fc_cpu.h), and
 // the best one this CPU runs is picked at the first call (FASTCOLOR_CPU_ISA=default|avx2|
 // avx512 overrides it; _C.cpu_set_isa() too, for the tests).
 
@@ -34,23 +37,12 @@
 #include <unistd.h>
 #endif
 
-#include "fc_api.cuh"
+#include "fc_cpu.h"
 #include "fc_math.cuh"
 
 namespace fc {
 namespace cpu {
 namespace {
-
-constexpr int TP = 128;  // pixels per tile: 313 x 128 x 4 B = 160 KB of buffer per thread (L2)
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FC_X86 1
-#define FC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt")))
-#define FC_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt,prefer-vector-width=512")))
-#else
-#define FC_X86 0
-#endif
 
 // ---------------------------------------------------------------------------- element access
 template <int DT>
@@ -89,93 +81,17 @@ FC_INLINE Tile tile_of(int64_t t, int64_t P) {
 }
 
 // ---------------------------------------------------------------------------- soft-encode
-constexpr CellTable kCells = make_cell_table();
-
-// Soft-encode np <= TP pixels at once, vectorised across the pixels (VEC: AVX2/AVX-512 builds;
-// the baseline build, without gathers and wide selects, runs the scalar exact search, which is
-// faster there): every pixel takes the
-// (2R+1)^2 grid cells around its nearest grid point (R = 2, or 3 for k > 10) through a
-// branch-free sorted insertion (the (distance, bin) order of topk_insert), then the window
-// bound decides (window_bound); pixels it does not cover (near or beyond the gamut's edge,
-// non-finite ab) are redone by the exact search, soft_encode_pixel. Same float operations
-// as that search, so both give identical results. Writes tq[j][i], tw[j][i] for j < k.
-template <bool VEC>
-FC_INLINE void encode_tile(const float* a, const float* b, int np, int k, float nis, int32_t (*tq)[TP],
-                           float (*tw)[TP]) {
-  if (!VEC) {
-    for (int i = 0; i < np; ++i) soft_encode_pixel(a[i], b[i], k, nis, &tq[0][i], &tw[0][i], TP);
-    return;
-  }
-  alignas(64) float as[TP];
-  alignas(64) float bs[TP];
-  alignas(64) float cd[TP];
-  alignas(64) int32_t ia0[TP];
-  alignas(64) int32_t ib0[TP];
-  alignas(64) int32_t cq[TP];
-  alignas(64) float bd[K_MAX][TP];
-  const int R = k <= 10 ? 2 : 3;
-  for (int i = 0; i < np; ++i) {
-    const bool fin = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f);
-    as[i] = fin ? a[i] : 0.0f;  // non-finite pixels are redone by the exact search
-    bs[i] = fin ? b[i] : 0.0f;
-    ia0[i] = nearest_ia(as[i]);
-    ib0[i] = nearest_ib(bs[i], 0, B_CELLS - 1);
-  }
-  for (int j = 0; j < k; ++j)
-    for (int i = 0; i < np; ++i) {
-      bd[j][i] = kInf;
-      tq[j][i] = kNoBin;
-    }
-  for (int di = -R; di <= R; ++di)
-    for (int dj = -R; dj <= R; ++dj) {
-      for (int i = 0; i < np; ++i) {
-        const int ia = ia0[i] + di, ib = ib0[i] + dj;
-        const int q = kCells.q[(ia + kCellPad) * kCellStride + ib + kCellPad];
-        const float d = a_term(as[i], ia) + b_term(bs[i], ib);
-        cd[i] = q >= 0 ? d : kInf;
-        cq[i] = q >= 0 ? q : kNoBin;
-      }
-      for (int j = k - 1; j > 0; --j)
-        for (int i = 0; i < np; ++i) {
-          const float d = cd[i], pd = bd[j - 1][i], cur = bd[j][i];
-          const int q = cq[i], pq = tq[j - 1][i], curq = tq[j][i];
-          const bool shift = before(d, q, pd, pq), place = before(d, q, cur, curq);
-          bd[j][i] = shift ? pd : (place ? d : cur);
-          tq[j][i] = shift ? pq : (place ? q : curq);
-        }
-      for (int i = 0; i < np; ++i) {
-        const bool place = before(cd[i], cq[i], bd[0][i], tq[0][i]);
-        bd[0][i] = place ? cd[i] : bd[0][i];
-        tq[0][i] = place ? cq[i] : tq[0][i];
-      }
-    }
-  // Weights, as soft_encode_pixel computes them; `cd` now holds the sums.
-  for (int i = 0; i < np; ++i) cd[i] = 0.0f;
-  for (int j = 0; j < k; ++j)
-    for (int i = 0; i < np; ++i) {
-      tw[j][i] = gauss_weight(bd[j][i], bd[0][i], nis);
-      cd[i] += tw[j][i];
-    }
-  for (int i = 0; i < np; ++i) cd[i] = 1.0f / cd[i];
-  for (int j = 0; j < k; ++j)
-    for (int i = 0; i < np; ++i) tw[j][i] *= cd[i];
-  for (int i = 0; i < np; ++i) {
-    const bool covered = (a[i] - a[i] == 0.0f) && (b[i] - b[i] == 0.0f) &&
-                         bd[k - 1][i] < window_bound(as[i], bs[i], ia0[i], ib0[i], R);
-    if (!covered) soft_encode_pixel(a[i], b[i], k, nis, &tq[0][i], &tw[0][i], TP);
-  }
-}
-
-template <bool VEC>
-FC_INLINE void encode_tile_body(const EncodeArgs& A, int64_t t, float*) {
+template <int V>
+FC_INLINE void encode_tile_body(const EncodeParams& A, int64_t t, float*) {
   const Tile T = tile_of(t, A.P);
   alignas(64) int32_t tq[K_MAX][TP];
   alignas(64) float tw[K_MAX][TP];
   const float* a = A.ab + T.n * 2 * A.P + T.p0;
-  encode_tile<VEC>(a, a + A.P, T.np, A.k, A.neg_inv_2s2, tq, tw);
-  int32_t* idx = A.idx + T.n * A.k * A.P + T.p0;
-  float* w = A.w + T.n * A.k * A.P + T.p0;
-  for (int j = 0; j < A.k; ++j)
+  encode_tile(V, a, a + A.P, T.np, A.enc, tq, tw);
+  const int k = A.enc.k;
+  int32_t* idx = A.idx + T.n * k * A.P + T.p0;
+  float* w = A.w + T.n * k * A.P + T.p0;
+  for (int j = 0; j < k; ++j)
     for (int i = 0; i < T.np; ++i) {
       idx[j * A.P + i] = tq[j][i];
       w[j * A.P + i] = tw[j][i];
@@ -183,8 +99,8 @@ FC_INLINE void encode_tile_body(const EncodeArgs& A, int64_t t, float*) {
 }
 
 // ---------------------------------------------------------------------------- fused loss
-template <int DT, bool VEC>
-FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
+template <int DT, int V>
+FC_INLINE void ce_tile_body(const LossParams& A, int64_t t, float* buf) {
   using E = Elem<DT>;
   using T = typename E::T;
   const Tile tl = tile_of(t, A.P);
@@ -204,7 +120,7 @@ FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
   const float nan = u2f(0x7fc00000u);
   if (A.ab) {
     const float* ab = A.ab + tl.n * 2 * P + tl.p0;
-    encode_tile<VEC>(ab, ab + P, np, k, A.neg_inv_2s2, tq, tw);
+    encode_tile(V, ab, ab + P, np, A.enc, tq, tw);
   }
   for (int i = 0; i < np; ++i) {
     const int64_t p = tl.p0 + i;
@@ -262,13 +178,14 @@ FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
     }
   }
 
-  // Loss: s m v sum_j w_j (lse - x_j).
+  // Loss: s m v sum_j w_j (log(sum) - (x_j - max)), from the shifted logits.
+  alignas(64) float lsum[TP];
   for (int i = 0; i < TP; ++i) {
-    mx[i] = mx[i] + log_(sum[i]);  // lse
+    lsum[i] = log_(sum[i]);
     acc[i] = 0.0f;
   }
   for (int j = 0; j < k; ++j)
-    for (int i = 0; i < np; ++i) acc[i] += tw[j][i] * (mx[i] - xt[j][i]);
+    for (int i = 0; i < np; ++i) acc[i] += tw[j][i] * (lsum[i] - (xt[j][i] - mx[i]));
   float* loss = A.loss + tl.n * P + tl.p0;
   for (int i = 0; i < np; ++i) loss[i] = cl[i] * acc[i];
 
@@ -287,7 +204,7 @@ FC_INLINE void ce_tile_body(const CeArgs& A, int64_t t, float* buf) {
 
 // ---------------------------------------------------------------------------- annealed mean
 template <int DT>
-FC_INLINE void anneal_tile_body(const AnnealArgs& A, int64_t t, float* buf) {
+FC_INLINE void anneal_tile_body(const AnnealParams& A, int64_t t, float* buf) {
   using E = Elem<DT>;
   using T = typename E::T;
   const Tile tl = tile_of(t, A.P);
@@ -323,18 +240,14 @@ FC_INLINE void anneal_tile_body(const AnnealArgs& A, int64_t t, float* buf) {
     }
   }
   for (int i = 0; i < TP; ++i) s[i] = sa[i] = sb[i] = 0.0f;
-  int q = 0;
-  for (int ia = 0; ia < A_CELLS; ++ia) {
-    const float ca = A_MIN + GRID * (float)ia;
-    for (int ib = col_b_lo(ia); ib <= col_b_hi(ia); ++ib, ++q) {
-      const float cb = B_MIN + GRID * (float)ib;
-      const float* br = buf + q * TP;
-      for (int i = 0; i < TP; ++i) {
-        const float e = exp_(br[i] - mx[i]);
-        s[i] += e;
-        sa[i] += e * ca;
-        sb[i] += e * cb;
-      }
+  for (int q = 0; q < Q; ++q) {
+    const float ca = A.centres[2 * q], cb = A.centres[2 * q + 1];
+    const float* br = buf + q * TP;
+    for (int i = 0; i < TP; ++i) {
+      const float e = exp_(br[i] - mx[i]);
+      s[i] += e;
+      sa[i] += e * ca;
+      sb[i] += e * cb;
     }
   }
   float* out = A.out + tl.n * 2 * P + tl.p0;
@@ -346,37 +259,47 @@ FC_INLINE void anneal_tile_body(const AnnealArgs& A, int64_t t, float* buf) {
 
 // ---------------------------------------------------------------------------- ISA variants
 // The bodies are always_inline, so each wrapper below compiles them with its own ISA.
-#define FC_WRAP(NAME, ATTR, VEC)                                                                   \
-  ATTR void encode_##NAME(const EncodeArgs& a, int64_t t, float* b) { encode_tile_body<VEC>(a, t, b); } \
-  template <int DT>                                                                                \
-  ATTR void ce_##NAME(const CeArgs& a, int64_t t, float* b) {                                      \
-    ce_tile_body<DT, VEC>(a, t, b);                                                                \
-  }                                                                                                \
-  template <int DT>                                                                                \
-  ATTR void anneal_##NAME(const AnnealArgs& a, int64_t t, float* b) {                              \
-    anneal_tile_body<DT>(a, t, b);                                                                 \
+#define FC_WRAP(NAME, ATTR, V)                                                                      \
+  ATTR void encode_##NAME(const EncodeParams& a, int64_t t, float* b) { encode_tile_body<V>(a, t, b); } \
+  template <int DT>                                                                                 \
+  ATTR void ce_##NAME(const LossParams& a, int64_t t, float* b) {                                   \
+    ce_tile_body<DT, V>(a, t, b);                                                                   \
+  }                                                                                                 \
+  template <int DT>                                                                                 \
+  ATTR void anneal_##NAME(const AnnealParams& a, int64_t t, float* b) {                             \
+    anneal_tile_body<DT>(a, t, b);                                                                  \
+  }                                                                                                 \
+  ATTR void exp_##NAME(const float* in, float* out, int64_t n) {                                    \
+    for (int64_t i = 0; i < n; ++i) out[i] = exp_(in[i]);                                           \
+  }                                                                                                 \
+  ATTR void log_##NAME(const float* in, float* out, int64_t n) {                                    \
+    for (int64_t i = 0; i < n; ++i) out[i] = log_(in[i]);                                           \
   }
 
-FC_WRAP(default, , false)
+FC_WRAP(default, , 0)
 #if FC_X86
-FC_WRAP(avx2, FC_TARGET_AVX2, true)
-FC_WRAP(avx512, FC_TARGET_AVX512, true)
+FC_WRAP(avx2, FC_TARGET_AVX2, 1)
+FC_WRAP(avx512, FC_TARGET_AVX512, 2)
 #endif
 
 template <typename Args>
 using TileFn = void (*)(const Args&, int64_t, float*);
 
+using ArrayFn = void (*)(const float*, float*, int64_t);
+
 struct Kernels {
   const char* name;
-  TileFn<EncodeArgs> encode;
-  TileFn<CeArgs> ce[3];
-  TileFn<AnnealArgs> anneal[3];
+  TileFn<EncodeParams> encode;
+  TileFn<LossParams> ce[3];
+  TileFn<AnnealParams> anneal[3];
+  ArrayFn exp, log;
 };
 
 #define FC_KERNELS(NAME)                                                        \
   Kernels {                                                                     \
     #NAME, encode_##NAME, {ce_##NAME<kF32>, ce_##NAME<kF16>, ce_##NAME<kBF16>}, \
-        {anneal_##NAME<kF32>, anneal_##NAME<kF16>, anneal_##NAME<kBF16>}        \
+        {anneal_##NAME<kF32>, anneal_##NAME<kF16>, anneal_##NAME<kBF16>},       \
+        exp_##NAME, log_##NAME                                                  \
   }
 
 const Kernels kVariants[] = {
@@ -386,7 +309,7 @@ const Kernels kVariants[] = {
     FC_KERNELS(avx512),
 #endif
 };
-constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+static_assert(sizeof(kVariants) / sizeof(kVariants[0]) == kNumVariants, "one Kernels per ISA variant");
 
 bool cpu_runs(int v) {
 #if FC_X86
@@ -475,17 +398,21 @@ int64_t num_tiles(int64_t N, int64_t P) { return P > 0 ? N * ((P + TP - 1) / TP)
 
 }  // namespace
 
-void soft_encode(const EncodeArgs& a, int nthreads) {
-  run_tiles<EncodeArgs>(kernels().encode, a, num_tiles(a.N, a.P), a.N * a.P * 64, false, nthreads);
+void soft_encode(const EncodeParams& p, int nthreads) {
+  run_tiles<EncodeParams>(kernels().encode, p, num_tiles(p.N, p.P), p.N * p.P * 64, false, nthreads);
 }
 
-void ce_forward(const CeArgs& a, int nthreads) {
-  run_tiles<CeArgs>(kernels().ce[a.dtype], a, num_tiles(a.N, a.P), a.N * a.P * Q, true, nthreads);
+void ce_forward(const LossParams& p, int nthreads) {
+  run_tiles<LossParams>(kernels().ce[p.dtype], p, num_tiles(p.N, p.P), p.N * p.P * Q, true, nthreads);
 }
 
-void annealed_mean(const AnnealArgs& a, int nthreads) {
-  run_tiles<AnnealArgs>(kernels().anneal[a.dtype], a, num_tiles(a.N, a.P), a.N * a.P * Q, true, nthreads);
+void annealed_mean(const AnnealParams& p, int nthreads) {
+  run_tiles<AnnealParams>(kernels().anneal[p.dtype], p, num_tiles(p.N, p.P), p.N * p.P * Q, true, nthreads);
 }
+
+void exp_array(const float* in, float* out, int64_t n) { kernels().exp(in, out, n); }
+
+void log_array(const float* in, float* out, int64_t n) { kernels().log(in, out, n); }
 
 const char* isa() { return kernels().name; }
 

@@ -1,6 +1,6 @@
-// fastcolor._C: pybind11 module. Deliberately does NOT link libtorch; kernels
-// will receive raw pointers / sizes from Python, so one binary works across
-// PyTorch versions.
+// fastcolor._C: pybind11 module. Deliberately does NOT link libtorch: the kernels' bindings
+// (csrc/fc_bindings.cpp) read the tensors' data pointers, shapes and dtypes through their
+// Python API, so one binary works across PyTorch versions.
 #include <pybind11/pybind11.h>
 
 #include <string>
@@ -27,7 +27,7 @@ extern "C" const char* fastcolor_cuda_error_string(int code);
 
 namespace py = pybind11;
 
-// The kernels' bindings (csrc/fc_bindings.cpp, kernel engineer): cpu_*/cuda_* functions.
+// The kernels' bindings (csrc/fc_bindings.cpp): soft_encode, ce_forward, annealed_mean, cpu_*, cuda_*.
 void register_kernels(py::module_& m);
 
 namespace {

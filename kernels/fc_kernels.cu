@@ -19,7 +19,7 @@
 //   logits twice: its 313 x 4 B per pixel cannot be cached in registers, and the working set
 //   of all resident threads, ~300 MB, is far beyond the 50 MB L2.)
 // * The k targets of a pixel (precomputed, or soft-encoded from ab by soft_encode_kernel
-//   just before: one thread per pixel, exact pruned search, fc_math.cuh) are read by warp 0
+//   just before: one thread per pixel, the candidate-table search of fc_math.cuh) are read by warp 0
 //   while the loads fly, and shared through shared memory. The
 //   gradient is first written as c * softmax for all classes; after a barrier warp 0
 //   rewrites the k target entries as c * (softmax - Z) (same block, so the barrier orders
@@ -52,8 +52,6 @@ constexpr int kThreads = kLanes * kGroups;         // 256
 // 40 x 313 x 64 x 64). A 16-group variant (512 threads of 20 values) was slower than both.
 constexpr int kEncodeThreads = 128;
 
-__constant__ BinCoords dBins = make_bin_coords();
-
 template <int DT>
 struct Dev;
 template <>
@@ -76,14 +74,20 @@ struct Dev<kBF16> {
 };
 
 // ---------------------------------------------------------------------------- soft-encode
-template <int CAP>  // top-k capacity >= k: fewer registers for small k (8: ~100, 16: ~185)
-__global__ void __launch_bounds__(kEncodeThreads) soft_encode_kernel(EncodeArgs A) {
+// One thread per pixel: soft_encode_pixel (fc_math.cuh), the three rules of gamut.py. The
+// candidate lists are read through the read-only cache (k = 5: 70 KB of int16, L1/L2-resident);
+// the bin centres, gathered by bin index, are staged in shared memory (2.5 KB) per block.
+template <int CAP>  // top-k capacity >= k: fewer registers for small k
+__global__ void __launch_bounds__(kEncodeThreads) soft_encode_kernel(EncodeParams A) {
+  __shared__ float s_centres[2 * Q];
+  for (int i = threadIdx.x; i < 2 * Q; i += kEncodeThreads) s_centres[i] = __ldg(A.enc.table.centres + i);
+  __syncthreads();
   const int64_t pix = (int64_t)blockIdx.x * kEncodeThreads + threadIdx.x;
   if (pix >= A.N * A.P) return;
   const int64_t n = pix / A.P, p = pix - n * A.P;
   const float* ab = A.ab + n * 2 * A.P + p;
-  const int64_t o = n * A.k * A.P + p;
-  soft_encode_pixel<CAP>(__ldg(ab), __ldg(ab + A.P), A.k, A.neg_inv_2s2, A.idx + o, A.w + o, A.P);
+  const int64_t o = n * A.enc.k * A.P + p;
+  soft_encode_pixel<CAP>(__ldg(ab), __ldg(ab + A.P), A.enc, s_centres, A.idx + o, A.w + o, A.P);
 }
 
 // ---------------------------------------------------------------------------- fused loss
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kEncodeThreads) soft_encode_kernel(EncodeArgs 
 // inside this kernel was measured slower on an H200 (0.61 vs 0.35 ms at 40 x 313 x 64 x 64):
 // one warp of eight encodes while the others wait, and the top-k list in registers on top
 // of the 40 logits drops occupancy to one or two blocks per SM.
-__device__ __forceinline__ float ce_targets(const CeArgs& A, int64_t n, int64_t p, int lane, int (*s_q)[kLanes],
+__device__ __forceinline__ float ce_targets(const LossParams& A, int64_t n, int64_t p, int lane, int (*s_q)[kLanes],
                                             float (*s_w)[kLanes]) {
   const int64_t P = A.P;
   bool ok = true;
@@ -114,7 +118,7 @@ __device__ __forceinline__ float ce_targets(const CeArgs& A, int64_t n, int64_t 
 }
 
 template <int DT, int MINB>
-__global__ void __launch_bounds__(kThreads, MINB) ce_forward_kernel(CeArgs A) {
+__global__ void __launch_bounds__(kThreads, MINB) ce_forward_kernel(LossParams A) {
   using D = Dev<DT>;
   using T = typename D::T;
   __shared__ int s_q[K_MAX][kLanes];
@@ -183,12 +187,12 @@ __global__ void __launch_bounds__(kThreads, MINB) ce_forward_kernel(CeArgs A) {
 
   // 6. Warp 0: loss, and the gradient at the k targets: c * (softmax - sum of their weights).
   if (g == 0 && valid) {
-    const float lse = M + logf(S);
+    const float ls = logf(S);  // the loss from the shifted logits (csrc/fc_cpu.cpp, "loss")
     float acc = 0.0f;
     for (int j = 0; j < A.k; ++j) {
       const int q = s_q[j][lane];
       const float xj = D::load(x + q * P);
-      acc += s_w[j][lane] * (lse - xj);
+      acc += s_w[j][lane] * (ls - (xj - M));
       if (A.grad) {
         float wsum = 0.0f;
         for (int i = 0; i < A.k; ++i) wsum += s_q[i][lane] == q ? s_w[i][lane] : 0.0f;
@@ -201,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, MINB) ce_forward_kernel(CeArgs A) {
 
 // ---------------------------------------------------------------------------- annealed mean
 template <int DT, int MINB>
-__global__ void __launch_bounds__(kThreads, MINB) annealed_mean_kernel(AnnealArgs A) {
+__global__ void __launch_bounds__(kThreads, MINB) annealed_mean_kernel(AnnealParams A) {
   using D = Dev<DT>;
   using T = typename D::T;
   __shared__ float s_red[3][kGroups][kLanes];
@@ -241,8 +245,8 @@ __global__ void __launch_bounds__(kThreads, MINB) annealed_mean_kernel(AnnealArg
     if (s < kCPT - 1 || q < Q) {
       const float e = exp_(v[s] - M);
       s0 += e;
-      sa += e * dBins.a[q];  // q is warp-uniform: constant-cache broadcast
-      sb += e * dBins.b[q];
+      sa += e * __ldg(A.centres + 2 * q);  // q is warp-uniform: one broadcast load
+      sb += e * __ldg(A.centres + 2 * q + 1);
     }
   }
   s_red[0][g][lane] = s0;
@@ -300,7 +304,7 @@ const char* kTooLarge = "input too large for one launch (more than 2^31 - 1 bloc
 int g_min_blocks = 4;  // launch-bounds variant (set_min_blocks)
 
 template <int DT>
-void launch_ce(unsigned blocks, cudaStream_t s, const CeArgs& a) {
+void launch_ce(unsigned blocks, cudaStream_t s, const LossParams& a) {
   const dim3 block(kLanes, kGroups);
   if (g_min_blocks == 4)
     ce_forward_kernel<DT, 4><<<blocks, block, 0, s>>>(a);
@@ -309,7 +313,7 @@ void launch_ce(unsigned blocks, cudaStream_t s, const CeArgs& a) {
 }
 
 template <int DT>
-void launch_am(unsigned blocks, cudaStream_t s, const AnnealArgs& a) {
+void launch_am(unsigned blocks, cudaStream_t s, const AnnealParams& a) {
   const dim3 block(kLanes, kGroups);
   if (g_min_blocks == 4)
     annealed_mean_kernel<DT, 4><<<blocks, block, 0, s>>>(a);
@@ -319,23 +323,23 @@ void launch_am(unsigned blocks, cudaStream_t s, const AnnealArgs& a) {
 
 }  // namespace
 
-const char* soft_encode(int device, void* stream, const EncodeArgs& a) {
+const char* soft_encode(int device, void* stream, const EncodeParams& a) {
   unsigned blocks;
   if (a.N * a.P == 0) return nullptr;
   if (!grid_for(a.N * a.P, kEncodeThreads, blocks)) return kTooLarge;
   DeviceGuard guard(device);
   if (guard.error() != cudaSuccess) return status(guard.error());
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (a.k <= 8)
+  if (a.enc.k <= 8)
     soft_encode_kernel<8><<<blocks, kEncodeThreads, 0, s>>>(a);
-  else if (a.k <= 10)  // k = 10: the authors' released code
+  else if (a.enc.k <= 10)  // k = 10: the authors' released code
     soft_encode_kernel<10><<<blocks, kEncodeThreads, 0, s>>>(a);
   else
     soft_encode_kernel<K_MAX><<<blocks, kEncodeThreads, 0, s>>>(a);
   return status(cudaSuccess);
 }
 
-const char* ce_forward(int device, void* stream, const CeArgs& a) {
+const char* ce_forward(int device, void* stream, const LossParams& a) {
   unsigned blocks;
   if (a.ab) return "ce_forward: soft-encode ab first (soft_encode), then pass indices and weights";
   if (a.N * a.P == 0) return nullptr;
@@ -351,7 +355,7 @@ const char* ce_forward(int device, void* stream, const CeArgs& a) {
   return status(cudaSuccess);
 }
 
-const char* annealed_mean(int device, void* stream, const AnnealArgs& a) {
+const char* annealed_mean(int device, void* stream, const AnnealParams& a) {
   unsigned blocks;
   if (a.N * a.P == 0) return nullptr;
   if (!grid_for(a.N * a.P, kLanes, blocks)) return kTooLarge;

@@ -6,11 +6,18 @@
 // the hot loops: fc::exp_ and fc::log_ are branch-free polynomials); the CUDA code
 // calls them once per (thread, class) with the fast hardware exp.
 //
-// Spec of every function: fastcolor/reference.py (float64); here arithmetic is float32.
+// Spec of every function: fastcolor/reference.py (float64); here arithmetic is float32,
+// except the soft-encoding of far-off ab (rule 2 below), which is float64 like the reference.
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
+
+#if !defined(__CUDA_ARCH__)
+#include <cmath>  // exp (double) of rule 2
+#endif
+
+#include "fc_api.cuh"
 
 #if defined(__CUDACC__)
 #define FC_HD __host__ __device__
@@ -23,54 +30,6 @@
 #endif
 
 namespace fc {
-
-// ----------------------------------------------------------------------------- gamut
-// The 313 bins (fastcolor/gamut.py): a grid of spacing 10, a = -90 + 10 ia (ia = 0..19),
-// b = -110 + 10 ib (ib = 0..21). Column ia holds the rows ib = kBLo[ia]..kBHi[ia]; bin
-// indices run column after column (ordered by (a, b)), starting at kQStart[ia].
-// tests/test_compiled_backend.py checks these tables against gamut.AB_BINS (via _C.gamut_bins).
-constexpr int Q = 313;
-constexpr int A_CELLS = 20;
-constexpr int B_CELLS = 22;
-constexpr float A_MIN = -90.0f;
-constexpr float B_MIN = -110.0f;
-constexpr float GRID = 10.0f;
-constexpr int K_MAX = 16;
-
-#define FC_B_LO_INIT {16, 13, 11, 9, 8, 7, 6, 6, 5, 4, 3, 3, 2, 1, 1, 0, 0, 0, 0, 2}
-#define FC_B_HI_INIT {20, 20, 20, 20, 21, 21, 21, 21, 21, 21, 20, 20, 20, 20, 19, 19, 19, 18, 18, 11}
-#define FC_Q_START_INIT {0, 5, 13, 23, 35, 49, 64, 80, 96, 113, 131, 149, 167, 186, 206, 225, 245, 265, 284, 303}
-
-static constexpr signed char kBLo[A_CELLS] = FC_B_LO_INIT;
-static constexpr signed char kBHi[A_CELLS] = FC_B_HI_INIT;
-static constexpr short kQStart[A_CELLS] = FC_Q_START_INIT;
-#if defined(__CUDACC__)
-static __constant__ signed char dBLo[A_CELLS] = FC_B_LO_INIT;
-static __constant__ signed char dBHi[A_CELLS] = FC_B_HI_INIT;
-static __constant__ short dQStart[A_CELLS] = FC_Q_START_INIT;
-#endif
-
-FC_HD FC_INLINE int col_b_lo(int ia) {
-#if defined(__CUDA_ARCH__)
-  return dBLo[ia];
-#else
-  return kBLo[ia];
-#endif
-}
-FC_HD FC_INLINE int col_b_hi(int ia) {
-#if defined(__CUDA_ARCH__)
-  return dBHi[ia];
-#else
-  return kBHi[ia];
-#endif
-}
-FC_HD FC_INLINE int col_q_start(int ia) {
-#if defined(__CUDA_ARCH__)
-  return dQStart[ia];
-#else
-  return kQStart[ia];
-#endif
-}
 
 FC_HD FC_INLINE float fmin_(float a, float b) { return a < b ? a : b; }
 FC_HD FC_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
@@ -99,13 +58,17 @@ FC_HD FC_INLINE float u2f(uint32_t u) {
 constexpr float kInf = __builtin_huge_valf();
 
 // ----------------------------------------------------------------------------- exp / log
-// exp_(x): float32 exp, |rel err| < 2 ulp on [-87, 88]; exp_(-inf) = 0, exp_(NaN) = NaN,
-// 0 below -87 (values < 1.7e-38 do not matter for softmax weights), inf above 88.7.
-// CPU: Cephes polynomial written branch-free (selects only) so loops over pixels
-// vectorise at -O3 with any ISA; round-to-nearest by the 1.5*2^23 trick (no roundps in SSE2).
+// exp_(x), the rule shared by the CPU polynomial code of the numba and cpp backends
+// (numba: fastcolor/backends/numba_backend/, _fexp; tested by tests/test_compiled_backend.py,
+// test_exp_log_rule, through _C.cpu_exp):
+//   float32 exp(x): Cephes-style polynomial, |rel err| <= 2 ulp on [-87, 88];
+//   exactly 0 for x < -87 (and for -inf); +inf for x > 88; NaN for NaN.
+// CPU: the polynomial written branch-free (selects only) so loops over pixels vectorise at -O3
+// with any ISA; round-to-nearest by the 1.5*2^23 trick (no roundps in SSE2).
+// CUDA keeps the hardware __expf (ex2.approx: 2 ulp + tiny absolute error, ample for softmax).
 FC_HD FC_INLINE float exp_(float x) {
 #if defined(__CUDA_ARCH__)
-  return __expf(x);  // ex2.approx: 2 ulp + tiny absolute error, ample for softmax
+  return __expf(x);
 #else
   const float xc = fmin_(fmax_(x, -87.0f), 88.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23
@@ -128,8 +91,11 @@ FC_HD FC_INLINE float exp_(float x) {
 #endif
 }
 
-// log_(x): float32 natural log (Cephes logf), ~1 ulp; log_(0) = -inf, log_(x < 0) = NaN,
-// log_(inf) = inf, log_(NaN) = NaN, subnormals handled. Branch-free on the CPU.
+// log_(x), the shared rule (numba: _flog; tested with exp_):
+//   float32 log(x): Cephes logf polynomial, ~1 ulp on normal numbers; subnormals handled exactly
+//   like normals (scaled by 2^23 first: the log of the true value, within 2 ulp);
+//   log(0) = log(-0) = -inf, log(x < 0) = NaN, log(+inf) = +inf, log(NaN) = NaN.
+// Branch-free on the CPU. CUDA keeps logf.
 FC_HD FC_INLINE float log_(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
@@ -204,104 +170,117 @@ FC_HD FC_INLINE uint16_t float_to_bf16_bits(float f) {
 }
 
 // ----------------------------------------------------------------------------- soft-encoding
-// The k nearest bins of (a, b) by squared Euclidean distance (float32), ties -> lower bin
-// index, ordered nearest first, with Gaussian weights normalised to 1 (reference.soft_encode).
+// The k nearest bins of a pixel (a, b), nearest first, ties to the lower bin index, with
+// Gaussian weights w_j = exp(-(d_j^2 - d_0^2) / (2 sigma^2)) normalised to 1: the one search
+// of every fast backend, fastcolor/gamut.py ("k-nearest search"), in three cases:
+//   1. lo <= a, b < hi (the candidate table's box): scan the pixel's sub-cell list in order,
+//      d^2 in float32, keep the k smallest by insertion with a strict "<" (the list ascends
+//      in bin index, so a tie keeps the lower index first); float32 weights, their exponent
+//      from float64 differences (gauss_weight).
+//   2. finite, outside the box: all Q bins in index order, d^2 in float64 from the float32
+//      value, the same insertion; weights from float64 differences, cast to float32 at the end.
+//   3. a NaN or infinite component: bins 0..k-1, NaN weights (the reference's stable sort of
+//      all-NaN / all-infinite distances).
+// The table and the bin centres come from gamut.py at run time (GamutTable, kernels/fc_api.cuh).
 //
-// Exact pruned search on the grid (no window to outgrow, so no fallback scan): the bins
-// form columns (one per a), each a contiguous run of rows (b). Columns are visited outward
-// from the one nearest to a, alternating sides; in a column, rows outward from the one
-// nearest to b, alternating directions. Along each of these four walks the distance only
-// grows, so a walk stops at the first candidate farther than the current k-th best (thr):
-// a column is skipped when its a-term alone exceeds thr, a row walk when a + b terms do
-// (a_term / b_term: the squared distance, reduced for ab outside the bins' box).
-// The comparisons use the very same float32 operations as the distances themselves
-// (monotone in |a - c|), so pruning never drops a bin that a full scan would keep; an
-// equal distance is still visited, and the (distance, index) order settles ties exactly.
-// Far-off ab visits a handful of bins; in-gamut ab about 15-25 for k = 5.
-// Non-finite ab gives bins 0..k-1 with NaN weights, as the reference does (all its
-// distances are NaN/inf and tie).
+// No fused multiply-add in any distance, so that every device and instruction set gives the
+// same bins: the device uses the _rn intrinsics (never contracted by nvcc); host code that
+// includes this file and runs the search is compiled with -ffp-contract=off
+// (csrc/fc_encode.cpp, see CMakeLists.txt), as GCC would otherwise contract
+// da * da + db * db into an FMA on FMA-capable targets.
 
-// The k best so far, sorted; CAP >= k is the compile-time capacity (the GPU keeps the
-// list in registers, so a smaller CAP for small k means fewer registers and instructions).
-template <int CAP>
+// float32 squared distance (rule 1): round(round(da^2) + round(db^2)).
+FC_HD FC_INLINE float dist2_f32(float a, float b, float ca, float cb) {
+  const float da = a - ca, db = b - cb;
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(da, da), __fmul_rn(db, db));
+#else
+  return da * da + db * db;
+#endif
+}
+
+// float64 squared distance (rule 2), as the reference computes it.
+FC_HD FC_INLINE double dist2_f64(double a, double b, double ca, double cb) {
+  const double da = a - ca, db = b - cb;
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(da, da), __dmul_rn(db, db));
+#else
+  return da * da + db * db;
+#endif
+}
+
+// Read-only table loads: through the read-only data cache on the device.
+template <typename T>
+FC_HD FC_INLINE T ldg_(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// Rule 1's test: inside the table's box (false for NaN).
+FC_HD FC_INLINE bool in_box(float a, float b, const GamutTable& t) {
+  return t.lo <= a && a < t.hi && t.lo <= b && b < t.hi;
+}
+
+// The sub-cell of a pixel in the box: c = floor((a - lo) / cell) * n + floor((b - lo) / cell).
+// Near a sub-cell's edge float32 rounding may pick the neighbour; the table's lists hold for
+// every sub-cell grown by a slack (gamut._TABLE_SLACK), so either gives the same bins. The
+// clamp covers a just below hi, where a - lo rounds up to hi - lo.
+FC_HD FC_INLINE int sub_cell(float a, float b, const GamutTable& t) {
+  const int ia = imin_((int)((a - t.lo) / t.cell), t.n - 1);
+  const int ib = imin_((int)((b - t.lo) / t.cell), t.n - 1);
+  return ia * t.n + ib;
+}
+
+// Gaussian weight of rule 1 for bin qj, the nearest bin being q0 (d0 = its float64 d^2):
+// exp_(-(d_j^2 - d_0^2) / (2 sigma^2)) with the difference taken in float64, like rule 2's,
+// from the float32 pixel; the exponent is then rounded to float32. (The difference of the two
+// float32 d^2 the search compared would cancel: for a pixel far from the bins, still in the
+// box, d^2 ~ 1000 carries errors of ~1e-4, i.e. ~2e-6 in a weight.)
+FC_HD FC_INLINE float weight_exponent(float a, float b, float cja, float cjb, double d0, double neg_inv_2s2) {
+  const double dj = dist2_f64(a, b, cja, cjb);
+#if defined(__CUDA_ARCH__)
+  return (float)__dmul_rn(__dadd_rn(dj, -d0), neg_inv_2s2);
+#else
+  return (float)((dj - d0) * neg_inv_2s2);
+#endif
+}
+FC_HD FC_INLINE float gauss_weight(float a, float b, const float* centres, double d0, int qj, double neg_inv_2s2) {
+  return exp_(weight_exponent(a, b, centres[2 * qj], centres[2 * qj + 1], d0, neg_inv_2s2));
+}
+
+// The k best so far, sorted by distance; CAP >= k is the compile-time capacity (the GPU keeps
+// the list in registers, so a smaller CAP for small k means fewer registers).
+template <typename T, int CAP>
 struct TopK {
-  float d[CAP];
+  T d[CAP];
   int q[CAP];
 };
 
-constexpr int kNoBin = 0x7fffffff;
-
-template <int CAP>
-FC_HD FC_INLINE void topk_reset(TopK<CAP>& t) {
+template <typename T, int CAP>
+FC_HD FC_INLINE void topk_reset(TopK<T, CAP>& t, T inf) {
   FC_UNROLL
   for (int j = 0; j < CAP; ++j) {
-    t.d[j] = kInf;
-    t.q[j] = kNoBin;
+    t.d[j] = inf;
+    t.q[j] = j;  // rule 3: NaN / inf distances are never inserted, bins 0..k-1 remain
   }
 }
 
-// Nearest grid column / row of a, b, clamped to the grid (far-off ab lands on the edge).
-FC_HD FC_INLINE int nearest_ia(float a) {
-  return (int)fmin_(fmax_((a - A_MIN) * (1.0f / GRID) + 0.5f, 0.0f), (float)(A_CELLS - 1));
-}
-FC_HD FC_INLINE int nearest_ib(float b, int lo, int hi) {
-  return (int)fmin_(fmax_((b - B_MIN) * (1.0f / GRID) + 0.5f, (float)lo), (float)hi);
-}
-// Squared distances, reduced: d = a_term + b_term equals |ab - c|^2 minus the squared distance
-// from ab to the box of all bin centres ([-90, 100] x [-110, 100]), a constant per pixel, so
-// neither the order of the bins nor the weights change; inside the box it is exactly
-// da^2 + db^2. With x outside the box by e (x = clamp + e) and r = clamp - c (r has e's sign):
-// (e + r)^2 - e^2 = r (2 e + r). Far-off ab (1e6, 0) then compares terms of ~1e8, not 1e12
-// whose float32 ulp (65536) would tie a whole column of bins.
-// Each term is non-decreasing in |x - c| along a walk away from the nearest grid line
-// (float rounding is monotone), which the pruned search and the window bound rely on.
-FC_HD FC_INLINE float axis_term(float x, float lo, float hi, float c) {
-  const float xc = fmin_(fmax_(x, lo), hi);
-  const float e = x - xc;
-  const float r = xc - c;
-  return r * (2.0f * e + r);
-}
-FC_HD FC_INLINE float a_term(float a, int ia) {
-  return axis_term(a, A_MIN, A_MIN + GRID * (float)(A_CELLS - 1), A_MIN + GRID * (float)ia);
-}
-FC_HD FC_INLINE float b_term(float b, int ib) {
-  return axis_term(b, B_MIN, B_MIN + GRID * (float)(B_CELLS - 1), B_MIN + GRID * (float)ib);
-}
-
-// Window bound (the CPU's vectorised encoder, csrc/fc_cpu.cpp, searches the (2R+1)^2 cells
-// around the nearest grid point (ia0, ib0) for many pixels at once): a bin outside the
-// window, clipped to the grid, has a (reduced) distance of at least the returned bound (sides
-// at the grid's edge have no bins beyond them): the term of the first column or row outside.
-// If the k-th best distance found is < bound, the window's answer is the exact search's.
-FC_HD FC_INLINE float window_bound(float a, float b, int ia0, int ib0, int R) {
-  const int ia_lo = imax_(ia0 - R, 0), ia_hi = imin_(ia0 + R, A_CELLS - 1);
-  const int ib_lo = imax_(ib0 - R, 0), ib_hi = imin_(ib0 + R, B_CELLS - 1);
-  float bound = kInf;
-  bound = ia_lo > 0 ? fmin_(bound, a_term(a, ia_lo - 1)) : bound;
-  bound = ia_hi < A_CELLS - 1 ? fmin_(bound, a_term(a, ia_hi + 1)) : bound;
-  bound = ib_lo > 0 ? fmin_(bound, b_term(b, ib_lo - 1)) : bound;
-  bound = ib_hi < B_CELLS - 1 ? fmin_(bound, b_term(b, ib_hi + 1)) : bound;
-  return bound;
-}
-
-// Gaussian weight of a neighbour at squared distance d, relative to the nearest at d0.
-FC_HD FC_INLINE float gauss_weight(float d, float d0, float neg_inv_2s2) { return exp_((d - d0) * neg_inv_2s2); }
-
-// (d1, q1) before (d2, q2): nearer, or as near with a lower bin index.
-FC_HD FC_INLINE bool before(float d1, int q1, float d2, int q2) { return d1 < d2 || (d1 == d2 && q1 < q2); }
-
-// Insert (d, q) into the sorted list of the k best; thr / thr_q mirror its k-th entry
-// (scalars, so the GPU needs no dynamic indexing).
-template <int CAP>
-FC_HD FC_INLINE void topk_insert(TopK<CAP>& t, int k, float d, int q, float& thr, int& thr_q) {
-  if (!before(d, q, thr, thr_q)) return;
+// Insert (d, q) into the sorted list of the k best if d < the k-th distance (thr mirrors it,
+// a scalar, so the GPU needs no dynamic indexing). Candidates arrive in ascending bin index:
+// the strict "<" keeps an earlier (lower) bin ahead of a later one at the same distance.
+template <typename T, int CAP>
+FC_HD FC_INLINE void topk_insert(TopK<T, CAP>& t, int k, T d, int q, T& thr) {
+  if (!(d < thr)) return;
 #if defined(__CUDA_ARCH__)
   // Fully unrolled with static indices: the list stays in registers.
   bool moving = true;
   FC_UNROLL
   for (int j = CAP - 1; j >= 0; --j) {
     if (j < k && moving) {
-      if (j > 0 && before(d, q, t.d[j > 0 ? j - 1 : 0], t.q[j > 0 ? j - 1 : 0])) {
+      if (j > 0 && d < t.d[j > 0 ? j - 1 : 0]) {
         t.d[j] = t.d[j > 0 ? j - 1 : 0];
         t.q[j] = t.q[j > 0 ? j - 1 : 0];
       } else {
@@ -309,15 +288,12 @@ FC_HD FC_INLINE void topk_insert(TopK<CAP>& t, int k, float d, int q, float& thr
         t.q[j] = q;
         moving = false;
       }
-      if (j == k - 1) {
-        thr = t.d[j];
-        thr_q = t.q[j];
-      }
+      if (j == k - 1) thr = t.d[j];
     }
   }
 #else
   int j = k - 1;
-  while (j > 0 && before(d, q, t.d[j - 1], t.q[j - 1])) {
+  while (j > 0 && d < t.d[j - 1]) {
     t.d[j] = t.d[j - 1];
     t.q[j] = t.q[j - 1];
     --j;
@@ -325,141 +301,98 @@ FC_HD FC_INLINE void topk_insert(TopK<CAP>& t, int k, float d, int q, float& thr
   t.d[j] = d;
   t.q[j] = q;
   thr = t.d[k - 1];
-  thr_q = t.q[k - 1];
 #endif
 }
 
-// Visit the rows of column ia (da2 = its a_term) outward from the row nearest to b.
+// Rule 1: scan the sub-cell's list (float32). `centres` may be a shared-memory copy.
 template <int CAP>
-FC_HD FC_INLINE void search_column(float b, int ia, float da2, int k, TopK<CAP>& t, float& thr, int& thr_q) {
-  const int lo = col_b_lo(ia), hi = col_b_hi(ia);
-  const int q0 = col_q_start(ia) - lo;
-  const int ibc = nearest_ib(b, lo, hi);  // nearest row of this column
-  bool up = true, down = ibc > lo;
-  for (int s = 0; up || down; ++s) {
-    if (up) {
-      const int ib = ibc + s;
-      const float d = da2 + b_term(b, ib);
-      if (d > thr) {
-        up = false;
-      } else {
-        topk_insert(t, k, d, q0 + ib, thr, thr_q);
-        up = ib < hi;
-      }
-    }
-    if (down) {
-      const int ib = ibc - 1 - s;
-      const float d = da2 + b_term(b, ib);
-      if (d > thr) {
-        down = false;
-      } else {
-        topk_insert(t, k, d, q0 + ib, thr, thr_q);
-        down = ib > lo;
-      }
-    }
+FC_HD FC_INLINE void scan_table(float a, float b, const EncodeSpec& s, const float* centres, TopK<float, CAP>& t) {
+  const GamutTable& g = s.table;
+  const int c = sub_cell(a, b, g);
+  const int end = ldg_(g.offsets + c + 1);
+  float thr = kInf;
+  for (int e = ldg_(g.offsets + c); e < end; ++e) {
+    const int q = ldg_(g.bins + e);
+    topk_insert(t, s.k, dist2_f32(a, b, centres[2 * q], centres[2 * q + 1]), q, thr);
   }
 }
 
-// Encode one pixel. Writes idx[j * stride], w[j * stride] for j < k (1 <= k <= CAP <= K_MAX).
-// neg_inv_2s2 = -1 / (2 sigma^2). Returns the nearest bin.
-template <int CAP = K_MAX, typename IdxT>
-FC_HD FC_INLINE int soft_encode_pixel(float a, float b, int k, float neg_inv_2s2, IdxT* idx, float* w,
-                                      int64_t stride) {
-  TopK<CAP> t;
-  topk_reset(t);
-  float thr = kInf;
-  int thr_q = kNoBin;
-  const bool finite = (a - a == 0.0f) && (b - b == 0.0f);
-  if (finite) {
-    const int iac = nearest_ia(a);  // far-off ab starts at the grid's edge
-    bool right = true, left = iac > 0;
-    for (int s = 0; right || left; ++s) {
-      if (right) {
-        const int ia = iac + s;
-        const float da2 = a_term(a, ia);
-        if (da2 > thr) {
-          right = false;
-        } else {
-          search_column(b, ia, da2, k, t, thr, thr_q);
-          right = ia < A_CELLS - 1;
-        }
-      }
-      if (left) {
-        const int ia = iac - 1 - s;
-        const float da2 = a_term(a, ia);
-        if (da2 > thr) {
-          left = false;
-        } else {
-          search_column(b, ia, da2, k, t, thr, thr_q);
-          left = ia > 0;
-        }
-      }
-    }
-  }
-  // Gaussian weights relative to the nearest distance (stays finite for far-off ab).
-  // Non-finite ab (or reduced distances overflowing float32, |ab| > 1e35): bins 0..k-1, NaN weights.
-  const float nan = u2f(0x7fc00000u);
-  float e[CAP] = {};
-  float sum = 0.0f;
-  const float d0 = t.d[0];
+// Rule 2: every bin (float64).
+template <int CAP>
+FC_HD FC_INLINE void scan_all(float a, float b, const EncodeSpec& s, const float* centres, TopK<double, CAP>& t) {
+  const double a64 = a, b64 = b;
+  double thr = (double)kInf;
+  for (int q = 0; q < Q; ++q)
+    topk_insert(t, s.k, dist2_f64(a64, b64, centres[2 * q], centres[2 * q + 1]), q, thr);
+}
+
+// Rule 2's tail: float64 weights exp(-(d_j - d_0) / (2 sigma^2)), normalised, then float32.
+template <int CAP, typename IdxT>
+FC_HD FC_INLINE void write_far(const TopK<double, CAP>& t, const EncodeSpec& s, IdxT* idx, float* w, int64_t stride) {
+  double e[CAP] = {};
+  double sum = 0.0;
   FC_UNROLL
   for (int j = 0; j < CAP; ++j) {
-    if (j < k) {
-      const bool ok = finite && t.q[j] < Q;
-      e[j] = ok ? gauss_weight(t.d[j], d0, neg_inv_2s2) : nan;
+    if (j < s.k) {
+      e[j] = exp(-(t.d[j] - t.d[0]) / s.two_s2);
       sum += e[j];
     }
   }
-  const float inv = 1.0f / sum;
+  FC_UNROLL
+  for (int j = 0; j < CAP; ++j) {
+    if (j < s.k) {
+      idx[j * stride] = (IdxT)t.q[j];
+      w[j * stride] = (float)(e[j] / sum);
+    }
+  }
+}
+
+// Encode one pixel (any of the three rules). Writes idx[j * stride], w[j * stride] for j < k
+// (1 <= k <= CAP <= K_MAX). Returns the nearest bin (0 for rule 3).
+template <int CAP = K_MAX, typename IdxT>
+FC_HD FC_INLINE int soft_encode_pixel(float a, float b, const EncodeSpec& s, const float* centres, IdxT* idx,
+                                      float* w, int64_t stride) {
+  const int k = s.k;
+  if (in_box(a, b, s.table)) {  // rule 1
+    TopK<float, CAP> t;
+    topk_reset(t, kInf);
+    scan_table<CAP>(a, b, s, centres, t);
+    const double d0 = dist2_f64(a, b, centres[2 * t.q[0]], centres[2 * t.q[0] + 1]);
+    float e[CAP] = {};
+    float sum = 0.0f;
+    FC_UNROLL
+    for (int j = 0; j < CAP; ++j) {
+      if (j < k) {
+        e[j] = gauss_weight(a, b, centres, d0, t.q[j], s.neg_inv_2s2);
+        sum += e[j];
+      }
+    }
+    const float inv = 1.0f / sum;
+    FC_UNROLL
+    for (int j = 0; j < CAP; ++j) {
+      if (j < k) {
+        idx[j * stride] = (IdxT)t.q[j];
+        w[j * stride] = e[j] * inv;
+      }
+    }
+    return t.q[0];
+  }
+  if ((a - a == 0.0f) && (b - b == 0.0f)) {  // rule 2: finite, outside the box
+    TopK<double, CAP> t;
+    topk_reset(t, (double)kInf);
+    scan_all<CAP>(a, b, s, centres, t);
+    write_far<CAP>(t, s, idx, w, stride);
+    return t.q[0];
+  }
+  const float nan = u2f(0x7fc00000u);  // rule 3: NaN or infinite component
   FC_UNROLL
   for (int j = 0; j < CAP; ++j) {
     if (j < k) {
-      const bool ok = finite && t.q[j] < Q;
-      idx[j * stride] = (IdxT)(ok ? t.q[j] : j);
-      w[j * stride] = e[j] * inv;
+      idx[j * stride] = (IdxT)j;
+      w[j * stride] = nan;
     }
   }
-  return (finite && t.q[0] < Q) ? t.q[0] : 0;
-}
-
-// ----------------------------------------------------------------------------- small helpers
-// Bin centre coordinates by index (annealed mean). Host: computed tables; device: the
-// CUDA code keeps its own __constant__ copy filled from the same function.
-struct BinCoords {
-  float a[Q];
-  float b[Q];
-};
-
-constexpr BinCoords make_bin_coords() {
-  BinCoords c{};
-  const signed char lo[A_CELLS] = FC_B_LO_INIT;
-  const signed char hi[A_CELLS] = FC_B_HI_INIT;
-  int q = 0;
-  for (int ia = 0; ia < A_CELLS; ++ia)
-    for (int ib = lo[ia]; ib <= hi[ia]; ++ib, ++q) {
-      c.a[q] = A_MIN + GRID * (float)ia;
-      c.b[q] = B_MIN + GRID * (float)ib;
-    }
-  return c;
-}
-
-// Bin index of every grid cell, padded by 3 cells on each side (-1: no bin), for window
-// lookups without bounds checks: index (ia + 3) * kCellStride + (ib + 3), -3 <= ia, ib.
-constexpr int kCellPad = 3;
-constexpr int kCellStride = B_CELLS + 2 * kCellPad;
-struct CellTable {
-  int q[(A_CELLS + 2 * kCellPad) * kCellStride];
-};
-
-constexpr CellTable make_cell_table() {
-  CellTable c{};
-  for (int i = 0; i < (A_CELLS + 2 * kCellPad) * kCellStride; ++i) c.q[i] = -1;
-  const signed char lo[A_CELLS] = FC_B_LO_INIT;
-  const signed char hi[A_CELLS] = FC_B_HI_INIT;
-  int q = 0;
-  for (int ia = 0; ia < A_CELLS; ++ia)
-    for (int ib = lo[ia]; ib <= hi[ia]; ++ib, ++q) c.q[(ia + kCellPad) * kCellStride + ib + kCellPad] = q;
-  return c;
+  return 0;
 }
 
 }  // namespace fc

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,29 @@ def test_cuda_selftest_on_gpu():
     assert C.cuda_device_count() >= 1
     assert C.cuda_driver_version() > 0
     assert C.cuda_selftest() == "ok"
+
+
+NATIVE_SOURCES = sorted([*(ROOT / "csrc").glob("*"), *(ROOT / "kernels").glob("*"), ROOT / "CMakeLists.txt",
+                         ROOT / "setup.py"])
+
+
+def test_native_sources_hold_no_gamut_tables():
+    """The gamut reaches the kernels from fastcolor/gamut.py at run time (the candidate table and
+    bin centres of fastcolor/backends/_tables.py, as arguments): no hand-copied bin tables, cell
+    tables or window search in the C++/CUDA sources."""
+    banned = ("FC_B_LO_INIT", "FC_B_HI_INIT", "FC_Q_START_INIT", "kBLo", "kQStart", "dQStart", "dBins",
+              "make_cell_table", "make_bin_coords", "A_CELLS", "window_bound", "gamut_bins")
+    for path in NATIVE_SOURCES:
+        text = path.read_text()
+        found = [b for b in banned if b in text]
+        assert not found, f"{path.relative_to(ROOT)}: {found}"
+
+
+def test_native_sources_name_existing_paths():
+    """Comments in the C++/CUDA sources and build files that name a file or folder of the
+    repository name one that exists."""
+    pattern = re.compile(r"\b((?:csrc|kernels|fastcolor|tests|bench|docs)/[A-Za-z0-9_./-]*[A-Za-z0-9_])")
+    generated = {"fastcolor/_build_failure.txt"}
+    for path in NATIVE_SOURCES:
+        for name in set(pattern.findall(path.read_text())) - generated:
+            assert (ROOT / name).exists(), f"{path.relative_to(ROOT)} names {name}, which does not exist"

@@ -1,24 +1,29 @@
 """Backends ``cpp`` (CPU, C++/OpenMP) and ``cuda`` (CUDA kernels): the native extension ``fastcolor._C``.
 
-One module serves both names; the tensors' device picks the implementation. ``_C`` takes raw
-data pointers, sizes and a dtype code (no libtorch), so this module makes every tensor
-contiguous, allocates the outputs with torch, and passes the current CUDA stream. The
-kernels are ``csrc/fc_cpu.cpp`` and ``kernels/fc_kernels.cu`` over the per-pixel maths of
-``kernels/fc_math.cuh``; the contract is in :mod:`fastcolor.backends`.
+One module serves both names; the tensors' device picks the implementation. ``_C`` links no
+libtorch: its functions take the tensors as Python objects and read their data pointers,
+shapes and dtypes (``csrc/fc_bindings.cpp``), so this module makes every tensor contiguous and
+of the dtype the kernels take, allocates the outputs with torch, and passes the current CUDA
+stream (or the CPU thread count). The kernels are ``csrc/fc_cpu.cpp``, ``csrc/fc_encode.cpp``
+and ``kernels/fc_kernels.cu`` over the per-pixel maths of ``kernels/fc_math.cuh``; the gamut
+(candidate table and bin centres) reaches them from :mod:`fastcolor.backends._tables` as
+arguments. The contract is :mod:`fastcolor.backends.contract`.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from fastcolor import _ext
 from fastcolor.backends._alloc import empty_cpu
+from fastcolor.backends._tables import bin_centres, device_table
+from fastcolor.backends.contract import LossCall
 from fastcolor.gamut import Q
 
 SUPPORTS_FLOAT64 = False
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _lib():
@@ -40,87 +45,71 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"no compiled kernels for device type {device_type!r}"
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
-
-
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+def _where(t: torch.Tensor) -> dict:
+    """Where ``_C`` runs: the CPU thread count, or the current stream of the tensor's device."""
+    if t.is_cuda:
+        return {"stream": torch.cuda.current_stream(t.device).cuda_stream}
+    return {"nthreads": torch.get_num_threads()}
 
 
-def _cuda(t: torch.Tensor) -> tuple[int, int]:
-    """(device index, current stream handle) for a CUDA tensor."""
-    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+def _check_logits(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{what}: backend 'cpp'/'cuda' takes float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 3 or x.shape[1] != Q:
+        raise ValueError(f"{what}: expected shape (N, {Q}, P), got {tuple(x.shape)}")
 
 
-def _dtype_code(x: torch.Tensor) -> int:
-    try:
-        return _DTYPE_CODE[x.dtype]
-    except KeyError:
-        raise TypeError(f"logits: backend 'cpp'/'cuda' takes float32, float16 or bfloat16, got {x.dtype}") from None
-
-
-def soft_encode(ab: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    lib = _lib()
+def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     ab = ab.to(torch.float32).contiguous()
     n, _, p = ab.shape
     idx = torch.empty((n, k, p), dtype=torch.int32, device=ab.device)
     w = torch.empty((n, k, p), dtype=torch.float32, device=ab.device)
     if n * p == 0:
         return idx, w
-    if ab.is_cuda:
-        lib.cuda_soft_encode(_ptr(ab), _ptr(idx), _ptr(w), n, p, int(k), float(sigma), *_cuda(ab))
-    else:
-        lib.cpu_soft_encode(_ptr(ab), _ptr(idx), _ptr(w), n, p, int(k), float(sigma), _threads())
+    _lib().soft_encode(ab, idx, w, device_table(k, ab.device), bin_centres(ab.device), float(sigma), **_where(ab))
     return idx, w
 
 
-def ce_forward(logits, ab, indices, weights, class_weights, image_mask, k, sigma, grad_scale, need_grad, pixel_scale=None):
-    lib = _lib()
-    code = _dtype_code(logits)
-    x = logits.contiguous()
-    n, q, p = x.shape
-    if q != Q:
-        raise ValueError(f"logits: expected {Q} classes on axis 1, got shape {tuple(x.shape)}")
+def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_logits(call.logits, "logits")
+    x = call.logits.contiguous()
+    n, _, p = x.shape
     loss = torch.empty((n, p), dtype=torch.float32, device=x.device)
-    grad = (torch.empty_like(x) if x.is_cuda else empty_cpu(tuple(x.shape), x.dtype)) if need_grad else None
+    grad = None
+    if call.need_grad:
+        grad = torch.empty_like(x) if x.is_cuda else empty_cpu(tuple(x.shape), x.dtype)
     if n * p == 0:
         return loss, grad
-    if indices is None and x.is_cuda:  # the CUDA loss kernel takes precomputed targets
-        indices, weights = soft_encode(ab, k, sigma)
-    if indices is not None:
-        indices = indices.to(torch.int32).contiguous()
-        weights = _f32(weights)
-        k = indices.shape[1]
-        ab = None
-    else:
-        ab = _f32(ab)
+    if call.ab is not None and x.is_cuda:
+        # The CUDA loss kernel takes precomputed targets: the encode kernel runs first (the
+        # same per-pixel search), k * 8 bytes per pixel written and read back.
+        idx, w = soft_encode(call.ab, k=call.k, sigma=call.sigma)
+        call = dataclasses.replace(call, ab=None, indices=idx, weights=w)
     # Temporaries (casts) are made on the current stream, which the kernel runs on: the
     # caching allocator cannot hand their memory out before the kernel is done with it.
-    cw, m, ps = _f32(class_weights), _f32(image_mask), _f32(pixel_scale)
-    args = (_ptr(x), code, _ptr(ab), _ptr(indices), _ptr(weights), _ptr(cw), _ptr(m), _ptr(ps), _ptr(loss),
-            _ptr(grad), n, p, int(k), float(sigma), float(grad_scale))
-    if x.is_cuda:
-        lib.cuda_ce_forward(*args, *_cuda(x))
-    else:
-        lib.cpu_ce_forward(*args, _threads())
+    call = dataclasses.replace(
+        call, logits=x, ab=_f32(call.ab),
+        indices=None if call.indices is None else call.indices.to(torch.int32).contiguous(),
+        weights=_f32(call.weights), class_weights=_f32(call.class_weights),
+        image_mask=_f32(call.image_mask), pixel_scale=_f32(call.pixel_scale),
+    )
+    table = centres = None
+    if call.ab is not None:
+        table, centres = device_table(call.k, x.device), bin_centres(x.device)
+    _lib().ce_forward(call, loss, grad, table, centres, **_where(x))
     return loss, grad
 
 
-def annealed_mean(x: torch.Tensor, T: float, is_probs: bool) -> torch.Tensor:
-    lib = _lib()
-    code = _dtype_code(x)
+def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
+    _check_logits(x, "probs" if is_probs else "logits")
     x = x.contiguous()
     n, _, p = x.shape
     out = torch.empty((n, 2, p), dtype=torch.float32, device=x.device)
     if n * p == 0:
         return out
-    if x.is_cuda:
-        lib.cuda_annealed_mean(_ptr(x), code, _ptr(out), n, p, float(T), bool(is_probs), *_cuda(x))
-    else:
-        lib.cpu_annealed_mean(_ptr(x), code, _ptr(out), n, p, float(T), bool(is_probs), _threads())
+    _lib().annealed_mean(x, out, bin_centres(x.device), float(T), bool(is_probs), **_where(x))
     return out
