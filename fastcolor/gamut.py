@@ -66,7 +66,12 @@ def ab_bins(device=None, dtype=None):
 # 3. A pixel with a NaN or infinite component gets bins 0, 1, ..., k-1 and NaN weights, which
 #    is what the reference's stable sort of all-NaN (or all-infinite) distances gives.
 #
-# Weights, in every case: w_j = exp(-(d_j^2 - d_0^2) / (2 sigma^2)) / sum_i (same), d_0 the nearest.
+# Weights, in every case: w_j = exp(-(d_j^2 - d_0^2) / (2 sigma^2)) / sum_i (same), d_0 the nearest,
+# with the difference d_j^2 - d_0^2 formed without cancellation: a pixel in the box but far from
+# every bin (d^2 ~ 2000 at (68.2, 125.6)) would lose 1e-6 of its weights to float32 rounding of
+# two large d^2. numba and cpp take the difference in float64 (numba only where d_0^2 > 100);
+# triton, where float64 is slow, factors it exactly in float32:
+# (a_j - a_0)(a_j + a_0 - 2a) + (b_j - b_0)(b_j + b_0 - 2b). Weights match the reference to 1e-6.
 
 #: The table covers the square TABLE_LO <= a, b < TABLE_HI, which holds the bins' box
 #: (a -90..100, b -110..100) and every sRGB colour (a -87..99, b -108..95) with a margin.
