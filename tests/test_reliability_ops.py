@@ -577,3 +577,57 @@ def test_very_small_sigma_gives_the_one_hot_limit(backend, sigma):
     want, _ = R.rebalanced_cross_entropy(logits.reshape(1, 313, 3).double().numpy(), ab.double().numpy(), k=3,
                                          sigma=sigma, reduction="none")
     np.testing.assert_allclose(loss.double().numpy(), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- large logits
+# Issue 13 item 10. The fused backends computed the loss as x_j - (max + log sum): in float32
+# max + log 313 rounds to max + 6 at 1e7, max + 8 at 1e8 and max at 1e30, so constant logits gave
+# 6.0, 8.0 and 0.0 instead of log 313. The loss is computed from the shifted logits now,
+# -z_j ((x_j - max) - log sum). The torch baseline (log_softmax) gives log 313 at every magnitude
+# (checked: it passes unchanged). Only magnitudes that the dtype can hold are generated (float16
+# stops at 65504; bfloat16 rounds 3.4e38 up to inf, a +inf logit, the NaN row of the table).
+
+_MAGNITUDES = [1.0, 6e4, -6e4, 1e7, 1e8, -1e8, 1e30, -1e30, 3.3e38, 3.4e38, -3.4e38]
+_LARGE_CASES = [pytest.param(dt, mag, id=f"{str(dt)[6:]}-{mag:g}")
+                for dt in (torch.float32, torch.float16, torch.bfloat16) for mag in _MAGNITUDES
+                if math.isfinite(torch.tensor(mag, dtype=dt).item())]
+
+
+@pytest.mark.parametrize("dtype, magnitude", _LARGE_CASES)
+def test_constant_logits_give_log_313_at_any_magnitude(backend, dtype, magnitude):
+    ab = torch.tensor([[[3.0, -41.0, 0.0, 66.0], [-7.0, 20.0, 0.0, 1.0]]])
+    x = torch.full((1, 313, 4), magnitude, dtype=dtype, requires_grad=True)
+    loss = fc.rebalanced_cross_entropy(x, ab, reduction="sum", backend=backend)
+    per_pixel = fc.rebalanced_cross_entropy(x.detach(), ab, reduction="none", backend=backend)
+    np.testing.assert_allclose(per_pixel.double().numpy(), np.full((1, 4), math.log(313)), rtol=1e-5)
+    loss.backward()
+    g = x.grad
+    assert g.dtype == dtype and torch.isfinite(g).all()
+    _, want = R.rebalanced_cross_entropy(np.zeros((1, 313, 4)), ab.double().numpy(), reduction="sum")
+    # softmax - target, with softmax = 1/313: to one rounding of the logits' dtype
+    torch.testing.assert_close(g.double(), torch.from_numpy(want), rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+def test_logits_near_float32_max_give_the_shifted_logits_answer(backend):
+    """Finite logits near +-3.4e38: finite where x_j - max is finite, +inf where a target bin's
+    logit lies more than float32's max below the max (the loss exceeds float32's range: the
+    float64 reference's value cast to float32 is inf too), and a finite gradient everywhere."""
+    x = torch.full((1, 313, 3), -3.4e38)
+    x[0, 5] = 3.4e38  # the max of every pixel
+    x[0, 10:12] = 3.3e38  # x - max = -1e37 (exact: Sterbenz), exp gives 0: the sum is 1
+    x[0, :, 2] = 3.4e38  # pixel 2: constant at the max
+    idx = torch.tensor([[[10, 10, 30], [11, 20, 31]]], dtype=torch.int32)
+    w = torch.tensor([[[0.75, 0.4, 0.5], [0.25, 0.6, 0.5]]])
+    target = fc.SoftLabels(idx, w)
+    xg = x.clone().requires_grad_(True)
+    loss = fc.rebalanced_cross_entropy(xg, target, reduction="none", backend=backend)
+    want, want_g = R.rebalanced_cross_entropy(x.double().numpy(), target=(idx.numpy(), w.double().numpy()),
+                                              reduction="none")
+    assert want[0, 1] > np.finfo(np.float32).max  # 0.6 * 6.8e38: beyond float32
+    got = loss.detach().double().numpy()
+    assert np.isfinite(got[0, [0, 2]]).all() and got[0, 1] == np.inf
+    np.testing.assert_allclose(got[0, [0, 2]], want[0, [0, 2]], rtol=1e-5)
+    np.testing.assert_allclose(got[0, 2], math.log(313), rtol=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(xg.grad).all()
+    np.testing.assert_allclose(xg.grad.double().numpy(), want_g, atol=1e-6)

@@ -262,6 +262,48 @@ def test_non_finite_logits_and_empty_inputs(dev):
         assert idx.shape == (n, 3, p) and tb.annealed_mean(torch.randn(n, Q, p).to(dev), T=0.38, is_probs=False).shape == (n, 2, p)
 
 
+_MAGNITUDES = [1.0, 6e4, -6e4, 1e7, 1e8, -1e8, 1e30, -1e30, 3.3e38, 3.4e38, -3.4e38]
+
+
+@pytest.mark.parametrize("dtype, magnitude", [
+    pytest.param(dt, mag, id=f"{str(dt)[6:]}-{mag:g}") for dt in DTYPES for mag in _MAGNITUDES
+    if np.isfinite(torch.tensor(mag, dtype=dt).item())])
+def test_constant_logits_give_log_313_at_any_magnitude(dev, dtype, magnitude):
+    """Issue 13 item 10: the loss from the shifted logits. Before, m + log(s) in float32 gave
+    6.0 at 1e7, 8.0 at 1e8, 0.0 at 1e30, and exp2(fma(x, log2 e, -m log2 e)) NaN near 3.4e38."""
+    ab = torch.tensor([[[3.0, -41.0, 0.0, 66.0], [-7.0, 20.0, 0.0, 1.0]]])
+    x = torch.full((1, Q, 4), magnitude, dtype=dtype)
+    idx, w = R.soft_encode(ab.double().numpy(), 5)
+    _, want_g = R.rebalanced_cross_entropy(np.zeros((1, Q, 4)), ab.double().numpy(), reduction="none")
+    for target in (dict(ab=ab.to(dev)), dict(indices=torch.tensor(idx, dtype=torch.int32).to(dev),
+                                              weights=torch.tensor(w, dtype=torch.float32).to(dev))):
+        loss, grad = tb.ce_forward(LossCall(logits=x.to(dev), k=5, **target))
+        np.testing.assert_allclose(loss.cpu().double().numpy(), np.full((1, 4), np.log(313)), rtol=1e-5)
+        assert grad.dtype == dtype and torch.isfinite(grad).all()
+        # softmax - target, with softmax = 1/313: to one rounding of the logits' dtype
+        torch.testing.assert_close(grad.cpu().double(), torch.from_numpy(want_g), rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+def test_logits_near_float32_max_give_the_shifted_logits_answer(dev):
+    """Finite logits near +-3.4e38: a finite loss where x_j - max is finite, +inf where a target
+    bin's logit lies more than float32's max below the max (beyond float32's range: the float64
+    reference cast to float32 is inf too), a finite gradient everywhere (as numba and cpp)."""
+    x = torch.full((1, Q, 3), -3.4e38)
+    x[0, 5] = 3.4e38
+    x[0, 10:12] = 3.3e38
+    x[0, :, 2] = 3.4e38
+    idx = torch.tensor([[[10, 10, 30], [11, 20, 31]]], dtype=torch.int32)
+    w = torch.tensor([[[0.75, 0.4, 0.5], [0.25, 0.6, 0.5]]])
+    loss, grad = tb.ce_forward(LossCall(logits=x.to(dev), indices=idx.to(dev), weights=w.to(dev), k=2))
+    want, want_g = R.rebalanced_cross_entropy(x.double().numpy(), target=(idx.numpy(), w.double().numpy()),
+                                              reduction="none")
+    got = loss.cpu().double().numpy()
+    assert np.isfinite(got[0, [0, 2]]).all() and got[0, 1] == np.inf and want[0, 1] > np.finfo(np.float32).max
+    np.testing.assert_allclose(got[0, [0, 2]], want[0, [0, 2]], rtol=1e-5)
+    assert torch.isfinite(grad).all()
+    np.testing.assert_allclose(grad.cpu().double().numpy(), want_g, atol=1e-6)
+
+
 def test_config_hooks(monkeypatch):
     monkeypatch.setenv("FASTCOLOR_TRITON_CONFIG", "ce=64x8x0,am=16x2x128")
     assert tb.config("ce", torch.float32) == (64, 8, None)

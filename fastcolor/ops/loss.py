@@ -165,7 +165,12 @@ def rebalanced_cross_entropy(
     images whose ab never leaves |a|, |b| <= 5 (needs ab: pass ``target_ab`` with a
     SoftLabels target). ``reduction``: "mean" over all pixels, "sum", or "none" (per pixel).
 
-    The loss is float32 (float64 for float64 logits); the gradient has the logits' dtype.
+    The loss is float32 (float64 for float64 logits); the gradient has the logits' dtype. It is
+    computed from the shifted logits (``x - max``), so its precision does not depend on their
+    magnitude; in float32 a pixel whose target bin lies more than float32's max below its largest
+    logit gets a loss of +inf (the gradient stays finite), and +-inf logits give NaN for their pixel.
+    Targets and class weights are constants (no gradient reaches them); the fused backends have no
+    double backward (``create_graph=True`` raises; ``backend="torch"`` has one).
     Spec: :func:`fastcolor.reference.rebalanced_cross_entropy`.
     """
     check_tensor("logits", logits, channels=Q)

@@ -3,8 +3,12 @@
 Per tile: (1) the target of each pixel, encoded on the fly by :func:`.encode.encode_tile`
 (or copied from a precomputed one), (2) running max over the 313 logits, (3)
 ``e = exp(x - max)`` into a per-thread ``313 x TILE`` float32 buffer (fits L2) and its sum,
-(4) per pixel: the loss from the k target logits only, and the target subtracted in the
-buffer (``e -= z * sum``), (5) ``grad = scale / sum * e`` written once in the logits' dtype.
+(4) per pixel: the loss from the k target logits only, computed from the shifted logits,
+``-sum_j z_j ((x_j - max) - log sum)``, never as ``x_j - (max + log sum)`` (in float32,
+``max + log sum`` rounds log 313 away from |max| ~ 1e7 on and loses it at 1e30; ``x_j - max``
+cannot overflow unless the two are more than float32's max apart, and then it is -inf: a
++inf loss, the gradient stays finite), and the target subtracted in the buffer
+(``e -= z * sum``), (5) ``grad = scale / sum * e`` written once in the logits' dtype.
 The logits are read from memory once (pass 3 re-reads the tile from cache); nothing of size
 ``N x 313 x P`` is allocated besides the gradient itself.
 """
@@ -46,7 +50,8 @@ def _ce_tile(x, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm)
     #    (softmax - z = (e - z * sum) / sum), so the gradient pass is a plain scaling
     for j in range(tw):
         ssum = sm[j]
-        lse = mx[j] + math.log(ssum)
+        m = mx[j]
+        lsum = math.log(ssum)
         acc = ZERO
         for i in range(k):
             q = ti[i * TILE + j]
@@ -54,7 +59,7 @@ def _ce_tile(x, xb, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm)
                 acc = NAN
                 continue
             z = tz[i * TILE + j]
-            acc += z * (widen(x[xb + q * P + j]) - lse)
+            acc += z * ((widen(x[xb + q * P + j]) - m) - lsum)  # shifted: see (4) above
             if need_grad:
                 E[q * TILE + j] -= z * ssum
         loss[j] = -(sc[j] * acc)

@@ -299,13 +299,15 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
     # The logits at the target bins (lines this program is reading anyway: cache hits).
     x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
 
-    # log-sum-exp
+    # log-sum-exp, on the shifted logits x - m: exp2((x - m) log2 e), never exp2(x log2 e -
+    # m log2 e) (an FMA of two numbers of x's magnitude: off by up to ulp(x log2 e) / 2, which
+    # is 0.5 at 1e7 and ~8e22 at 1e30, and m log2 e overflows near float32's max).
     m = tl.maximum(_max(xa, 0), _max(xb, 0))
-    ml = (m * LOG2E)[None, :]
-    ea = tl.exp2(tl.fma(xa, LOG2E, -ml))
-    eb = tl.exp2(tl.fma(xb, LOG2E, -ml))
+    m2 = m[None, :]
+    ea = tl.exp2((xa - m2) * LOG2E)
+    eb = tl.exp2((xb - m2) * LOG2E)
     s = _sum(ea, 0) + _sum(eb, 0)
-    lse = m + tl.log2(s) * LN2
+    lsum = tl.log2(s) * LN2
 
     # per-pixel scale s * m * v
     scale = tl.full([BP], 1.0, tl.float32)
@@ -318,7 +320,10 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
     if HAS_PS:
         scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
 
-    ce = _sum(tl.where(valid, z * (lse[None, :] - x_sel), 0.0), 0)
+    # The loss from the shifted logits, -z ((x - m) - log s), never z (m + log s - x): in
+    # float32, m + log s rounds log 313 away from |m| ~ 1e7 on. x - m is -inf only when the two
+    # are more than float32's max apart (the loss is then +inf, the gradient stays finite).
+    ce = _sum(tl.where(valid, z * (lsum[None, :] - (x_sel - m2)), 0.0), 0)
     tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
 
     if WRITE_GRAD:
@@ -330,7 +335,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
         # The k target entries, written over the dense ones after every thread of the program
         # has stored its part (same addresses, other threads: the barrier orders them).
         tl.debug_barrier()
-        e_sel = tl.exp2(tl.fma(x_sel, LOG2E, -ml))  # bit for bit the dense entries' softmax
+        e_sel = tl.exp2((x_sel - m2) * LOG2E)  # bit for bit the dense entries' softmax
         corr = c1[None, :] * e_sel - c[None, :] * z
         tl.store(gbase + sel_q.to(tl.int64) * P + p[None, :], corr.to(grad_ptr.dtype.element_ty), mask=valid)
 
