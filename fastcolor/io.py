@@ -159,14 +159,22 @@ def check_unlocked(directory: str | os.PathLike, what: str = "fastcolor process"
     except (ImportError, OSError):  # no lock file (or no locks here): nobody holds it
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise DirectoryLockedError(directory, _lock_owner(path), what) from None
+        _flock_or_refuse(fd, fcntl.LOCK_SH, directory, path, what)
     finally:
         os.close(fd)
+
+
+def _flock_or_refuse(fd: int, mode: int, directory: Path, path: Path, what: str) -> None:
+    """Take ``mode`` (shared or exclusive) on ``fd`` without waiting, or raise
+    :class:`DirectoryLockedError` naming the owner recorded in ``path``."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise DirectoryLockedError(directory, _lock_owner(path), what) from None
 
 
 @contextlib.contextmanager
@@ -189,12 +197,7 @@ def lock_directory(directory: str | os.PathLike, what: str = "fastcolor process"
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~umask())
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise DirectoryLockedError(directory, _lock_owner(path), what) from None
+        _flock_or_refuse(fd, fcntl.LOCK_EX, directory, path, what)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
