@@ -160,7 +160,8 @@ _TABLES: dict[int, CandidateTable] = {}
 
 def candidate_table(k: int) -> CandidateTable:
     """The :class:`CandidateTable` for ``k`` (1..16), built once (a few ms) and cached."""
-    table = _TABLES.get(k) if type(k) is int else None
+    table = _TABLES.get(k) if type(k) is int else None  # (2.0 == 2: anything else is checked first)
     if table is None:
-        table = _TABLES.setdefault(k, CandidateTable(k))
+        table = CandidateTable(k)
+        table = _TABLES.setdefault(table.k, table)
     return table

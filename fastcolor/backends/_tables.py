@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastcolor.gamut import AB_BINS, candidate_table
+from fastcolor.gamut import ab_bins, candidate_table
 
 
 @dataclass(frozen=True)
@@ -60,5 +60,5 @@ def bin_centres(device: torch.device | str) -> torch.Tensor:
     t = _bins_cache.get(key)
     if t is None:
         with _lock:
-            t = _bins_cache.setdefault(key, torch.tensor(AB_BINS, dtype=torch.float32, device=device))
+            t = _bins_cache.setdefault(key, ab_bins(device))
     return t

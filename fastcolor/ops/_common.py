@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-from fastcolor.gamut import Q
+from fastcolor.gamut import K_MAX, Q
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -43,8 +43,8 @@ def check_bin_indices(name: str, indices: torch.Tensor) -> None:
     from the PyTorch composition); one min/max over the small (N, k, P) tensor settles it.
     Skipped while torch.compile traces (a data-dependent check would break the graph).
     """
-    if not 1 <= indices.shape[1] <= 16:
-        raise ValueError(f"{name}: expected 1..16 bins per pixel on axis 1, got {indices.shape[1]} "
+    if not 1 <= indices.shape[1] <= K_MAX:
+        raise ValueError(f"{name}: expected 1..{K_MAX} bins per pixel on axis 1, got {indices.shape[1]} "
                          f"(shape {tuple(indices.shape)})")
     if indices.numel() == 0 or indices.device.type == "meta":
         return
@@ -68,8 +68,8 @@ SIGMA_MIN = 1e-15
 def check_k_sigma(k, sigma) -> tuple[int, float]:
     """``k`` an integer in 1..16 and ``sigma`` a positive finite number (Python or numpy scalars);
     returns them as ``int`` and ``float`` (sigma at least :data:`SIGMA_MIN`)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= 16:
-        raise ValueError(f"k: expected an integer in 1..16, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= K_MAX:
+        raise ValueError(f"k: expected an integer in 1..{K_MAX}, got {k!r}")
     return int(k), max(check_positive("sigma", sigma), SIGMA_MIN)
 
 

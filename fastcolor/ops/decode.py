@@ -11,7 +11,6 @@ from fastcolor.ops._common import check_positive, check_tensor, flat
 from fastcolor.reference import T_MODE
 
 
-
 @torch.library.custom_op("fastcolor::annealed_mean", mutates_args=())
 def _annealed_mean_op(x: torch.Tensor, T: float, is_probs: bool, backend: str) -> torch.Tensor:
     return backends.get(backend).annealed_mean(x, T=T, is_probs=is_probs)
