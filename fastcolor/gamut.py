@@ -90,6 +90,11 @@ _TABLE_SLACK = 1e-3
 K_MAX = 16
 
 
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= K_MAX:
+        raise ValueError(f"k: expected an integer in 1..{K_MAX}, got {k!r}")
+
+
 class CandidateTable:
     """For one k, the bins that can be among the k nearest of any point of each sub-cell.
 
@@ -107,8 +112,7 @@ class CandidateTable:
     """
 
     def __init__(self, k: int):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= K_MAX:
-            raise ValueError(f"k: expected an integer in 1..{K_MAX}, got {k!r}")
+        _check_k(k)
         self.k = int(k)
         self.lo, self.hi, self.cell = TABLE_LO, TABLE_HI, TABLE_CELL
         self.n = int(round((self.hi - self.lo) / self.cell))
@@ -160,8 +164,8 @@ _TABLES: dict[int, CandidateTable] = {}
 
 def candidate_table(k: int) -> CandidateTable:
     """The :class:`CandidateTable` for ``k`` (1..16), built once (a few ms) and cached."""
-    table = _TABLES.get(k) if type(k) is int else None  # (2.0 == 2: anything else is checked first)
+    _check_k(k)
+    table = _TABLES.get(int(k))
     if table is None:
-        table = CandidateTable(k)
-        table = _TABLES.setdefault(table.k, table)
+        table = _TABLES.setdefault(int(k), CandidateTable(k))
     return table
