@@ -25,5 +25,60 @@ __all__ = [
     "__version__", "build_info", "BackendUnavailable", "AB_BINS", "Q",
     "AnnealedMeanDecoder", "PriorAccumulator", "RebalancedCrossEntropyLoss", "SoftLabels",
     "annealed_mean", "image_mask_nongray", "nearest_bin", "rarity_weights",
-    "rebalanced_cross_entropy", "soft_encode",
+    "rebalanced_cross_entropy", "soft_encode", "load_model",
 ]
+
+
+def load_model(path, device="cpu", **overrides):
+    """A colorization network rebuilt from a weights file, in eval mode on ``device``.
+
+    ``path`` may be any of:
+
+    * a fastcolor model file (safetensors, written by ``fastcolor train`` or
+      :func:`fastcolor.models.serialization.save_model`; the config is in its metadata);
+    * a fastcolor training checkpoint (safetensors, ``fastcolor-checkpoint-1``);
+    * a run directory (its ``model.safetensors`` is loaded);
+    * the authors' released ECCV16 PyTorch weights, ``colorization_release_v2-9b330a0b.pth``
+      (richzhang/colorization), recognised by its keys and shapes and loaded into a
+      :class:`~fastcolor.models.ZhangNet` that decodes at T = 1 by default (see
+      :mod:`fastcolor.models.released` for why).
+
+    No file is ever unpickled (a torch file is read with ``torch.load(weights_only=True)``) and
+    the config stored in a file is checked before anything it asks for is allocated; a file of
+    neither kind raises ``ValueError`` naming both. ``overrides`` update the stored config
+    (e.g. ``backbone_weights=`` for a fusion model, ``input_size=`` or ``decode_temperature=``
+    for the released weights).
+
+    This is :func:`fastcolor.models.serialization.load_model`, imported on the first call so
+    that ``import fastcolor`` does not import the models and :mod:`fastcolor.colorize`.
+
+    Args:
+        path: a file or run directory (``str`` or ``os.PathLike``), as listed above.
+        device: where the model is put (``"cpu"``, ``"cuda"``, a ``torch.device``).
+        **overrides: config entries that replace the stored ones.
+
+    Returns:
+        ``torch.nn.Module``: a :class:`~fastcolor.models.ZhangNet` (L (N, 1, H, W) in 0..100 ->
+        logits (N, 313, H/4, W/4) over the ab bins) or a :class:`~fastcolor.models.FusionNet`
+        (L (N, 1, H, W) -> ab / 128 in [-1, 1], (N, 2, H, W)), with its ``config`` dict; decode
+        either with :func:`fastcolor.colorize.colorize_image` / ``colorize_tensor``.
+
+    Example:
+        >>> import tempfile, torch, fastcolor
+        >>> from fastcolor.models import ZhangNet
+        >>> from fastcolor.models.serialization import save_model
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     _ = save_model(f"{run}/model.safetensors", ZhangNet.tiny())
+        ...     net = fastcolor.load_model(run)              # a run directory: its model.safetensors
+        >>> net.config["arch"], net.training
+        ('zhang', False)
+        >>> net(torch.full((1, 1, 32, 32), 50.0)).shape     # L in 0..100 -> logits over 313 bins
+        torch.Size([1, 313, 8, 8])
+
+        With the authors' released weights (a local file; nothing is downloaded)::
+
+            net = fastcolor.load_model("colorization_release_v2-9b330a0b.pth")   # decodes at T = 1
+    """
+    from fastcolor.models.serialization import load_model as _load_model
+
+    return _load_model(path, device, **overrides)

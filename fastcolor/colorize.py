@@ -13,8 +13,9 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from fastcolor.data import load_rgb
 from fastcolor.models import build_model
 from fastcolor.ops import annealed_mean
 
-__all__ = ["decode_ab", "predict_ab", "colorize_tensor", "colorize_image", "to_l_tensor", "MemoryLimitError",
-           "available_memory", "activation_bytes", "check_memory", "memory_guard"]
+__all__ = ["decode_temperature", "decode_ab", "predict_ab", "colorize_tensor", "colorize_image", "to_l_tensor",
+           "MemoryLimitError", "available_memory", "activation_bytes", "check_memory", "memory_guard"]
 
 #: Full-resolution work (L -> RGB, Lab -> RGB) is done in strips of about this many pixels,
 #: so only L, the upsampled ab and the output are ever full size.
@@ -83,7 +84,15 @@ def available_memory(device: str | torch.device) -> int | None:
 
     CPU: ``MemAvailable`` of /proc/meminfo (``os.sysconf`` elsewhere), capped by the cgroup's
     limit; CUDA: :func:`torch.cuda.mem_get_info`'s free memory plus what PyTorch's caching
-    allocator holds unused.
+    allocator holds unused. Other devices (and CUDA without a GPU): None, and nothing is refused
+    there.
+
+    Example:
+        >>> n = available_memory("cpu")                     # bytes, e.g. 23921561600
+        >>> n is None or n > 0
+        True
+        >>> available_memory("meta") is None
+        True
     """
     device = torch.device(device)
     if device.type == "cpu":
@@ -126,7 +135,22 @@ def activation_bytes(model: torch.nn.Module, batch: int, size: int, training: bo
     """Estimated memory (bytes) of the activations of ``model`` on ``batch`` inputs of
     ``size`` x ``size``: for inference, the largest output twice (input and output of a layer)
     plus the logits; for training, every output of the trainable layers (autograd keeps them)
-    plus the logits and their gradient. None if the model cannot be traced."""
+    plus the logits and their gradient. None if the model cannot be traced.
+
+    The inputs are L (``batch``, 1, ``size``, ``size``); the estimate is traced on the meta
+    device (no memory, no compute) from ``model.config``, so a model without a fastcolor
+    ``config`` dict gives None. A fusion model's frozen backbone counts towards the largest
+    output but not towards the training sum (no gradient flows into it).
+
+    Example:
+        >>> import torch
+        >>> from fastcolor.models import ZhangNet
+        >>> net = ZhangNet.tiny()                            # 32 x 32 L -> (N, 313, 8, 8) logits
+        >>> activation_bytes(net, batch=4, size=32), activation_bytes(net, 4, 32, training=True)
+        (961536, 1883136)
+        >>> activation_bytes(torch.nn.Linear(2, 2), 1, 32) is None
+        True
+    """
     model = getattr(model, "module", model)
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
@@ -145,7 +169,19 @@ def _fmt(n: float) -> str:
 
 
 def check_memory(need: int, device: str | torch.device, what: str, advice: str) -> None:
-    """Raise :class:`MemoryLimitError` if ``need`` bytes exceed what ``device`` has available."""
+    """Raise :class:`MemoryLimitError` if ``need`` bytes exceed what ``device`` has available.
+
+    ``what`` (the job, e.g. ``"colorizing 1 image(s) of 4000x3000 ..."``) and ``advice`` (what to
+    do instead) go into the one-line message, with both sizes in MiB or GiB. Where
+    :func:`available_memory` is None (unknown), nothing is refused.
+
+    Example:
+        >>> check_memory(1 << 20, "cpu", "a 1 MiB buffer", "free some memory")     # fits: None
+        >>> check_memory(1 << 62, "cpu", "a 4 EiB buffer", "use a smaller one")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fastcolor.colorize.MemoryLimitError: a 4 EiB buffer needs about 4294967296.00 GiB of cpu memory, but only ...
+    """
     avail = available_memory(device)
     if avail is not None and need > avail:
         raise MemoryLimitError(f"{what} needs about {_fmt(need)} of {torch.device(device).type} memory, but only "
@@ -156,7 +192,16 @@ _OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate mem
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator failure (CUDA OOM, CPU allocation failure, MemoryError)."""
+    """Whether ``exc`` is an allocator failure (CUDA OOM, CPU allocation failure, MemoryError).
+
+    A :class:`MemoryLimitError` (a refusal that already says what to do) is not.
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        True
+        >>> is_out_of_memory(RuntimeError("shape mismatch")), is_out_of_memory(MemoryLimitError("refused"))
+        (False, False)
+    """
     if isinstance(exc, MemoryLimitError):
         return False
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -167,7 +212,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def memory_guard(device: str | torch.device, what: str, advice: str) -> Iterator[None]:
     """Turn an out-of-memory error inside the block into :class:`MemoryLimitError` saying what
-    was being done (and free PyTorch's CUDA cache so the process can go on)."""
+    was being done (and free PyTorch's CUDA cache so the process can go on).
+
+    ``what`` completes "ran out of <device> memory ..."; ``advice`` ends the message. Other
+    exceptions pass through unchanged; the original error is the new one's ``__cause__``.
+
+    Example:
+        >>> with memory_guard("cpu", "while adding", "use smaller tensors"):  # doctest: +ELLIPSIS
+        ...     raise MemoryError("cannot allocate memory")
+        Traceback (most recent call last):
+        ...
+        fastcolor.colorize.MemoryLimitError: ran out of cpu memory while adding (...): cannot allocate memory; use ...
+    """
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is an allocation failure
@@ -190,28 +246,86 @@ def _arch(model: torch.nn.Module) -> str:
     return config["arch"]
 
 
-def decode_ab(model: torch.nn.Module, output: torch.Tensor, T: float = 0.38) -> torch.Tensor:
-    """A model's raw output -> ab in Lab units (float32, at the output's resolution)."""
+def decode_temperature(model: torch.nn.Module) -> float:
+    """The annealed-mean temperature a Zhang model decodes at by default: its config's
+    ``decode_temperature`` (1.0 for the authors' released weights, see
+    :mod:`fastcolor.models.released`), else 0.38, the paper's (Zhang et al. 2016, sec. 2.3).
+
+    A float > 0 (dimensionless: the logits are divided by it before the softmax). A model
+    wrapped in ``DistributedDataParallel`` (``.module``) is looked through.
+
+    Example:
+        >>> from fastcolor.models import ZhangNet
+        >>> decode_temperature(ZhangNet.tiny()), decode_temperature(ZhangNet(8, 16, (2,), 32, decode_temperature=1.0))
+        (0.38, 1.0)
+    """
+    config = getattr(getattr(model, "module", model), "config", None) or {}
+    return float(config.get("decode_temperature", 0.38))
+
+
+def decode_ab(model: torch.nn.Module, output: torch.Tensor, T: float | None = None) -> torch.Tensor:
+    """A model's raw output -> ab in Lab units (float32, at the output's resolution).
+
+    ZhangNet: ``output`` is logits (N, 313, h, w) over the ab bins, decoded by the annealed mean
+    (:func:`fastcolor.annealed_mean`) at temperature ``T`` (``T=None``: the model's
+    :func:`decode_temperature`). FusionNet: ``output`` is ab / 128 (N, 2, h, w) and is scaled
+    back (``T`` is ignored). Returns (N, 2, h, w) float32, a and b in Lab units (roughly -110..110).
+
+    Example:
+        >>> import torch
+        >>> from fastcolor.models import FusionNet, ZhangNet
+        >>> ab = decode_ab(ZhangNet.tiny(), torch.zeros(1, 313, 8, 8))  # uniform: the mean bin centre
+        >>> ab.shape, ab.dtype, [round(v, 2) for v in ab[0, :, 0, 0].tolist()]
+        (torch.Size([1, 2, 8, 8]), torch.float32, [15.69, 6.68])
+        >>> decode_ab(FusionNet.tiny(backbone=None), torch.full((1, 2, 4, 4), 0.5))[0, :, 0, 0]
+        tensor([64., 64.])
+    """
     if _arch(model) == "zhang":
-        return annealed_mean(output, T=T)
+        return annealed_mean(output, T=decode_temperature(model) if T is None else T)
     return output.float() * 128.0
 
 
-def predict_ab(model: torch.nn.Module, L: torch.Tensor, T: float = 0.38,
+def predict_ab(model: torch.nn.Module, L: torch.Tensor, T: float | None = None,
                embedding: torch.Tensor | None = None) -> torch.Tensor:
-    """ab (N, 2, h, w) predicted from L (N, 1, H, W) at the model's input size (no resizing)."""
+    """ab (N, 2, h, w) in Lab units predicted from L (N, 1, H, W) in 0..100 (no resizing).
+
+    The network's forward then :func:`decode_ab`: (h, w) = (H/4, W/4) for a ZhangNet (annealed
+    mean at ``T``; ``T=None``: the model's :func:`decode_temperature`), (H, W) for a FusionNet
+    (``embedding`` (N, D) if given, e.g. from an :class:`~fastcolor.models.EmbeddingCache`,
+    else computed from L by its backbone). H and W must be multiples of 8. Gradients flow
+    (no ``no_grad`` here); the model's train/eval mode is left as it is.
+
+    Example:
+        >>> import torch
+        >>> from fastcolor.models import FusionNet, ZhangNet
+        >>> predict_ab(ZhangNet.tiny(), torch.full((2, 1, 32, 32), 50.0)).shape
+        torch.Size([2, 2, 8, 8])
+        >>> predict_ab(FusionNet.tiny(backbone=None), torch.full((2, 1, 32, 32), 50.0),
+        ...            embedding=torch.zeros(2, 1000)).shape
+        torch.Size([2, 2, 32, 32])
+    """
     args = (L,) if _arch(model) == "zhang" else (L, embedding)
     return decode_ab(model, model(*args), T)
 
 
 @torch.no_grad()
-def colorize_tensor(model: torch.nn.Module, L_full: torch.Tensor, size: int | None = None, T: float = 0.38,
+def colorize_tensor(model: torch.nn.Module, L_full: torch.Tensor, size: int | None = None, T: float | None = None,
                     embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Colourise L (N, 1, H, W) or (1, H, W) in 0..100 -> sRGB (same layout, 3 channels) in [0, 1].
 
     The model sees L resized to ``size`` x ``size`` (default: its configured input size);
     the decoded ab is upsampled back to (H, W) and joined with the full-resolution L.
-    The model is put in eval mode.
+    The model is put in eval mode. ``T``: the annealed-mean temperature (Zhang models; None:
+    the model's :func:`decode_temperature`); ``embedding``: a fusion model's (N, D) embedding
+    (None: computed from L). Runs without gradients; a job too big for the device's memory is
+    refused with :class:`MemoryLimitError` before any work.
+
+    Example:
+        >>> import torch
+        >>> from fastcolor.models import ZhangNet
+        >>> rgb = colorize_tensor(ZhangNet.tiny(), torch.full((1, 100, 60), 50.0))  # any H, W
+        >>> rgb.shape, rgb.dtype, bool(rgb.min() >= 0 and rgb.max() <= 1)
+        (torch.Size([3, 100, 60]), torch.float32, True)
     """
     if not isinstance(L_full, torch.Tensor) or L_full.dim() not in (3, 4) or L_full.shape[-3] != 1:
         got = tuple(L_full.shape) if isinstance(L_full, torch.Tensor) else type(L_full).__name__
@@ -263,7 +377,18 @@ def _colorized_strips(model, L_full: torch.Tensor, size: int, T: float, embeddin
 
 
 def to_l_tensor(image: Any) -> torch.Tensor:
-    """L (1, H, W) of a path, PIL image, or numpy array (H, W) / (H, W, 3), uint8 or float in [0, 1]."""
+    """L (1, H, W) of a path, PIL image, or numpy array (H, W) / (H, W, 3), uint8 or float in [0, 1].
+
+    The image is taken as sRGB (an (H, W, 4) array's alpha is dropped; a 2-D array is grey)
+    and converted to CIE Lab lightness, float32 in 0..100 (float64 stays float64), strip by
+    strip so that only L is full size.
+
+    Example:
+        >>> import numpy as np
+        >>> L = to_l_tensor(np.full((4, 6, 3), 255, dtype=np.uint8))   # white
+        >>> L.shape, L.dtype, round(L.max().item(), 2)
+        (torch.Size([1, 4, 6]), torch.float32, 100.0)
+    """
     if isinstance(image, (str, os.PathLike)):
         image = load_rgb(image)
     if isinstance(image, Image.Image):
@@ -285,12 +410,29 @@ def to_l_tensor(image: Any) -> torch.Tensor:
     return L
 
 
-def colorize_image(model: torch.nn.Module, image: Any, size: int | None = None, T: float = 0.38) -> np.ndarray:
+def colorize_image(model: torch.nn.Module, image: Any, size: int | None = None, T: float | None = None) -> np.ndarray:
     """Colourise an image (path, PIL, or array; colour input is reduced to its L) -> (H, W, 3) uint8.
 
     Any pixel count works: only L, the upsampled ab and the output are full size (about
     15 bytes a pixel besides the input); a photo too big for the available memory is refused
-    with :class:`MemoryLimitError` before any work.
+    with :class:`MemoryLimitError` before any work. ``T=None``: the model's
+    :func:`decode_temperature` (0.38, or 1.0 for the authors' released weights).
+
+    The network sees L resized to ``size`` x ``size`` (default: its configured input size,
+    a multiple of 8); the decoded ab (in Lab units) is upsampled to the image's (H, W) and
+    joined with its full-resolution L (0..100), then converted to sRGB, rounded to uint8.
+
+    Example:
+        >>> import numpy as np
+        >>> from fastcolor.models import ZhangNet
+        >>> out = colorize_image(ZhangNet.tiny(), np.zeros((50, 70), dtype=np.uint8))  # or a path, a PIL image
+        >>> out.shape, out.dtype
+        ((50, 70, 3), dtype('uint8'))
+
+    With trained weights::
+
+        net = fastcolor.load_model("runs/zhang")
+        PIL.Image.fromarray(colorize_image(net, "photo.jpg")).save("photo_color.png")
     """
     _arch(model)
     if isinstance(image, np.ndarray) and image.ndim in (2, 3):

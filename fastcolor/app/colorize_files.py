@@ -13,9 +13,9 @@ import io
 import os
 import stat
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,15 @@ from PIL import Image, ImageOps
 
 from fastcolor.app.messages import EXIT_FAILURE, CLIError, one_line, warn
 from fastcolor.color import l_ab_to_rgb
-from fastcolor.colorize import (STRIP_PIXELS, MemoryLimitError, activation_bytes, check_memory, memory_guard,
-                                predict_ab, to_l_tensor)
+from fastcolor.colorize import (
+    STRIP_PIXELS,
+    MemoryLimitError,
+    activation_bytes,
+    check_memory,
+    memory_guard,
+    predict_ab,
+    to_l_tensor,
+)
 from fastcolor.data import IMAGE_EXTENSIONS, file_kind, load_rgb, open_image
 from fastcolor.io import atomic_write_bytes
 
@@ -54,7 +61,8 @@ def _image_files(folder: Path, exclude: Path | None) -> list[Path]:
         rootp = Path(root)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and (exclude is None or (rootp / d).resolve() != exclude))
-        out += [rootp / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        out += [rootp / f for f in sorted(files)
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return out
 
 
@@ -228,12 +236,14 @@ def _rgb_u8_in_strips(L: torch.Tensor, ab: torch.Tensor) -> np.ndarray:
     return out
 
 
-def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: float = 0.38, batch_size: int = 8,
-                   overwrite: bool = False, progress: bool = True,
+def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: float | None = None,
+                   batch_size: int = 8, overwrite: bool = False, progress: bool = True,
                    on_skip: Callable[[str], None] | None = None) -> list[Path]:
-    """Colorize ``jobs`` with ``model``; returns the written paths. Unreadable inputs are passed to
-    ``on_skip`` (a message) and left out. Not enough memory raises :class:`CLIError` (exit 1)
-    before anything of the batch concerned is written."""
+    """Colorize ``jobs`` with ``model``; returns the written paths. ``T=None`` decodes at the
+    model's own temperature (:func:`fastcolor.colorize.decode_temperature`: 0.38, or 1.0 for the
+    authors' released weights). Unreadable inputs are passed to ``on_skip`` (a message) and left
+    out. Not enough memory raises :class:`CLIError` (exit 1) before anything of the batch
+    concerned is written."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -268,7 +278,7 @@ def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: fl
                 if not torch.isfinite(ab).all():
                     raise CLIError("the model produced non-finite colours (NaN/inf): its weights are broken; "
                                    "nothing was written for this batch", EXIT_FAILURE)
-                for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab):
+                for job, L, alpha, ab_i in zip(batch, L_joins, alphas, ab, strict=True):
                     H, W = L.shape[-2:]
                     what = f"joining the colours with the full-resolution {W}x{H} lightness of {job.shown}"
                     check_memory(H * W * (4 + 8 + 3) + (1 << 26), "cpu", what, "colorize it on a larger machine")

@@ -1,6 +1,7 @@
-"""Which model file ``--weights`` names: a run directory, a model file, a checkpoint, or a folder
-of runs (one of them picked by ``--model``), with errors that say what to do when there is none;
-and whether a run was trained on a given data folder."""
+"""Which model file ``--weights`` names: a run directory, a model file, a checkpoint, a folder
+of runs (one of them picked by ``--model``), or the authors' released ECCV16 weights
+(``colorization_release_v2-9b330a0b.pth``, :mod:`fastcolor.models.released`), with errors that
+say what to do when there is none; and whether a run was trained on a given data folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 
 from fastcolor.app.messages import CLIError, note
 from fastcolor.data import load_split
-from fastcolor.io import read_checkpoint_meta
+from fastcolor.io import read_checkpoint_meta, tensor_shapes
+from fastcolor.models.released import EXPECTED, looks_like_torch_file, released_file_problem
 from fastcolor.models.serialization import load_model
 
 __all__ = ["MODELS", "no_weights_message", "resolve_weights", "load_weights", "split_matches_data"]
@@ -43,6 +45,14 @@ def _arch_of(path: Path) -> str | None:
         return read_checkpoint_meta(path).get("model_config", {}).get("arch")
     except Exception:  # noqa: BLE001 - not a model file: no arch
         return None
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        tensor_shapes(path)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def no_weights_message(model: str | None) -> str:
@@ -83,9 +93,15 @@ def resolve_weights(weights: str | None, model: str | None = None) -> Path:
                 raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
                                f"'fastcolor train' writes one")
     arch = _arch_of(path)
+    if arch is None and path.is_file() and (looks_like_torch_file(path) or _is_safetensors(path)):
+        problem = released_file_problem(path)  # the authors' released ECCV16 weights load as a zhang model
+        if problem is not None and looks_like_torch_file(path):
+            raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (the safetensors file "
+                           f"written by 'fastcolor train'), nor usable as {EXPECTED}: {problem}")
+        arch = "zhang" if problem is None else None
     if arch is None:
         raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
-                       f"file written by 'fastcolor train')")
+                       f"file written by 'fastcolor train', or {EXPECTED})")
     if want and arch != want:
         raise CLIError(f"--model {model} was asked for but --weights {weights} holds a {arch} model")
     return path

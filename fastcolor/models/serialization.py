@@ -1,5 +1,6 @@
 """Models to and from files: :func:`save_model` writes a model's inference weights,
-:func:`load_model` rebuilds one from a model file, a checkpoint or a run directory.
+:func:`load_model` rebuilds one from a model file, a checkpoint, a run directory, or the
+authors' released ECCV16 weights (:mod:`fastcolor.models.released`).
 
 The files are the safetensors files of :mod:`fastcolor.io` (config in the metadata, loading
 never unpickles). The config inside a file is untrusted input (:func:`check_stored_config`):
@@ -23,12 +24,37 @@ import torch
 from fastcolor.colorize import check_memory
 from fastcolor.io import atomic_write_json, load_tensors, read_checkpoint_meta, save_tensors, tensor_shapes
 from fastcolor.models import build_model, load_model_state, model_state
+from fastcolor.models.released import (
+    EXPECTED,
+    caller_stacklevel,
+    load_released,
+    looks_like_torch_file,
+    released_layout_problem,
+)
 
 __all__ = ["save_model", "load_model", "check_stored_config"]
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
-    """Inference weights: ``<path>`` (safetensors, config in its metadata) and ``<path>.json`` beside it."""
+    """Inference weights: ``<path>`` (safetensors, config in its metadata) and ``<path>.json`` beside it.
+
+    The tensors are :func:`~fastcolor.models.model_state` (a fusion model's frozen backbone
+    is left out: :func:`load_model` rebuilds it from ``backbone_weights=``); the metadata holds
+    ``format = "fastcolor-model-1"`` and ``model.config``. ``<path>.json`` is the config alone,
+    for people to read (``path`` with its suffix replaced by ``.json``). Both are written
+    atomically. Returns ``path``.
+
+    Example:
+        >>> import json, tempfile
+        >>> from fastcolor.models import ZhangNet
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = save_model(f"{tmp.name}/zhang.safetensors", ZhangNet.tiny())
+        >>> path.name, json.loads(path.with_suffix(".json").read_text())["arch"]
+        ('zhang.safetensors', 'zhang')
+        >>> load_model(path).config == ZhangNet.tiny().config
+        True
+        >>> tmp.cleanup()
+    """
     path = Path(path)
     config = dict(model.config)
     save_tensors(path, model_state(model), {"format": "fastcolor-model-1", "model_config": config})
@@ -37,20 +63,46 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
-    """Rebuild a model from a model file, a checkpoint or a run directory (uses ``model.safetensors`` there).
+    """Rebuild a model (in eval mode, on ``device``) from a fastcolor model file, a checkpoint, a
+    run directory (uses ``model.safetensors`` there), or the authors' released ECCV16 weights
+    (``colorization_release_v2-9b330a0b.pth``, recognised by its keys and shapes; see
+    :mod:`fastcolor.models.released`). Also exported as ``fastcolor.load_model``.
 
     ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model; it
-    is ignored for a Zhang model, which has no backbone). A ``backbone_weights`` path stored in
+    is ignored for a Zhang model, which has no backbone; ``input_size=`` or
+    ``decode_temperature=`` for the released weights). A ``backbone_weights`` path stored in
     the file is never read (the backbone is then random, with a warning saying so): pass
-    ``backbone_weights=`` to load the backbone from a file.
+    ``backbone_weights=`` to load the backbone from a file. No file is ever unpickled: a torch
+    file is read with ``torch.load(weights_only=True)``. A file of neither kind raises
+    ``ValueError`` naming both.
+
+    Returns a :class:`~fastcolor.models.ZhangNet` (L (N, 1, H, W) in 0..100 -> logits
+    (N, 313, H/4, W/4) over the ab bins) or a :class:`~fastcolor.models.FusionNet` (-> ab / 128,
+    (N, 2, H, W)); :func:`save_model` shows a runnable round trip.
+
+    Example::
+
+        net = load_model("runs/zhang")                              # trained with fastcolor: T 0.38
+        net = load_model("colorization_release_v2-9b330a0b.pth")    # the authors' weights: T 1
+        rgb = fastcolor.colorize.colorize_image(net, "photo.jpg")   # decodes at net's temperature
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    meta = read_checkpoint_meta(path)
+    if looks_like_torch_file(path):
+        return _load_released(path, device, overrides)
+    try:
+        meta = read_checkpoint_meta(path)
+    except ValueError as exc:  # not a (fastcolor) safetensors file: perhaps the released layout in one
+        if path.is_file() and _has_released_layout(path):
+            return _load_released(path, device, overrides)
+        raise ValueError(f"{' '.join(str(exc).split())}; expected a fastcolor model or checkpoint, or {EXPECTED}") \
+            from exc
     config = meta.get("model_config")
     if not isinstance(config, dict) or meta.get("format") not in ("fastcolor-model-1", "fastcolor-checkpoint-1"):
-        raise ValueError(f"path: expected a fastcolor model or checkpoint file, got {path}")
+        if _has_released_layout(path):
+            return _load_released(path, device, overrides)
+        raise ValueError(f"path: expected a fastcolor model or checkpoint file, or {EXPECTED}, got {path}")
     prefix = "model." if meta["format"] == "fastcolor-checkpoint-1" else ""
     shapes = {k[len(prefix):]: shape for k, shape in tensor_shapes(path).items() if k.startswith(prefix)}
     stored = config.get("backbone_weights")
@@ -61,13 +113,34 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
         if stored is not None:
             warnings.warn(f"{path} was trained with backbone weights from {str(stored)[:200]!r}; a path stored in a "
                           f"weights file is never read, so the backbone is random: pass backbone_weights= "
-                          f"(--backbone-weights) to load them", stacklevel=2)
+                          f"(--backbone-weights) to load them", stacklevel=caller_stacklevel())
     config = {**config, **overrides}
     check_stored_config(path, config, shapes)  # before allocating anything the file's config asks for
     model = build_model(config)
     tensors, _ = load_tensors(path)
     load_model_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return model.to(device).eval()
+
+
+def _has_released_layout(path: Path) -> bool:
+    try:
+        return released_layout_problem(tensor_shapes(path)) is None
+    except (ValueError, OSError):
+        return False
+
+
+def _load_released(path: Path, device, overrides: dict[str, Any]) -> torch.nn.Module:
+    """:func:`fastcolor.models.released.load_released`, with an error that names both formats."""
+    overrides = {k: v for k, v in overrides.items() if k != "backbone_weights"}  # no backbone
+    try:
+        return load_released(path, device, **overrides)
+    except ValueError as exc:
+        problem = " ".join(str(exc).split())
+        head = f"path: {path} is not "
+        if problem.startswith(head):  # the layout differs: say what both formats are
+            problem = (f"path: {path} is neither a fastcolor model or checkpoint (safetensors, written by "
+                       f"'fastcolor train') nor {problem[len(head):]}")
+        raise ValueError(problem) from exc
 
 
 def _bound_structure(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -114,7 +187,26 @@ def check_stored_config(path: str | os.PathLike, config: dict, shapes: dict[str,
     config read from the file ``path`` before anything it asks for is allocated: its block count
     must be one the file can hold, the model it describes (built on the meta device) must have
     exactly the file's tensor ``shapes``, and building it for real must fit in the available
-    CPU memory. A ``backbone_weights`` path in ``config`` is not opened here."""
+    CPU memory. A ``backbone_weights`` path in ``config`` is not opened here.
+
+    ``shapes``: tensor name -> shape of the file's model tensors (without a checkpoint's
+    ``model.`` prefix), e.g. from :func:`fastcolor.io.tensor_shapes`. Returns None when the
+    config is acceptable.
+
+    Example:
+        >>> import tempfile
+        >>> from fastcolor.io import tensor_shapes
+        >>> from fastcolor.models import ZhangNet
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = save_model(f"{tmp.name}/zhang.safetensors", ZhangNet.tiny())
+        >>> config = ZhangNet.tiny().config
+        >>> check_stored_config(path, config, tensor_shapes(path))                   # fits: None
+        >>> check_stored_config(path, {**config, "mid_width": 32}, tensor_shapes(path))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: path: the weights in ... do not fit the zhang architecture its config describes ...
+        >>> tmp.cleanup()
+    """
     path = Path(path)
     _bound_structure(path, config, shapes)
     skeleton = _check_architecture(path, config, shapes)
