@@ -9,28 +9,31 @@ returned in its place), so an epoch never crashes on one bad file.
 
 Samples are dicts: ``L`` (1, S, S) in 0..100 and ``ab`` (2, S/stride, S/stride) in Lab
 units (``stride`` 4 for :class:`~fastcolor.models.ZhangNet`, 1 for
-:class:`~fastcolor.models.FusionNet`), plus ``index`` and, with an embedding cache,
-``embedding``. The loss gets ab values, never 313-bin vectors.
+:class:`~fastcolor.models.FusionNet`; reduced by :func:`reduce_target`, subsampled by
+default as Zhang et al. do), plus ``index`` and, with an embedding cache (no augmentation
+only), ``embedding``. The loss gets ab values, never 313-bin vectors. The run-time
+augmentation (:func:`augmentation`) fills the uncovered border from the nearest edge pixel,
+as Keras' ``ImageDataGenerator`` does.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import hashlib
+import json
 import os
 import stat
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
@@ -39,7 +42,7 @@ from fastcolor.io import atomic_write_json
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableImagesError", "check_pixel_limit",
            "open_image", "file_kind", "load_rgb", "load_l", "list_images", "scan_images", "index_images", "split_items",
            "save_split", "load_split", "files_fingerprint", "split_source", "split_change", "ColorizationDataset",
-           "augmentation"]
+           "augmentation", "Augmentation", "FILL_MODES", "load_square", "TARGET_REDUCTIONS", "reduce_target"]
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -164,10 +167,17 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
+def load_square(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """The image at ``path`` as uint8 RGB (3, size, size), resized (antialiased) to a square:
+    what :class:`ColorizationDataset` augments and converts to Lab."""
+    return v2.functional.resize(_pil_to_tensor(load_rgb(path)), [size, size], antialias=True)
+
+
 def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """L (1, size, size) in 0..100 of the image at ``path`` resized to a square (for embeddings)."""
-    x = v2.functional.resize(_pil_to_tensor(load_rgb(path)), [size, size], antialias=True)
-    return rgb_to_lab(x)[:1]
+    """L (1, size, size) in 0..100 of the image at ``path`` resized to a square: exactly the
+    ``L`` a :class:`ColorizationDataset` of that ``size`` yields without augmentation, so the
+    embedding cache of a fusion model is computed from what the network sees."""
+    return rgb_to_lab(load_square(path, size))[:1]
 
 
 def _verify(path: Path) -> str | None:
@@ -227,7 +237,8 @@ def list_images(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     if classes is not None:
         unknown = sorted(set(classes) - set(per_class))
         if unknown:
-            raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), got unknown {unknown}")
+            raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), "
+                             f"got unknown {unknown}")
         per_class = {k: v for k, v in per_class.items() if k in set(classes)}
     return [ImageItem(p.relative_to(root).as_posix(), label) for label, paths in per_class.items() for p in paths]
 
@@ -353,12 +364,109 @@ def split_change(path: str | os.PathLike, listed: Sequence[ImageItem], seed: int
     return "; ".join(changes) or None
 
 
+#: How :func:`reduce_target` brings the ab target down to the network's output resolution.
+TARGET_REDUCTIONS = ("subsample", "area")
+
+
+def reduce_target(ab: torch.Tensor, stride: int, how: str = "subsample") -> torch.Tensor:
+    """The ab target at ``1/stride`` of the input resolution.
+
+    Args:
+        ab: (N, 2, H, W) or (2, H, W) float ab in Lab units; H and W divisible by ``stride``.
+        stride: positive int, the network's output stride (4 for ZhangNet, 1 for FusionNet).
+        how: ``"subsample"`` (default) takes the top-left pixel of every ``stride`` x ``stride``
+            block, ``ab[..., ::stride, ::stride]``: Zhang et al.'s (ECCV 2016) training net
+            takes the ab target at 1/4 resolution this way. ``"area"`` averages each block
+            (fastcolor v1's behaviour, which mixes colours across edges into a value that may
+            occur in none of the pixels).
+
+    Returns:
+        ab of shape (..., 2, H/stride, W/stride), contiguous, same dtype and device;
+        ``stride == 1`` returns ``ab`` itself.
+
+    Example:
+        >>> ab = torch.arange(32.0).reshape(2, 4, 4)
+        >>> reduce_target(ab, 2)[0].tolist()
+        [[0.0, 2.0], [8.0, 10.0]]
+        >>> reduce_target(ab, 2, "area")[0].tolist()
+        [[2.5, 4.5], [10.5, 12.5]]
+    """
+    if how not in TARGET_REDUCTIONS:
+        raise ValueError(f"how must be one of {TARGET_REDUCTIONS}, got {how!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    if not isinstance(ab, torch.Tensor) or ab.dim() not in (3, 4) or ab.shape[-3] != 2:
+        shape = tuple(ab.shape) if isinstance(ab, torch.Tensor) else type(ab).__name__
+        raise ValueError(f"ab must be a (N, 2, H, W) or (2, H, W) tensor, got {shape}")
+    if ab.shape[-1] % stride or ab.shape[-2] % stride:
+        raise ValueError(f"ab's height and width must be divisible by stride={stride}, got {tuple(ab.shape[-2:])}")
+    if stride == 1:
+        return ab
+    if how == "subsample":
+        return ab[..., ::stride, ::stride].contiguous()  # a copy: the view would keep the full-size ab alive
+    return F.avg_pool2d(ab, stride)
+
+
+#: Fill modes of :func:`augmentation` (Keras' names) -> kornia's ``padding_mode``.
+FILL_MODES = {"nearest": "border", "reflect": "reflection", "constant": "zeros"}
+
+
+class Augmentation(torch.nn.Module):
+    """Random horizontal flip, then a random affine map (rotation, zoom, shear), on one RGB
+    image (3, H, W), uint8 or float in [0, 1] -> float32 (3, H, W) in [0, 1].
+
+    Built on ``kornia.augmentation`` (``RandomHorizontalFlip`` and ``RandomAffine``, bilinear),
+    because torchvision's ``RandomAffine`` fills the uncovered corners only with a constant.
+    Its random draws come from torch's global generator, so the trainer's per-epoch
+    ``torch.manual_seed`` (and the DataLoader's per-worker seeds) make it deterministic.
+    See :func:`augmentation` for the arguments.
+    """
+
+    def __init__(self, degrees: float, zoom: tuple[float, float], shear: float, hflip: bool, fill_mode: str):
+        super().__init__()
+        import kornia.augmentation as K
+
+        if fill_mode not in FILL_MODES:
+            raise ValueError(f"fill_mode must be one of {sorted(FILL_MODES)}, got {fill_mode!r}")
+        self.fill_mode = fill_mode
+        ops: list[torch.nn.Module] = [K.RandomHorizontalFlip(p=0.5)] if hflip else []
+        ops.append(K.RandomAffine(degrees=degrees, scale=tuple(zoom), shear=shear, resample="bilinear",
+                                  padding_mode=FILL_MODES[fill_mode], align_corners=False, p=1.0))
+        self.ops = torch.nn.Sequential(*ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 3:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be an RGB image tensor of shape (3, H, W), got {got}")
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return self.ops(x[None])[0].clamp(0.0, 1.0)
+
+
 def augmentation(degrees: float = 15.0, zoom: tuple[float, float] = (1.0, 1.25), shear: float = 8.0,
-                 hflip: bool = True) -> v2.Transform:
-    """The runtime augmentation: random zoom, rotation, shear and horizontal flip (uint8 tensors)."""
-    ts: list[v2.Transform] = [v2.RandomHorizontalFlip()] if hflip else []
-    ts.append(v2.RandomAffine(degrees=degrees, scale=zoom, shear=shear, interpolation=InterpolationMode.BILINEAR))
-    return v2.Compose(ts)
+                 hflip: bool = True, fill_mode: str = "nearest") -> Augmentation:
+    """The runtime augmentation: random zoom, rotation, shear and horizontal flip.
+
+    Args:
+        degrees: rotation drawn from (-degrees, degrees).
+        zoom: scale factor drawn from this range (> 1 enlarges).
+        shear: x shear angle in degrees drawn from (-shear, shear).
+        hflip: mirror half of the images left-right.
+        fill_mode: what fills the pixels the transformed image does not cover, in Keras'
+            words: ``"nearest"`` (default: the nearest edge pixel, Keras ``ImageDataGenerator``'s
+            default ``fill_mode``, which the study used), ``"reflect"`` (the image mirrored at
+            its edge) or ``"constant"`` (black, as fastcolor v1's torchvision
+            ``RandomAffine(fill=0)``: with these default parameters it left black pixels in 57% of
+            500 draws, up to 11% of an image; tests/test_augmentation.py measures this).
+
+    Returns:
+        an :class:`Augmentation`: (3, H, W) uint8 or float in [0, 1] -> float32 (3, H, W) in [0, 1].
+
+    Example:
+        >>> aug = augmentation()
+        >>> aug(torch.full((3, 16, 16), 255, dtype=torch.uint8)).min().item() > 0.99  # no black corners
+        True
+    """
+    return Augmentation(degrees, zoom, shear, hflip, fill_mode)
 
 
 class ColorizationDataset(Dataset):
@@ -368,23 +476,38 @@ class ColorizationDataset(Dataset):
         root: the data directory the items' paths are relative to.
         items: the images (e.g. one split of :func:`split_items`).
         size: square size the images are resized to (the model's input size).
-        target_stride: ab targets are ``size / target_stride`` (area-averaged); 4 for Zhang, 1 for fusion.
-        augment: ``True`` for :func:`augmentation` defaults, a v2 transform, or ``False``.
+        target_stride: ab targets are ``size / target_stride``; 4 for Zhang, 1 for fusion.
+        target_reduction: how the target is reduced to that size (:func:`reduce_target`):
+            ``"subsample"`` (default, the authors' choice: Zhang et al.'s training net subsamples
+            the ab target at 1/4 resolution) or ``"area"`` (block means, fastcolor v1's).
+        augment: ``True`` for :func:`augmentation` defaults (nearest-edge fill), a transform
+            ((3, S, S) uint8 -> (3, S, S) uint8 or float in [0, 1]: an :class:`Augmentation`, a
+            torchvision v2 transform), or ``False``.
         embeddings: an :class:`~fastcolor.models.EmbeddingCache`; adds ``embedding`` to samples.
+            Only without augmentation (refused with it): a cached embedding is that of the
+            un-augmented image, computed from this dataset's ``L`` (:func:`load_l` at ``size``);
+            with augmentation a fusion model embeds the augmented ``L`` per batch instead.
     """
 
     def __init__(self, root: str | os.PathLike, items: Sequence[ImageItem], size: int = 128, target_stride: int = 4,
-                 augment: bool | v2.Transform = False, embeddings: Any = None, max_retries: int = 20):
+                 augment: bool | Any = False, embeddings: Any = None, max_retries: int = 20,
+                 target_reduction: str = "subsample"):
+        if target_reduction not in TARGET_REDUCTIONS:
+            raise ValueError(f"target_reduction must be one of {TARGET_REDUCTIONS}, got {target_reduction!r}")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(target_stride, int) or target_stride < 1 or size % target_stride:
             raise ValueError(f"target_stride must be a positive int dividing size={size}, got {target_stride!r}")
         if len(items) == 0:
             raise ValueError("items must contain at least one image, got none")
+        if embeddings is not None and augment is not False and augment is not None:
+            raise ValueError("embeddings: a cache holds embeddings of the un-augmented images, so it cannot be used "
+                             "with augment on; embed the augmented L per batch (FusionNet.embed) instead")
         self.root = Path(root)
         self.items = list(items)
         self.size = size
         self.target_stride = target_stride
+        self.target_reduction = target_reduction
         self.transform = augmentation() if augment is True else (augment or None)
         self.embeddings = embeddings
         self.max_retries = max_retries
@@ -397,14 +520,12 @@ class ColorizationDataset(Dataset):
         """The sample at ``index``; raises if the file cannot be read (see ``__getitem__``)."""
         item = self.items[index]
         path = self.root / item.path
-        x = _pil_to_tensor(load_rgb(path))
-        x = v2.functional.resize(x, [self.size, self.size], antialias=True)
+        x = load_square(path, self.size)
         if self.transform is not None:
             x = self.transform(x)
         lab = rgb_to_lab(x)
         L, ab = lab[:1], lab[1:]
-        if self.target_stride > 1:
-            ab = F.avg_pool2d(ab, self.target_stride)
+        ab = reduce_target(ab, self.target_stride, self.target_reduction)
         sample = {"L": L, "ab": ab, "index": index}
         if self.embeddings is not None:
             emb = self.embeddings.get(path)

@@ -10,8 +10,17 @@ import torch
 from PIL import Image
 
 from fastcolor.color import rgb_to_lab
-from fastcolor.data import (ColorizationDataset, ImageItem, index_images, load_rgb, load_split, save_split,
-                            split_items)
+from fastcolor.data import (
+    TARGET_REDUCTIONS,
+    ColorizationDataset,
+    ImageItem,
+    index_images,
+    load_rgb,
+    load_split,
+    reduce_target,
+    save_split,
+    split_items,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
@@ -86,7 +95,7 @@ def test_any_image_mode_becomes_rgb(tmp_path):
         "rgba.png": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
         "palette.png": Image.fromarray(rgb).convert("P"),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-        "gray16.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "gray16.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
         "bw.png": Image.fromarray(rgb[..., 0] > 128),
     }
     for name, im in cases.items():
@@ -118,15 +127,44 @@ def test_dataset_shapes_and_values(folder):
     s = ds[0]
     assert s["L"].shape == (1, 32, 32) and s["ab"].shape == (2, 8, 8)
     assert s["L"].dtype == torch.float32 and 0 <= s["L"].min() and s["L"].max() <= 100
-    # without augmentation the target is the area average of the full-resolution ab
+    # without augmentation the default target is the top-left pixel of every 4x4 block of the
+    # full-resolution ab (Zhang et al. subsample), "area" its block mean (v1)
     full = ColorizationDataset(folder, items, size=32, target_stride=1)[0]
     assert full["ab"].shape == (2, 32, 32)
-    torch.testing.assert_close(torch.nn.functional.avg_pool2d(full["ab"], 4), s["ab"])
+    torch.testing.assert_close(full["ab"][:, 0::4, 0::4], s["ab"])
+    area = ColorizationDataset(folder, items, size=32, target_stride=4, target_reduction="area")[0]
+    torch.testing.assert_close(full["ab"].reshape(2, 8, 4, 8, 4).mean((2, 4)), area["ab"])
+    assert (area["ab"] - s["ab"]).abs().max() > 1  # a real photo: the two differ
     torch.testing.assert_close(full["L"], s["L"])
     # the colour is really there: chelsea (a0) is an orange cat
     assert full["ab"][1].mean() > 5
     with pytest.raises(ValueError, match="target_stride"):
         ColorizationDataset(folder, items, size=30, target_stride=4)
+    with pytest.raises(ValueError, match="target_reduction must be one of .*got 'mean'"):
+        ColorizationDataset(folder, items, size=32, target_reduction="mean")
+
+
+def test_reduce_target_against_hand_computation():
+    assert TARGET_REDUCTIONS == ("subsample", "area")
+    # (2, 4, 6): a = 10 * row + col, b = -a; stride 2 blocks
+    a = torch.tensor([[10.0 * r + c for c in range(6)] for r in range(4)])
+    ab = torch.stack([a, -a])
+    sub = reduce_target(ab, 2)  # default: top-left of each block
+    assert sub.tolist() == [[[0.0, 2.0, 4.0], [20.0, 22.0, 24.0]], [[-0.0, -2.0, -4.0], [-20.0, -22.0, -24.0]]]
+    # block means: (0 + 1 + 10 + 11) / 4 = 5.5, ...
+    area = reduce_target(ab, 2, "area")
+    assert area.tolist() == [[[5.5, 7.5, 9.5], [25.5, 27.5, 29.5]], [[-5.5, -7.5, -9.5], [-25.5, -27.5, -29.5]]]
+    # batched input, stride 1 is the identity, the result is contiguous
+    batch = torch.stack([ab, ab + 1])
+    out = reduce_target(batch, 2)
+    assert out.shape == (2, 2, 2, 3) and out.is_contiguous() and out[1, 0, 1, 2].item() == 25.0
+    assert reduce_target(ab, 1) is ab
+    for bad, match in [((ab, 4), "divisible by stride=4"), ((ab, 0), "stride must be a positive int"),
+                       ((ab[:1], 2), r"\(N, 2, H, W\) or \(2, H, W\).*got \(1, 4, 6\)")]:
+        with pytest.raises(ValueError, match=match):
+            reduce_target(*bad)
+    with pytest.raises(ValueError, match="how must be one of"):
+        reduce_target(ab, 2, "nearest")
 
 
 def test_augmentation_changes_samples_but_keeps_shapes(folder):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcolor.models import (BACKBONES, Embedder, EmbeddingCache, FusionNet, ZhangNet, build_model, model_state)
+from fastcolor.models import BACKBONES, Embedder, EmbeddingCache, FusionNet, ZhangNet, build_model, model_state
 from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +53,7 @@ def test_fusion_shapes_and_embedding_paths():
         torch.testing.assert_close(m(L, emb), out)
     assert out.shape == (3, 2, 32, 32) and out.abs().max() <= 1
     assert emb.shape == (3, 1000)
-    torch.testing.assert_close(emb.sum(1), torch.ones(3))  # softmax
+    assert m.config["embedding"] == "logits"  # Deep Koalarization's; the kinds: tests/test_fusion_embedding.py
     assert not any(p.requires_grad for p in m.embedder.parameters())
     m.train()
     assert not m.embedder.net.training  # the backbone stays in eval mode
@@ -115,8 +115,8 @@ def test_config_round_trip_and_save_load(tmp_path):
 
 
 def test_embedding_cache_keys_on_mtime(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
