@@ -14,8 +14,24 @@ import fastcolor
 from fastcolor.color import rgb_to_lab
 from fastcolor.data import index_images
 from fastcolor.gamut import AB_BINS
-from fastcolor.metrics import (AucAccumulator, ab_mse, ab_r2, auc, bin_accuracy, bin_cross_entropy, coarse_accuracy,
-                               coarse_bin_map, colorfulness, evaluate, psnr, ssim)
+from fastcolor.metrics import (
+    AucAccumulator,
+    ab_mse,
+    ab_r2,
+    ab_r2_per_channel,
+    ab_r2_pooled,
+    auc,
+    bin_accuracy,
+    bin_cross_entropy,
+    coarse_accuracy,
+    coarse_bin_map,
+    colorfulness,
+    evaluate,
+    hard_cross_entropy,
+    psnr,
+    soft_cross_entropy,
+    ssim,
+)
 from fastcolor.reference import regression_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +58,70 @@ def test_bin_accuracy_and_cross_entropy(chelsea):
     assert bin_cross_entropy(torch.zeros_like(good), ab).item() == pytest.approx(math.log(313), rel=1e-5)
     with pytest.raises(ValueError, match="logits"):
         bin_accuracy(torch.zeros(1, 312, 2, 2), ab)
+
+
+def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, 313, h, w) float64 -> log softmax over the bins."""
+    x = logits - logits.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+def _np_soft_target(ab: np.ndarray, k: int = 5, sigma: float = 5.0) -> np.ndarray:
+    """(N, 2, h, w) -> (N, 313, h, w): Gaussian weights on the k nearest bins, normalised (Zhang et al.)."""
+    d2 = ((ab[:, None] - AB_BINS[None, :, :, None, None]) ** 2).sum(2)  # (N, 313, h, w)
+    near = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    z = np.zeros_like(d2)
+    np.put_along_axis(z, near, np.exp(-np.take_along_axis(d2, near, 1) / (2 * sigma ** 2)), 1)
+    return z / z.sum(1, keepdims=True)
+
+
+def test_soft_and_hard_cross_entropy_against_numpy(chelsea):
+    _, ab = chelsea
+    ab = torch.cat([ab[..., :8, :8], ab[..., 8:16, 20:28]])  # (2, 2, 8, 8): two images
+    logits = torch.randn(2, 313, 8, 8, generator=torch.Generator().manual_seed(3)) * 3
+    logp = _np_log_softmax(logits.double().numpy())
+    z = _np_soft_target(ab.double().numpy())
+    soft = -(z * logp).sum(1).reshape(2, -1).mean(1)
+    hard = -np.take_along_axis(logp, np.argmin(((ab.double().numpy()[:, None] - AB_BINS[None, :, :, None, None]) ** 2)
+                                                .sum(2), 1)[:, None], 1)[:, 0].reshape(2, -1).mean(1)
+    np.testing.assert_allclose(soft_cross_entropy(logits, ab, reduction="none").numpy(), soft, rtol=1e-5)
+    np.testing.assert_allclose(hard_cross_entropy(logits, ab, "none").numpy(), hard, rtol=1e-5)
+    assert soft_cross_entropy(logits, ab).item() == pytest.approx(soft.mean(), rel=1e-5)
+    assert abs(soft.mean() - hard.mean()) > 0.05  # the two metrics are not the same number
+    # the old name is the hard one
+    assert torch.equal(bin_cross_entropy(logits, ab, "none"), hard_cross_entropy(logits, ab, "none"))
+    # a prediction equal to the soft target scores its entropy, not 0
+    zt = torch.from_numpy(z).float()
+    exact = soft_cross_entropy(zt.clamp(min=1e-30).log(), ab, reduction="none").numpy()
+    entropy = -(z * np.log(np.where(z > 0, z, 1))).sum(1).reshape(2, -1).mean(1)
+    np.testing.assert_allclose(exact, entropy, rtol=1e-4)
+    assert (entropy > 0.1).all()
+    with pytest.raises(ValueError, match="reduction"):
+        soft_cross_entropy(logits, ab, reduction="sum")
+    with pytest.raises(ValueError, match="target_ab"):
+        soft_cross_entropy(logits, ab[:, :1])
+
+
+def test_r2_pooled_and_per_channel_against_numpy():
+    rng = np.random.default_rng(5)
+    # a around +30, b around -20: the channel means differ, the spread within each is small
+    t = np.stack([30 + 3 * rng.standard_normal((6, 9)), -20 + 3 * rng.standard_normal((6, 9))])[None]
+    p = t + 4 * rng.standard_normal(t.shape)  # errors larger than the spread within a channel
+    ss_res = ((t - p) ** 2).sum()
+    pooled = 1 - ss_res / ((t - t.mean()) ** 2).sum()
+    per_channel = 1 - ss_res / ((t - t.mean((2, 3), keepdims=True)) ** 2).sum()
+    tt, pt = torch.from_numpy(t), torch.from_numpy(p)
+    assert ab_r2_pooled(pt, tt).item() == pytest.approx(pooled, rel=1e-12)
+    assert ab_r2_per_channel(pt, tt).item() == pytest.approx(per_channel, rel=1e-12)
+    assert pooled > 0.9 and per_channel < 0  # the two disagree wildly on such an image
+    assert ab_r2(pt, tt).item() == ab_r2_per_channel(pt, tt).item()  # the old name is the per-channel one
+    # per image over a batch; scale-free; constant truth gives NaN
+    two = torch.cat([tt, tt.flip(-1)])
+    np.testing.assert_allclose(ab_r2_pooled(torch.cat([pt, pt.flip(-1)]), two).numpy(), [pooled, pooled])
+    assert ab_r2_pooled(pt / 128, tt / 128).item() == pytest.approx(pooled, rel=1e-12)
+    assert math.isnan(ab_r2_pooled(torch.zeros(1, 2, 4, 4), torch.full((1, 2, 4, 4), 7.0)).item())
+    with pytest.raises(ValueError, match="pred_ab"):
+        ab_r2_pooled(torch.zeros(1, 3, 4, 4), tt)
 
 
 def test_coarse_bins_merge_neighbours(chelsea):
