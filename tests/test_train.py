@@ -13,8 +13,13 @@ import torch
 from PIL import Image
 
 import fastcolor
-from fastcolor.io import (atomic_write_bytes, flatten_optimizer_state, load_checkpoint, load_tensors,
-                          unflatten_optimizer_state)
+from fastcolor.io import (
+    atomic_write_bytes,
+    flatten_optimizer_state,
+    load_checkpoint,
+    load_tensors,
+    unflatten_optimizer_state,
+)
 from fastcolor.models.serialization import load_model
 from fastcolor.reference import regression_loss as ref_regression_loss
 from fastcolor.train import TrainConfig, regression_loss, train
@@ -80,7 +85,7 @@ def test_zhang_training_lowers_validation_loss_and_writes_the_run(photos, tmp_pa
     assert model.config == res.model.config
     from fastcolor.data import ColorizationDataset, load_split
 
-    val_ds = ColorizationDataset(photos, load_split(run / "split.json")["val"], 32, 4)
+    val_ds = ColorizationDataset(photos, load_split(run / "split.json")["val"], 32, 4, target_reduction="area")
     batch = torch.utils.data.default_collate([val_ds[i] for i in range(len(val_ds))])
     with torch.no_grad():
         loss = fastcolor.rebalanced_cross_entropy(model(batch["L"]), batch["ab"], weights=prior["weights"].float())
@@ -88,7 +93,7 @@ def test_zhang_training_lowers_validation_loss_and_writes_the_run(photos, tmp_pa
 
 
 def test_fusion_training_with_cached_embeddings(photos, tmp_path):
-    res = train(_cfg(photos, tmp_path / "run", model="fusion_tiny", loss="mse", epochs=2, lr=1e-3,
+    res = train(_cfg(photos, tmp_path / "run", model="fusion_tiny", loss="mse", epochs=2, lr=1e-3, augment=False,
                      embedding_cache=str(tmp_path / "emb")))
     val = [h["val_loss"] for h in res.history]
     assert val[-1] < val[0]
@@ -220,3 +225,38 @@ def test_killed_run_resumes_from_last_complete_checkpoint(photos, tmp_path):
     # the resumed optimizer carried on: Adam's step count kept growing
     steps = [v["step"] for v in load_checkpoint(last)["optimizer_state"]["state"].values()]
     assert float(steps[0]) > float(next(iter(ck["optimizer_state"]["state"].values()))["step"])
+
+
+def test_tensorboard_gets_losses_lr_and_images_each_epoch(photos, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastcolor.app.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(photos), "--out", str(run), "--model", "zhang-tiny", "--workers", "0", "--epochs", "2",
+                 "--batch-size", "4", "--max-steps-per-epoch", "2", "--device", "cpu", "-q", "--tensorboard"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["tensorboard"] == str(run / "tensorboard")
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"loss/train", "loss/val", "lr", "step", "time/epoch_seconds"} <= set(tags["scalars"])
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = acc.Scalars("loss/val")
+    assert [e.step for e in val] == [0, 1]
+    assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in history], rel=1e-6)
+    assert len(tags["images"]) == 1 and len(acc.Images(tags["images"][0])) == 2
+
+
+def test_tensorboard_missing_is_one_line_naming_the_extra(photos, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from fastcolor.app.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert main(["train", str(photos), "--out", str(tmp_path / "run"), "--tensorboard"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'fastcolor[tensorboard]'" in err[0] and "--tensorboard" in err[0]
+    assert not (tmp_path / "run").exists()
