@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 
 #: backend name -> (module, device types it runs on)
@@ -38,7 +38,7 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str) -> ModuleType | str:
     try:
         return importlib.import_module(BACKENDS[name][0])

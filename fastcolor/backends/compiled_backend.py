@@ -38,7 +38,8 @@ def unavailable_reason(device_type: str) -> str | None:
         return None
     if device_type == "cuda":
         if not getattr(lib, "has_cuda_kernels", False):
-            return "fastcolor._C was built without CUDA kernels (nvcc was not found at build time, or FASTCOLOR_NO_CUDA was set)"
+            return ("fastcolor._C was built without CUDA kernels (nvcc was not found at build time, "
+                    "or FASTCOLOR_NO_CUDA was set)")
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False"
         return None

@@ -23,12 +23,16 @@ user's tensors (``P`` = pixels per image, spatial axes flattened) and call them 
     ``x``: contiguous ``(N, 313, P)`` logits (or probabilities when ``is_probs``),
     ``T >= 1e-6``. Returns float32 ``(N, 2, P)``.
 
+Optional: ``scale_(grad, factor) -> None``
+    ``grad *= factor`` in place (contiguous ``(N, 313, P)``), ``factor`` a float32 ``(1,)``
+    tensor on grad's device that the kernel reads, moving no data when it is 1 (the fused
+    loss's backward: no host read of ``grad_output``). Without it the ops multiply with torch.
+
 A backend that takes float64 logits sets ``SUPPORTS_FLOAT64 = True``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -43,17 +47,17 @@ class LossCall:
     #: ``(N, 313, P)`` float32 / float16 / bfloat16 logits (float64 where the backend says so).
     logits: torch.Tensor
     #: ``(N, 2, P)`` float32 target ab, soft-encoded inside the kernel with ``k`` and ``sigma``.
-    ab: Optional[torch.Tensor] = None
+    ab: torch.Tensor | None = None
     #: ``(N, k, P)`` int32 precomputed target bins (with ``weights``), instead of ``ab``.
-    indices: Optional[torch.Tensor] = None
+    indices: torch.Tensor | None = None
     #: ``(N, k, P)`` float32 precomputed target weights.
-    weights: Optional[torch.Tensor] = None
+    weights: torch.Tensor | None = None
     #: ``(313,)`` float32 rarity weights v; None means v = 1.
-    class_weights: Optional[torch.Tensor] = None
+    class_weights: torch.Tensor | None = None
     #: ``(N,)`` float32 per-image factor m (the nongray mask); None means m = 1.
-    image_mask: Optional[torch.Tensor] = None
+    image_mask: torch.Tensor | None = None
     #: ``(N, P)`` float32 per-pixel factor s (an upstream gradient); None means s = 1.
-    pixel_scale: Optional[torch.Tensor] = None
+    pixel_scale: torch.Tensor | None = None
     #: Bins per pixel of the target (the precomputed target's axis 1 when ``indices`` is given).
     k: int = 5
     #: Gaussian width of the soft-encoding, in ab units.

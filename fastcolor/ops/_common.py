@@ -15,13 +15,15 @@ def check_tensor(name: str, x, *, channels: int | None = None, floating: bool = 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.device.type == "meta":
-        raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), not a meta tensor; move it to a device first")
+        raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), not a meta tensor; "
+                         "move it to a device first")
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name}: expected shape (N, {channels or 'C'}, ...), got {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{name}: expected {channels} channels on axis 1, shape (N, {channels}, ...), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected {channels} channels on axis 1, shape (N, {channels}, ...), "
+                         f"got {tuple(x.shape)}")
     return x
 
 
@@ -36,25 +38,39 @@ def check_same_layout(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got {x.device}")
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t`` on the host: a CPU tensor, outside torch.compile tracing.
+
+    The one rule of the ops' value checks. Reading a GPU tensor's values stalls the host until the
+    device has drained its queue (a sync), and a data-dependent branch would break a compiled
+    graph; checks of such tensors run on the device instead (``torch._assert_async``) or not at
+    all, as each check says. Reading a CPU tensor costs no sync, so CPU tensors get the exact
+    error message. (tests/test_syncs.py patches this to False to run the device route on CPU
+    tensors and prove it reads nothing on the host.)
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_bin_indices(name: str, indices: torch.Tensor) -> None:
     """Precomputed targets: 1..16 bins per pixel (axis 1), every index in 0..Q-1.
 
     The kernels would otherwise disagree (NaN loss on the fused CPU kernels, an index error
-    from the PyTorch composition); one min/max over the small (N, k, P) tensor settles it.
-    Skipped while torch.compile traces (a data-dependent check would break the graph).
+    from the PyTorch composition, reads out of bounds on a GPU). On CPU tensors one min/max over
+    the small (N, k, P) tensor settles it with a ValueError; elsewhere (a GPU, or while
+    torch.compile traces) the check runs on the device, no host sync, and fails the call
+    (a RuntimeError; on a GPU a device-side assert) instead of letting a bad index through.
     """
     if not 1 <= indices.shape[1] <= K_MAX:
         raise ValueError(f"{name}: expected 1..{K_MAX} bins per pixel on axis 1, got {indices.shape[1]} "
                          f"(shape {tuple(indices.shape)})")
     if indices.numel() == 0 or indices.device.type == "meta":
         return
-    if torch.compiler.is_compiling():
-        # A data-dependent branch would break the graph: the check runs on the device instead
-        # and fails the call (RuntimeError) rather than let a bad index give a silent NaN.
-        torch._assert_async(((indices >= 0) & (indices < Q)).all(),
-                            f"{name}: expected bin indices in 0..{Q - 1}")
+    if not host_readable(indices):
+        lo, hi = torch.aminmax(indices.reshape(-1))
+        torch._assert_async((lo >= 0) & (hi < Q), f"{name}: expected bin indices in 0..{Q - 1}")
         return
-    lo, hi = int(indices.min()), int(indices.max())
+    lo_t, hi_t = torch.aminmax(indices.reshape(-1))
+    lo, hi = int(lo_t), int(hi_t)
     if lo < 0 or hi >= Q:
         raise ValueError(f"{name}: expected bin indices in 0..{Q - 1}, got values in {lo}..{hi}")
 
@@ -110,9 +126,9 @@ def check_class_weights(weights, device) -> torch.Tensor | None:
 
 
 def check_finite_non_negative(name: str, x: torch.Tensor) -> None:
-    """Refuse NaN/Inf or negative entries of a CPU tensor of weights, counting them (on the
-    device, failing the call, while torch.compile traces)."""
-    if torch.compiler.is_compiling():
+    """Refuse NaN/Inf or negative entries of a tensor of weights, counting them where
+    :func:`host_readable` (elsewhere on the device, failing the call, with no count)."""
+    if not host_readable(x):
         torch._assert_async((torch.isfinite(x) & (x >= 0)).all(), f"{name}: expected finite, non-negative weights")
         return
     bad = int((~torch.isfinite(x)).sum())

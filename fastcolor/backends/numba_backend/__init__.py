@@ -35,8 +35,7 @@ from fastcolor.gamut import K_MAX
 
 if IMPORT_ERROR is None:
     from fastcolor.backends.numba_backend.decode import annealed_kernel, annealed_worker
-    from fastcolor.backends.numba_backend.encode import (_BA, _BB, encoder_args, soft_encode_kernel,
-                                                         soft_encode_worker)
+    from fastcolor.backends.numba_backend.encode import _BA, _BB, encoder_args, soft_encode_kernel, soft_encode_worker
     from fastcolor.backends.numba_backend.loss import ce_kernel, ce_worker
 
 __all__ = ["unavailable_reason", "soft_encode", "ce_forward", "annealed_mean", "SUPPORTS_FLOAT64", "TILE",

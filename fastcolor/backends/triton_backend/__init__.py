@@ -5,8 +5,11 @@ Implements the backend contract of :mod:`fastcolor.backends` with the kernels of
 
 * ``ce_forward``: one read of the logits, one write of the per-pixel loss and of the gradient,
   the target soft-encoded on the fly (or read from precomputed ``indices``/``weights``);
-* ``annealed_mean``: one read of the logits or probabilities;
-* ``soft_encode``: the k nearest bins and their weights.
+* ``annealed_mean``: one read of the logits or probabilities (``FASTCOLOR_TRITON_DECODE=stream``
+  picks the kernel that streams the classes in chunks, see :func:`decode_mode`);
+* ``soft_encode``: the k nearest bins and their weights;
+* ``scale_``: the fused loss's backward, ``grad *= grad_output`` read on the device (no data
+  moves when it is 1).
 
 The k-nearest search (in ``soft_encode`` and inside the fused loss: one ``@triton.jit`` routine)
 is the one rule of :mod:`fastcolor.gamut`, on the candidate table of ``k`` uploaded once by
@@ -53,7 +56,7 @@ else:
 
 SUPPORTS_FLOAT64 = False
 
-#: experiment hook: {"ce" | "am" | "enc": (BP, num_warps[, maxnreg])}
+#: experiment hook: {"ce" | "am" | "am_stream" | "enc": (BP, num_warps[, maxnreg])}
 CONFIG_OVERRIDE: dict[str, tuple] = {}
 
 _lock = threading.Lock()
@@ -124,12 +127,13 @@ def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
 #: Interpreter (CPU tensors): pixels per program, at most. The interpreter runs each program's
 #: operations as numpy calls over the whole block, whose cost is mostly per call: big blocks, up
 #: to triton's 2^20 elements a tile ([16, BP] slots of the encoder, [256, BP] logits).
-INTERP_BLOCK = {"enc": 65536, "ce": 4096, "am": 4096}
+INTERP_BLOCK = {"enc": 65536, "ce": 4096, "am": 4096, "am_stream": 4096}
 
 
 def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | None = None
            ) -> tuple[int, int, int | None]:
-    """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc").
+    """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc",
+    "am_stream").
 
     The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
     4 warps, whatever the dtype. Capped at 168 registers (no spills for k <= 10, ptxas for sm_90),
@@ -150,6 +154,8 @@ def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | Non
         return tuple(over) + (None,) * (3 - len(over))
     if device is not None and torch.device(device).type != "cuda":
         return (min(max(16, 1 << max(0, int(p) - 1).bit_length()), INTERP_BLOCK[kind]), 1, None)
+    if kind == "am_stream":  # [32, 64] chunks: 16 values per thread a chunk (a first guess, untimed)
+        return (64, 4, None)
     if kind == "enc":
         return (128, 4, None)
     if p % 16:
@@ -274,8 +280,45 @@ def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
         x = x.float()
     x = x.contiguous()
     km = _kernels(x.device)
+    args = (x, out, bin_centres(x.device), p, 1.0 / float(T))
+    if decode_mode() == "stream":
+        cfg = config("am_stream", x.dtype, p, device=x.device)
+        _launch(km.annealed_mean_stream_kernel, (triton.cdiv(p, cfg[0]), n), args,
+                dict(IS_PROBS=bool(is_probs), BP=cfg[0], QC=STREAM_CLASSES), cfg, x.device)
+        return out
     cfg = config("am", x.dtype, p, device=x.device)
     grid = (triton.cdiv(p, cfg[0]), n)
-    _launch(km.annealed_mean_kernel, grid, (x, out, bin_centres(x.device), p, 1.0 / float(T)),
-            dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
+    _launch(km.annealed_mean_kernel, grid, args, dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
     return out
+
+
+#: Classes per chunk of the streaming decode kernel.
+STREAM_CLASSES = 32
+
+
+def decode_mode() -> str:
+    """"registers" (default: ``annealed_mean_kernel`` holds a pixel's 313 classes at once, the
+    kernel bench/RESULTS.md measured) or "stream" (``annealed_mean_stream_kernel``: chunks of
+    :data:`STREAM_CLASSES` classes, a running max and three running sums; checked against the
+    reference in the interpreter, not yet timed on a GPU), from ``FASTCOLOR_TRITON_DECODE``."""
+    mode = os.environ.get("FASTCOLOR_TRITON_DECODE", "registers").strip().lower() or "registers"
+    if mode not in ("registers", "stream"):
+        raise ValueError(f"FASTCOLOR_TRITON_DECODE: expected 'registers' or 'stream', got {mode!r}")
+    return mode
+
+
+#: Elements per program of :func:`scale_` (16 KB of float32 per program on a GPU).
+SCALE_BLOCK = 4096
+
+
+def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad *= factor`` in place, ``factor`` a float32 ``(1,)`` tensor on grad's device, read by
+    the kernel: no data moves when it is 1, and the host never reads it (no sync)."""
+    if not grad.is_contiguous():
+        raise ValueError("grad: expected a contiguous tensor")
+    n = grad.numel()
+    if n == 0:
+        return
+    block = SCALE_BLOCK if grad.is_cuda else max(16, min(1 << 20, 1 << (n - 1).bit_length()))
+    _launch(_kernels(grad.device).scale_kernel, (triton.cdiv(n, block),), (grad, factor, n),
+            dict(BLOCK=block), (block, 4, None), grad.device)

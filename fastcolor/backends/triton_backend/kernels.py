@@ -165,7 +165,7 @@ def _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K: tl.constexp
     count = tl.load(offs_ptr + c + 1, mask=inbox, other=0) - start
     sd = ()
     sq = ()
-    for j in tl.static_range(K):
+    for _j in tl.static_range(K):
         sd = sd + (tl.full([BP], inf, tl.float32),)
         sq = sq + (tl.full([BP], 0, tl.int32),)
     ai = tl.where(inbox, a, 0.0)  # lanes outside the box scan nothing (count 0): keep them finite
@@ -207,7 +207,7 @@ def _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K: tl.constexp
         b64 = tl.where(far, b, 0.0).to(tl.float64)
         fd = ()
         fq = ()
-        for j in tl.static_range(K):
+        for _j in tl.static_range(K):
             fd = fd + (tl.full([BP], inf, tl.float64),)
             fq = fq + (tl.full([BP], 0, tl.int32),)
         for qq in range(0, Q):
@@ -370,6 +370,81 @@ def annealed_mean_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.conste
     s = _sum(ea, 0) + _sum(eb, 0)
     sa = _sum(ea * ba_a, 0) + _sum(eb * ba_b, 0)
     sb = _sum(ea * bb_a, 0) + _sum(eb * bb_b, 0)
+    inv_s = 1.0 / s
+    obase = out_ptr + n * 2 * P
+    tl.store(obase + p, sa * inv_s, mask=pm)
+    tl.store(obase + P + p, sb * inv_s, mask=pm)
+
+
+@jit
+def scale_kernel(g_ptr, f_ptr, numel, BLOCK: tl.constexpr):
+    """``g *= f`` in place over ``numel`` elements, ``f`` a float32 scalar read from memory.
+
+    The backward of the fused loss: ``g`` is the gradient its forward wrote, ``f`` the upstream
+    ``grad_output``. When ``f == 1`` (a plain ``loss.backward()``) every load and store is masked
+    off, so the kernel moves no data and the host never had to read ``f`` to decide that.
+    """
+    f = tl.load(f_ptr)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = (offs < numel) & (tl.full([BLOCK], 1.0, tl.float32) != f)  # (a [BLOCK] mask: the interpreter's & wants one)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0)
+    tl.store(g_ptr + offs, (g.to(tl.float32) * f).to(g_ptr.dtype.element_ty), mask=m)
+
+
+@jit
+def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr,
+                                QC: tl.constexpr):
+    """The annealed mean, streaming each pixel's 313 classes in chunks of ``QC`` (an alternative to
+    ``annealed_mean_kernel``, which holds all 313 in registers; selected by
+    ``FASTCOLOR_TRITON_DECODE=stream``).
+
+    Arguments as ``annealed_mean_kernel``: ``x`` (N, 313, P) logits (or probabilities when
+    ``IS_PROBS``), ``out`` float32 (N, 2, P), ``cent`` the (313, 2) float32 bin centres,
+    ``inv_t`` = 1 / T. One program owns ``BP`` pixels of one image; registers hold one
+    ``[QC, BP]`` chunk and four ``[BP]`` running values instead of ``[320, BP]`` logits, so more
+    programs fit on an SM and the next chunk's loads can overlap this chunk's exponentials.
+
+    Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"):
+    with ``y = x`` (or ``log x``) in units of ``1 / (T ln 2)``, a running max ``m`` and three
+    running sums ``s = sum 2^(k (y_q - m))``, ``s_a = sum 2^(..) a_q``, ``s_b = sum 2^(..) b_q``,
+    each chunk rescales the sums by ``2^(k (m_old - m_new))`` and adds its own terms; the result
+    is ``(s_a / s, s_b / s)``: the expectation of the bin centres under softmax(y / T)
+    (Zhang et al. 2016, eq. 5). A pixel whose classes so far are all -inf keeps zero sums
+    (rather than inf - inf = NaN); an all -inf pixel ends 0 / 0 = NaN, and NaN or +inf inputs
+    give NaN, as the register kernel does.
+    """
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pm = p < P
+    xbase = x_ptr + n * Q * P
+    if IS_PROBS:
+        k = inv_t  # softmax(log(x) / T) = exp2(log2(x) / T) / sum
+    else:
+        k = inv_t * LOG2E
+    m = tl.full([BP], float("-inf"), tl.float32)
+    s = tl.full([BP], 0.0, tl.float32)  # (not tl.zeros: a jit function the interpreter cannot call)
+    sa = tl.full([BP], 0.0, tl.float32)
+    sb = tl.full([BP], 0.0, tl.float32)
+    for q0 in tl.range(0, Q, QC):
+        q = q0 + tl.arange(0, QC)
+        qm = q < Q
+        x = tl.load(xbase + q.to(tl.int64)[:, None] * P + p[None, :], mask=qm[:, None] & pm[None, :],
+                    other=1.0).to(tl.float32)
+        if IS_PROBS:
+            y = tl.log2(x)
+        else:
+            y = x
+        y = tl.where(qm[:, None], y, float("-inf"))
+        m_new = tl.maximum(m, _max(y, 0))
+        empty = m_new == float("-inf")  # nothing but -inf yet: no terms, no rescale
+        alpha = tl.where(empty, 1.0, tl.exp2((m - m_new) * k))
+        e = tl.where(empty[None, :], 0.0, tl.exp2((y - m_new[None, :]) * k))
+        ca = tl.load(cent_ptr + 2 * q, mask=qm, other=0.0)[:, None]
+        cb = tl.load(cent_ptr + 2 * q + 1, mask=qm, other=0.0)[:, None]
+        s = s * alpha + _sum(e, 0)
+        sa = sa * alpha + _sum(e * ca, 0)
+        sb = sb * alpha + _sum(e * cb, 0)
+        m = m_new
     inv_s = 1.0 / s
     obase = out_ptr + n * 2 * P
     tl.store(obase + p, sa * inv_s, mask=pm)
