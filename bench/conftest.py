@@ -3,6 +3,12 @@
     --bench-shapes small,zhang,seed   shapes to time (see SHAPES in test_bench_cpu.py)
     --bench-dtypes float32            logits dtypes (float32, bfloat16, float16)
     --ratio-table PATH                at the end, write the markdown ratio table there
+
+and of the training-step benchmarks (bench/test_bench_train_step.py):
+
+    --train-models zhang,small        models (see fastcolor.app.bench.train_step.MODELS)
+    --train-batches 2,4               batch sizes for every model (default: each model's own)
+    --train-rounds 3                  timed steps per case
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-shapes", default="small,zhang,seed", help="comma-separated shape names")
     group.addoption("--bench-dtypes", default="float32", help="comma-separated logits dtypes")
     group.addoption("--ratio-table", default=None, help="write the markdown ratio table to this path")
+    group.addoption("--train-models", default="zhang,small", help="training step: comma-separated models")
+    group.addoption("--train-batches", default="", help="training step: batch sizes (default: each model's own)")
+    group.addoption("--train-rounds", type=int, default=3, help="training step: timed steps per case")
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 
 import fastcolor as fc
@@ -192,8 +191,8 @@ def machine_info() -> dict:
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "providers": backends.available("cpu"),
     }
     try:
-        import numba
         import llvmlite
+        import numba
 
         info.update(numba=numba.__version__, llvmlite=llvmlite.__version__, numba_threads=numba.get_num_threads(),
                     numba_threading_layer=_numba_layer())
@@ -241,20 +240,24 @@ def ratio_table(rows: list[dict], info: dict) -> str:
             mem = f"{r['peak_mib']:.0f}"
             if r.get("grad_mib") and r["op"] in ("loss_fwd", "loss_fwdbwd"):
                 mem += f" ({r['peak_mib'] / r['grad_mib']:.2f})"
-        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['ms']:.2f} | {speedup} | {vs_ys} | {mem} |")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['ms']:.2f} | {speedup} "
+                     f"| {vs_ys} | {mem} |")
         goals = GOALS.get(r["op"])
         if goals and r["provider"] not in ("torch", "reference", "aten"):
             parts = []
             if goals[0] and ys:
                 ratio = r["ms"] / ys["ms"]
-                parts.append(f"{ratio:.2f}x {ys_op} (goal <= {goals[0][1]}: {'met' if ratio <= goals[0][1] else 'MISSED'})")
+                verdict = "met" if ratio <= goals[0][1] else "MISSED"
+                parts.append(f"{ratio:.2f}x {ys_op} (goal <= {goals[0][1]}: {verdict})")
             if goals[1] and base:
                 sp = base["ms"] / r["ms"]
-                parts.append(f"{sp:.1f}x faster than torch (goal >= {goals[1][1]:g}: {'met' if sp >= goals[1][1] else 'MISSED'})")
+                verdict = "met" if sp >= goals[1][1] else "MISSED"
+                parts.append(f"{sp:.1f}x faster than torch (goal >= {goals[1][1]:g}: {verdict})")
             if parts:
                 goal_lines.append(f"- {r['provider']} {r['op']} {r['shape']} {r['dtype']}: " + "; ".join(parts))
     head = [
-        f"Machine: {info.get('cpu')} ({info.get('cores')} cores); date {info.get('date')}; load average at start {info.get('load_avg', '?')}.",
+        f"Machine: {info.get('cpu')} ({info.get('cores')} cores); date {info.get('date')}; "
+        f"load average at start {info.get('load_avg', '?')}.",
         f"Versions: Python {info.get('python')}, torch {info.get('torch')} ({info.get('torch_threads')} threads), "
         f"numpy {info.get('numpy')}, numba {info.get('numba', '-')} ({info.get('numba_threads', '-')} threads, "
         f"{info.get('numba_threading_layer', '?')} layer), llvmlite {info.get('llvmlite', '-')}.",
@@ -345,7 +348,8 @@ def main(argv=None) -> int:
             best = best_ms_interleaved(fns, a.rounds)
             for (op, p), ms in best.items():
                 peak = None if a.no_memory else peak_extra_mib(fns[(op, p)])
-                rows.append(dict(op=op, shape=s, dtype=d, provider=p, ms=ms, peak_mib=peak, grad_mib=inp.grad_bytes / 2**20))
+                rows.append(dict(op=op, shape=s, dtype=d, provider=p, ms=ms, peak_mib=peak,
+                                 grad_mib=inp.grad_bytes / 2**20))
                 print(f"{op:12s} {s:6s} {d:9s} {p:10s} {ms:9.2f} ms  peak {peak if peak is None else round(peak)} MiB",
                       file=sys.stderr, flush=True)
             del inp, fns

@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from fastcolor.app import bench
-from fastcolor.app.bench import common, correctness, report
+from fastcolor.app import bench, cli
+from fastcolor.app.bench import common, correctness, modes, report, timing
 
 
 @pytest.fixture
@@ -48,7 +49,8 @@ def test_quick_cpu_run_every_provider(interp, tmp_path, capsys):
 def test_isolated_children_and_json_to_stdout():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     proc = subprocess.run([sys.executable, "-m", "fastcolor.bench", "--device", "cpu", "--quick", "--isolate",
-                           "--providers", "torch,nonesuch", "--json"], capture_output=True, text=True, env=env, timeout=300)
+                           "--providers", "torch,nonesuch", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     head, table = proc.stdout.split("\n### fastcolor bench", 1)
     data = json.loads(head)
@@ -79,13 +81,17 @@ def test_summary_ratios_and_budget():
             {"op": "softmax", "shape_name": "zhang", "dtype": "float32", "ms": 1.0, "gbps": 500.0}]},
         "providers": [
             {"provider": "triton", "correctness": [{"check": "loss", "case": "a", "ok": True, "rel_err_grad": 1e-6}],
-             "timing": [{"op": "loss_fwdbwd", "shape_name": "zhang", "dtype": "float32", "provider": "triton", "ms": 0.5, "gbps": 800.0}],
+             "timing": [{"op": "loss_fwdbwd", "shape_name": "zhang", "dtype": "float32", "provider": "triton",
+                         "ms": 0.5, "gbps": 800.0}],
              "memory": [{"dtype": "float32", "ratio": 1.01, "extra_per_pixel": 12.0}], "int64": {"ok": True},
-             "sweep": [{"kernel": "ce", "dtype": "float32", "config": [32, 4, 160], "k": 5, "encode": "fused", "ms": 0.5, "gbps": 800.0}]},
+             "sweep": [{"kernel": "ce", "dtype": "float32", "config": [32, 4, 160], "k": 5, "encode": "fused",
+                        "ms": 0.5, "gbps": 800.0}]},
             {"provider": "torch", "correctness": [], "timing": [
-                {"op": "loss_fwdbwd", "shape_name": "zhang", "dtype": "float32", "provider": "torch", "ms": 5.0, "gbps": 80.0}]},
+                {"op": "loss_fwdbwd", "shape_name": "zhang", "dtype": "float32", "provider": "torch",
+                 "ms": 5.0, "gbps": 80.0}]},
             {"provider": "cuda", "unavailable": "not built"},
-            {"provider": "numba", "crashed": "child exited with -11", "correctness": [{"check": "loss", "case": "b", "ok": False}]},
+            {"provider": "numba", "crashed": "child exited with -11",
+             "correctness": [{"check": "loss", "case": "b", "ok": False}]},
         ],
     }
     table = report.summarize(result)
@@ -95,3 +101,92 @@ def test_summary_ratios_and_budget():
     assert "cuda: unavailable (not built)" in table and "numba: CRASHED" in table and "FAILED: loss:b" in table
     assert "peak mem float32 = 1.01 x grad" in table and "int64 offsets ok" in table and "sweep (zhang)" in table
     assert not common.Budget(0.0).ok() and common.Budget(1e12).ok(5)
+
+
+def test_device_cuda_without_cuda_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda: no CUDA device is available" in err[0] and "use --device cpu" in err[0]
+    assert cli.main(["bench", "--device", "cuda", "--train-step"]) == 2  # the same through the CLI
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastcolor: error: --device cuda: no CUDA device")
+
+
+def test_bad_mode_arguments_name_the_option(capsys):
+    for argv, msg in ((["--modes", "kernel,jit"], "--modes: expected names from"),
+                      (["--parts", "modes,gpu"], "--parts: expected names from"),
+                      (["--mode-backend", "nonesuch"], "--mode-backend: unknown backend 'nonesuch'")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", *argv])
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_op_bytes_are_the_fewest_bytes():
+    n, q, h, w = common.SHAPES["zhang"]
+    px = n * h * w
+    for dtype, es in ((torch.float32, 4), (torch.bfloat16, 2)):
+        # logits read once (and the gradient written once), ab (2 float32) read, the per-pixel loss written
+        assert timing.op_bytes("loss_fwdbwd", (n, q, h, w), dtype) == 2 * px * q * es + px * (8 + 4)
+        assert timing.op_bytes("loss_fwd", (n, q, h, w), dtype) == px * q * es + px * (8 + 4)
+        assert timing.op_bytes("decode", (n, q, h, w), dtype) == px * q * es + px * 8  # ab written
+    assert timing.op_bytes("encode", (n, q, h, w), torch.float32, k=5) == px * 8 + px * 5 * 8  # int32 + float32
+    assert common.SHAPES["large"] == (64, q, 128, 128)
+
+
+def test_modes_on_the_cpu(tmp_path):
+    out = tmp_path / "m.json"
+    rc = bench.main(["--device", "cpu", "--quick", "--modes", "kernel,eager,graph", "--parts", "modes",
+                     "--json", str(out)])
+    data = json.loads(out.read_text())
+    rows = data["modes"]
+    assert rc == 0 and [(r["op"], r["mode"]) for r in rows] == [
+        (op, m) for op in modes.OPS for m in ("kernel", "eager", "graph")]
+    for r in rows:
+        if r["mode"] == "graph":
+            assert r["skipped"] == "CUDA graphs need a CUDA device"
+            continue
+        assert r["ok"], r
+        shape = tuple(r["shape"])
+        assert r["bytes"] == timing.op_bytes(r["op"], shape, torch.float32)
+        assert r["p10_us"] <= r["us"] <= r["p90_us"] and r["gbps"] == pytest.approx(r["bytes"] / r["us"] / 1e3)
+        assert r["pct_copy"] == pytest.approx(100 * r["copy_us"] / r["us"])
+        assert r["launches"] is None and r["syncs"] is None and r["peak_bytes"] is None  # CUDA only
+    assert "### Each op per mode" in data["table"] and "| loss_fwdbwd | 1x313x5x7 | float32 | eager |" in data["table"]
+
+
+def test_a_wrong_op_fails_the_modes_check(monkeypatch):
+    real = modes.build
+
+    def broken(case, mode):
+        fn, out, release = real(case, mode)
+
+        def bad():
+            fn()
+            if "ab" in out:
+                out["ab"] = out["ab"] * 1.01
+        return bad, out, release
+
+    monkeypatch.setattr(modes, "build", broken)
+    rows = modes.run("cpu", modes=("eager",), quick=True)
+    assert [r["ok"] for r in rows] == [True, False, True]  # only the decode was spoilt
+    assert rows[1]["rel_err"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_modes_table_of_a_gpu_row():
+    row = {"op": "decode", "shape": [40, 313, 64, 64], "dtype": "bfloat16", "mode": "graph", "backend": "triton",
+           "bytes": 105_000_000, "us": 50.0, "p10_us": 49.0, "p90_us": 52.0, "gbps": 2100.0, "pct_copy": 91.0,
+           "pct_read": 88.0, "host_us": 8.5, "ok": True, "rel_err": 3e-7, "peak_bytes": 2_000_000,
+           "launches": {"host_launches": 1.0, "device_ops": 2.0, "device_us": 48.0, "device_names": []},
+           "syncs": {"syncs_per_call": 0.0, "calls_raising": 0, "calls": 3}}
+    failed = {"op": "loss_fwdbwd", "shape": [40, 313, 64, 64], "dtype": "float32", "mode": "graph", "backend": "triton",
+              "error": "RuntimeError('operation not permitted when stream is capturing')"}
+    table = report.modes_table([row, failed], peak_gbps=4200.0)
+    line = [ln for ln in table.splitlines() if ln.startswith("| decode")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5:] == ["105", "50.0", "49.0", "52.0", "2100.0", "91", "88", "50", "1 / 2", "48.0", "8.5", "0.0 (0/3)",
+                         "2.0", "ok 3e-07"]
+    assert row["pct_peak"] == pytest.approx(50.0) and "4200 GB/s" in table
+    bad = [ln for ln in table.splitlines() if ln.startswith("| loss_fwdbwd")][0]
+    assert "stream is capturing" in bad and bad.count("|") == line.count("|")

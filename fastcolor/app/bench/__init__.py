@@ -23,6 +23,17 @@ while is enough:
    the size of the gradient.
 5. For the triton backend: a small launch-config sweep, fused vs separate encoding, and offsets
    beyond 2**31 elements.
+6. **Each op per mode** (:mod:`~fastcolor.app.bench.modes`; on CUDA by default, ``--modes
+   kernel,eager`` on the CPU): the kernel alone, the eager op, CUDA-graph replay and
+   ``torch.compile``, per op, dtype and shape ((40, 313, 64, 64) and (64, 313, 128, 128)): the
+   fewest bytes, median/p10/p90 microseconds, GB/s, % of a same-size copy and read and of the
+   2 GiB copy, launches, host microseconds, syncs and peak memory per call, and the error against
+   :mod:`fastcolor.reference`.
+7. **The training step** (:mod:`~fastcolor.app.bench.train_step`; on CUDA by default,
+   ``--train-step`` alone anywhere): a whole Adam step of ``ZhangNet`` (256 px) and
+   ``ZhangNet.small`` (128 px) with the fused loss, the plain PyTorch loss, the authors' CPU k-NN
+   target and no loss (the floor), round-robin, as ms per step, images per second and the share
+   above the floor.
 
 On CUDA each backend runs in its own child process (``--no-isolate`` to run in-process), so that
 a crash or a corrupted CUDA context in one backend costs only that backend's numbers; any error
@@ -32,10 +43,12 @@ table; ``--json [PATH]`` writes everything (to stdout when no path is given, bef
 
 ``--quick`` uses tiny shapes (for tests, and for ``--device cpu`` through the interpreter);
 ``--device cpu`` alone times (4, 313, 64, 64); ``--shapes zhang,seed`` picks shapes;
-``--providers triton,torch`` picks backends.
+``--providers triton,torch`` picks backends; ``--parts base,modes,train,providers`` picks parts
+(``--device cuda`` runs all four in about five minutes, ``--budget-s`` 280).
 
 The parts: :mod:`~fastcolor.app.bench.correctness` (1.), :mod:`~fastcolor.app.bench.timing`
-(2.-5.), :mod:`~fastcolor.app.bench.report` (the table and the JSON), and
+(2.-5.), :mod:`~fastcolor.app.bench.modes` (6.), :mod:`~fastcolor.app.bench.train_step` (7.),
+:mod:`~fastcolor.app.bench.report` (the tables and the JSON), and
 :mod:`~fastcolor.app.bench.driver` (the command line, child processes, the budget), with the
 shapes and inputs they share in :mod:`~fastcolor.app.bench.common`.
 """

@@ -17,6 +17,7 @@ SHAPES = {
     "full": (4, Q, 512, 512),
     "full1": (1, Q, 1024, 1024),
     "cpu": (4, Q, 64, 64),  # the default of --device cpu: a tenth of Zhang's batch
+    "large": (64, Q, 128, 128),  # the per-mode table (modes.py): 64 images of 512 px
 }
 QUICK_SHAPES = {"tiny": (2, Q, 8, 8), "odd": (1, Q, 5, 7)}
 #: which shapes each op is timed at (full1 = the full-resolution decode of one image)

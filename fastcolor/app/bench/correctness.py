@@ -48,7 +48,8 @@ def check_loss(name, case, device, gen):
     target_ab = None
     if target == "labels":
         lab = R.soft_encode(ab.double().numpy(), k)
-        tgt = fc.SoftLabels(torch.tensor(lab[0], dtype=torch.int32).to(device), torch.tensor(lab[1], dtype=torch.float32).to(device))
+        tgt = fc.SoftLabels(torch.tensor(lab[0], dtype=torch.int32).to(device),
+                            torch.tensor(lab[1], dtype=torch.float32).to(device))
         target_ab = ab.to(device)
     poison(device, 2 * x.numel() * x.element_size() + n * h * w * 64)
     loss = fc.rebalanced_cross_entropy(x, tgt, None if weights is None else weights.to(device), k=k,
@@ -87,7 +88,8 @@ def check_contract(name, device, gen, dtype=torch.float32, need_grad=True):
                                          image_mask=mask.to(device), pixel_scale=ps.to(device), k=k, sigma=5.0,
                                          grad_scale=0.75, need_grad=need_grad))
     sync(device)
-    want_l, want_g = R.rebalanced_cross_entropy(logits.double().numpy(), ab.double().numpy(), cw.double().numpy(), k, reduction="none")
+    want_l, want_g = R.rebalanced_cross_entropy(logits.double().numpy(), ab.double().numpy(), cw.double().numpy(), k,
+                                                reduction="none")
     scale = (mask[:, None] * ps).double().numpy()
     e_l = rel_err(loss.double().cpu().numpy(), want_l * scale)
     res = dict(check="contract", case=f"{str(dtype)[6:]}-grad{int(need_grad)}", rel_err_loss=e_l)
@@ -95,7 +97,8 @@ def check_contract(name, device, gen, dtype=torch.float32, need_grad=True):
     if need_grad:
         e_g = rel_err(grad.double().cpu().numpy(), want_g * 0.75 * scale[:, None, :])
         res["rel_err_grad"] = e_g
-        ok = ok and e_g <= {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] and grad.dtype == dtype
+        grad_tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        ok = ok and e_g <= grad_tol and grad.dtype == dtype
     else:
         ok = ok and grad is None
     res["ok"] = bool(ok)
@@ -117,7 +120,8 @@ def check_encode(name, device, gen, k, shape=(2, 33, 65)):
     mismatch = float((gi[clear] != ri[clear]).any(1).mean()) if clear.any() else 0.0
     werr = float(np.abs(lab.weights.cpu().double().numpy() - wts).max())
     ok = mismatch == 0.0 and werr <= 2e-5 and bool(np.isfinite(lab.weights.cpu().numpy()).all())
-    return dict(check="encode", case=f"k{k}-{n}x{h}x{w}", index_mismatch=mismatch, max_abs_err_weights=werr, ok=bool(ok))
+    return dict(check="encode", case=f"k{k}-{n}x{h}x{w}", index_mismatch=mismatch, max_abs_err_weights=werr,
+                ok=bool(ok))
 
 
 def check_decode(name, device, gen, dtype, T, probs=False, shape=(2, 33, 65)):

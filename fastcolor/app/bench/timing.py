@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 import fastcolor as fc
-from fastcolor.app.bench.common import (K_TIMED, OPS_SHAPES, QUICK_SHAPES, SHAPES, T_DECODE, log, shape_of,
-                                        srgb_ab)
+from fastcolor.app.bench.common import K_TIMED, OPS_SHAPES, QUICK_SHAPES, SHAPES, T_DECODE, log, shape_of, srgb_ab
 from fastcolor.backends.contract import LossCall
 from fastcolor.gamut import Q
 
@@ -58,7 +57,8 @@ def op_bytes(op, shape, dtype, k=K_TIMED):
 def make_timing_inputs(shape, dtype, device, seed):
     n, q, h, w = shape
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device, dtype=torch.float32) * 3).to(dtype)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(shape, generator=dev_gen, device=device, dtype=torch.float32) * 3).to(dtype)
     ab = srgb_ab(n, h, w, device, gen)
     weights = (torch.rand(Q, generator=gen) * 4 + 0.1).to(device)
     return x, ab, weights
@@ -104,9 +104,9 @@ def peak_memory(name, shape, dtype, device):
     peak = torch.cuda.max_memory_allocated() - base
     grad_bytes = xr.numel() * xr.element_size()
     n, _, h, w = shape
-    return dict(provider=name, shape=list(shape), dtype=str(dtype)[6:], peak_bytes=int(peak), grad_bytes=int(grad_bytes),
-                extra_bytes=int(peak - grad_bytes), extra_per_pixel=float((peak - grad_bytes) / (n * h * w)),
-                ratio=float(peak / grad_bytes))
+    return dict(provider=name, shape=list(shape), dtype=str(dtype)[6:], peak_bytes=int(peak),
+                grad_bytes=int(grad_bytes), extra_bytes=int(peak - grad_bytes),
+                extra_per_pixel=float((peak - grad_bytes) / (n * h * w)), ratio=float(peak / grad_bytes))
 
 
 def timing_plan(quick, shapes_arg, device="cuda"):
@@ -182,8 +182,9 @@ def part_base(device, quick, shapes_arg, budget):
                 shape = shape_of(s)
                 try:
                     ms = time_op("torch", op, shape, dtype, device, quick, budget)
+                    nbytes = op_bytes(op, shape, dtype)
                     res["yardsticks"].append(dict(op=op, shape_name=s, shape=list(shape), dtype=str(dtype)[6:], ms=ms,
-                                                  bytes=op_bytes(op, shape, dtype), gbps=op_bytes(op, shape, dtype) / ms / 1e6))
+                                                  bytes=nbytes, gbps=nbytes / ms / 1e6))
                 except Exception as exc:  # noqa: BLE001
                     res["yardsticks"].append(dict(op=op, shape_name=s, dtype=str(dtype)[6:], error=repr(exc)[:300]))
     return res
@@ -209,7 +210,8 @@ def triton_extras(device, quick, budget):
             d_full = tb.annealed_mean(x, T=T_DECODE, is_probs=False)[-1:]
             d_one = tb.annealed_mean(x[-1:].contiguous(), T=T_DECODE, is_probs=False)
             res["int64"] = dict(elements=n * Q * p, loss_equal=bool(torch.equal(loss[-1:], l1)),
-                                grad_equal=bool(torch.equal(grad[-1:], g1)), decode_equal=bool(torch.equal(d_full, d_one)))
+                                grad_equal=bool(torch.equal(grad[-1:], g1)),
+                                decode_equal=bool(torch.equal(d_full, d_one)))
             res["int64"]["ok"] = all(res["int64"][key] for key in ("loss_equal", "grad_equal", "decode_equal"))
             log(f"[triton] offsets beyond 2**31: {res['int64']}")
             del x, ab, loss, grad, l1, g1
@@ -219,10 +221,12 @@ def triton_extras(device, quick, budget):
         torch.cuda.empty_cache()
     shape = SHAPES["zhang"]
     # most informative first, both dtypes at each step, so that a cut budget still leaves pairs
-    specs = [("ce", None, "fused", 5), ("ce", None, "separate", 5), ("ce", None, "fused", 10), ("ce", None, "separate", 10),
-             ("ce", (32, 4, None), "fused", 5), ("ce", (64, 8, None), "fused", 5), ("am", None, None, None),
-             ("am", (32, 4, 168), None, None), ("am", (64, 8, None), None, None), ("ce", (16, 4, None), "fused", 5)]
-    variants = [(kind, dtype, cfg, mode, k) for kind, cfg, mode, k in specs for dtype in (torch.float32, torch.bfloat16)]
+    specs = [("ce", None, "fused", 5), ("ce", None, "separate", 5), ("ce", None, "fused", 10),
+             ("ce", None, "separate", 10), ("ce", (32, 4, None), "fused", 5), ("ce", (64, 8, None), "fused", 5),
+             ("am", None, None, None), ("am", (32, 4, 168), None, None), ("am", (64, 8, None), None, None),
+             ("ce", (16, 4, None), "fused", 5)]
+    variants = [(kind, dtype, cfg, mode, k) for kind, cfg, mode, k in specs
+                for dtype in (torch.float32, torch.bfloat16)]
     for kind, dtype, cfg, mode, k in variants:
         rec = dict(kernel=kind, dtype=str(dtype)[6:], config=list(cfg) if cfg else list(tb.config(kind, dtype)),
                    default=cfg is None, encode=mode, k=k)
@@ -243,10 +247,10 @@ def triton_extras(device, quick, budget):
                 if kind == "ce":
                     call = LossCall(logits=xf, ab=abf, class_weights=weights, k=k, sigma=5.0, grad_scale=1.0,
                                     need_grad=True)
-                    ms = bench_ms(lambda: tb.ce_forward(call), device)
+                    ms = bench_ms(lambda call=call: tb.ce_forward(call), device)
                     rec["bytes"] = op_bytes("loss_fwdbwd", shape, dtype, k)
                 else:
-                    ms = bench_ms(lambda: tb.annealed_mean(xf, T=T_DECODE, is_probs=False), device)
+                    ms = bench_ms(lambda xf=xf: tb.annealed_mean(xf, T=T_DECODE, is_probs=False), device)
                     rec["bytes"] = op_bytes("decode", shape, dtype)
             finally:
                 tb.CONFIG_OVERRIDE.pop(kind, None)
