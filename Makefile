@@ -2,6 +2,8 @@
 #   make test   - create .venv if needed, install, run the fast test suite
 #   make demo   - same install, then `python -m fastcolor demo`
 #   make bench  - same install, then pytest-benchmark over bench/
+#   make lint   - ruff check (rules in pyproject.toml); make test runs it first
+#   make docs   - the API reference (pdoc) into build/docs/ (ignored by git)
 #   make install (alias: venv) - just the install
 # Installing is idempotent: stamp files under .venv/ record what was done.
 # Changing setup.py/pyproject.toml/CMakeLists.txt reinstalls the package;
@@ -22,7 +24,7 @@ DEPS_STAMP  := $(VENV)/.stamp-install
 EXT_STAMP   := $(VENV)/.stamp-ext
 EXT_SOURCES := CMakeLists.txt $(wildcard csrc kernels csrc/* kernels/*)
 
-.PHONY: test demo bench install venv clean-ext build-info
+.PHONY: test lint docs demo bench install venv clean-ext build-info
 
 # pip hides setup.py's output on success, so say loudly whether _C was built.
 SHOW_EXT := $(PY) -c "from fastcolor._ext import build_info as b; i = b(); \
@@ -34,10 +36,24 @@ SHOW_EXT := $(PY) -c "from fastcolor._ext import build_info as b; i = b(); \
 # (1 failures, 5 no tests ran, ...) in $(PYTEST_RC) for .ci/run.
 PYTEST_RC := $(VENV)/.pytest-exit
 
-test: $(EXT_STAMP)
+# Lint first (about a second): a lint failure stops make test before pytest, with make's status.
+test: $(EXT_STAMP) lint
 	@rm -f $(PYTEST_RC)
 	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS) \
 	  || { rc=$$?; echo $$rc > $(PYTEST_RC); echo "pytest exited with $$rc"; exit $$rc; }
+
+LINT_PATHS ?= fastcolor tests bench setup.py
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+
+# The API reference of the public modules (not the application fastcolor.app, not the entry
+# points), built by the same function tests/test_docs.py checks; a pdoc warning fails it.
+DOCS_DIR ?= build/docs
+
+docs: $(EXT_STAMP)
+	rm -rf $(DOCS_DIR)
+	$(PY) tests/test_docs.py $(DOCS_DIR)
 
 demo: $(EXT_STAMP)
 	$(PY) -m fastcolor demo

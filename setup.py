@@ -1,9 +1,11 @@
-"""Build script for fastcolor.
+"""Build script for fastcolor: only the native extension.
 
-The native extension ``fastcolor._C`` is built with CMake (+ ninja, pybind11)
-from CMakeLists.txt. Building it is best effort: if CMake/compilation fails,
-installation still succeeds, a loud warning is printed and the reason is
-written to ``fastcolor/_build_failure.txt``, which ``fastcolor._ext`` reports.
+The package metadata (name, version, dependencies, extras, entry point) is in
+pyproject.toml ([project], PEP 621); this file adds the extension
+``fastcolor._C``, built with CMake (+ ninja, pybind11) from CMakeLists.txt.
+Building it is best effort: if CMake/compilation fails, installation still
+succeeds, a loud warning is printed and the reason is written to
+``fastcolor/_build_failure.txt``, which ``fastcolor._ext`` reports.
 
 Environment variables:
   FASTCOLOR_NO_EXT=1        skip the extension entirely
@@ -20,23 +22,17 @@ Environment variables:
 """
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
-from setuptools import Extension, find_namespace_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 FAILURE_FILE = "_build_failure.txt"
-
-
-def _read_version():
-    text = (ROOT / "fastcolor" / "_version.py").read_text()
-    return re.search(r'__version__\s*=\s*["\']([^"\']+)["\']', text).group(1)
 
 
 def _truthy(name):
@@ -174,38 +170,8 @@ class CMakeBuild(build_ext):
             raise err
 
 
+# Metadata, packages and dependencies: pyproject.toml. Only what setuptools cannot take from it here.
 setup(
-    name="fastcolor",
-    version=_read_version(),
-    description="Fast Zhang et al. (ECCV16) colorization ops: soft-encoding, "
-    "class-rebalanced cross-entropy, annealed-mean decoding",
-    python_requires=">=3.9",
-    packages=find_namespace_packages(include=["fastcolor", "fastcolor.*"], exclude=["*.__pycache__"]),
-    include_package_data=True,
-    package_data={"fastcolor": ["py.typed", "data/*"]},
     ext_modules=[CMakeExtension("fastcolor._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "numpy>=1.24",
-        "numba>=0.59",
-        "scikit-image>=0.22",
-        "kornia>=0.7",
-        "safetensors>=0.4",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-        "pillow>=9.0",
-    ],
-    extras_require={
-        "dev": [
-            "pytest>=7.4",
-            "pytest-benchmark>=4.0",
-            "hypothesis>=6.80",
-            "pytest-timeout>=2.1",
-            "scikit-learn>=1.3",
-        ],
-    },
-    entry_points={"console_scripts": ["fastcolor = fastcolor.app.cli:main"]},
-    zip_safe=False,
 )

@@ -35,7 +35,14 @@ def load_extension(force: bool = False):
 
     The environment variable ``FASTCOLOR_NO_EXT=1`` disables the extension at
     runtime too (useful to test the pure-Python fallbacks). The result is
-    cached; ``force=True`` retries.
+    cached; ``force=True`` retries. Never raises: the reason for a missing
+    module is in :func:`build_info`'s ``"reason"``.
+
+    Example:
+        >>> from fastcolor._ext import load_extension
+        >>> mod = load_extension()
+        >>> mod is None or mod.__name__ == "fastcolor._C"
+        True
     """
     global _module, _error, _loaded
     if _loaded and not force:
@@ -69,7 +76,22 @@ def _version(name: str) -> str | None:
 
 
 def build_info() -> dict:
-    """Describe how fastcolor was built and which backends are importable."""
+    """How fastcolor was built and which backends are importable, as a dict.
+
+    Always present: ``"extension"`` (bool: whether the native module ``fastcolor._C`` loaded),
+    ``"reason"`` (why it did not, or None), ``"cuda"`` and ``"openmp"`` (bools: what ``_C``
+    was compiled with; False without it), and ``"torch"``, ``"numba"``, ``"triton"`` (version
+    strings, None where not installed). With ``_C`` loaded, every field of its own
+    ``build_info()`` is added. Nothing here initialises CUDA.
+
+    Example:
+        >>> import fastcolor
+        >>> info = fastcolor.build_info()
+        >>> isinstance(info["extension"], bool), sorted(k for k in ("torch", "numba", "triton") if k in info)
+        (True, ['numba', 'torch', 'triton'])
+        >>> info["extension"] or info["reason"] is not None    # loaded, or says why not
+        True
+    """
     mod = load_extension()
     info: dict = {"extension": mod is not None, "reason": None if mod is not None else _error}
     if mod is not None:

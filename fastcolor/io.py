@@ -25,8 +25,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save
@@ -89,6 +90,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
     The file gets the mode of any new file (0o666 less the umask), not mkstemp's private 0o600.
     Running out of space raises :class:`DiskFullError` (the previous file, if any, is intact).
+
+    Example::
+
+        atomic_write_bytes("out/model.onnx", proto.SerializeToString())   # -> Path("out/model.onnx")
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -150,7 +155,12 @@ def _lock_owner(path: Path) -> int | None:
 def check_unlocked(directory: str | os.PathLike, what: str = "fastcolor process") -> None:
     """Raise :class:`DirectoryLockedError` if another process holds the lock of ``directory``;
     writes nothing (no lock file, no directory is created). For refusing early, before the
-    real lock is taken with :func:`lock_directory`."""
+    real lock is taken with :func:`lock_directory`.
+
+    Example::
+
+        check_unlocked("runs/zhang", what="training run")   # raises if a training owns runs/zhang
+    """
     directory = Path(directory)
     path = directory / LOCK_FILE
     try:
@@ -186,6 +196,11 @@ def lock_directory(directory: str | os.PathLike, what: str = "fastcolor process"
     lock in this one) holds it. The kernel drops the lock when the owner exits in any way,
     ``kill -9`` included, so a lock is never stale. Where ``fcntl`` does not exist (Windows),
     nothing is locked.
+
+    Example::
+
+        with lock_directory("runs/zhang", what="training run"):   # a second process refuses here
+            ...                                                     # write checkpoints
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -206,20 +221,45 @@ def lock_directory(directory: str | os.PathLike, what: str = "fastcolor process"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`.
+
+    Example::
+
+        atomic_write_text("demo_out/metrics.md", "| metric | value |\\n")
+    """
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON with sorted keys (and a final newline) to ``path`` atomically.
+
+    Example::
+
+        atomic_write_json("runs/zhang/split.json", {"train": [...], "val": [...], "test": [...]})
+    """
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """Rewrite ``path`` atomically as JSON lines of ``rows`` (the whole log, so resume never duplicates lines)."""
+    """Rewrite ``path`` atomically as JSON lines of ``rows`` (the whole log, so resume never duplicates lines).
+
+    Example::
+
+        rows.append({"epoch": 3, "train_loss": 2.41})
+        append_jsonl("runs/zhang/metrics.jsonl", rows)   # the file holds all rows, one JSON object a line
+    """
     return atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
-    """Atomically save tensors as safetensors; ``metadata`` values are stored JSON-encoded."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, Any] | None = None) -> Path:
+    """Atomically save tensors as safetensors; ``metadata`` values are stored JSON-encoded.
+
+    Example::
+
+        save_tensors("prior.safetensors", {"prior": prior}, {"lam": 0.5})   # prior: a (313,) tensor
+        tensors, meta = load_tensors("prior.safetensors")                  # meta == {"lam": 0.5}
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     return atomic_write_bytes(path, save(tensors, metadata=meta))
@@ -274,9 +314,15 @@ def _decode_metadata(path: Path, meta: dict[str, str] | None) -> dict[str, Any]:
     return out
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(path: str | os.PathLike,
+                 device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file: (tensors, JSON-decoded metadata). A damaged, truncated or
-    non-safetensors file raises ValueError naming it."""
+    non-safetensors file raises ValueError naming it.
+
+    Example::
+
+        tensors, meta = load_tensors("runs/zhang/model.safetensors")   # meta["model_config"]: the model's config
+    """
     path = Path(path)
     with _open_safetensors(path, device) as f:
         meta = f.metadata() or {}
@@ -288,7 +334,13 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` -> (tensors keyed ``state.<param>.<name>``, JSON-able rest)."""
+    """``optimizer.state_dict()`` -> (tensors keyed ``state.<param>.<name>``, JSON-able rest).
+
+    Example::
+
+        tensors, rest = flatten_optimizer_state(opt.state_dict())   # e.g. "state.0.exp_avg" for Adam
+        opt.load_state_dict(unflatten_optimizer_state(tensors, rest))
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in state_dict["state"].items():
@@ -301,6 +353,12 @@ def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], 
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
+    """The inverse of :func:`flatten_optimizer_state`: an ``optimizer.state_dict()`` again.
+
+    Example::
+
+        opt.load_state_dict(unflatten_optimizer_state(*flatten_optimizer_state(opt.state_dict())))
+    """
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -311,9 +369,15 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 
 
 def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor], model_config: dict,
-                    optimizer: torch.optim.Optimizer | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
-                    **meta: Any) -> Path:
-    """One atomic safetensors file holding the model, the optimizer and JSON training state ``meta``."""
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None, **meta: Any) -> Path:
+    """One atomic safetensors file holding the model, the optimizer and JSON training state ``meta``.
+
+    Example::
+
+        save_checkpoint("runs/zhang/last.safetensors", model.state_dict(), model.config, opt, epoch=3)
+        ckpt = load_checkpoint("runs/zhang/last.safetensors")   # ckpt["meta"] == {"epoch": 3}
+    """
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     metadata: dict[str, Any] = {"format": "fastcolor-checkpoint-1", "model_config": model_config, "meta": meta}
     if optimizer is not None:
@@ -327,7 +391,14 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Inverse of :func:`save_checkpoint`: dict with ``model_state``, ``model_config``, ``optimizer_state``
-    (``None`` if absent), ``extra`` tensors and ``meta``."""
+    (``None`` if absent), ``extra`` tensors and ``meta``.
+
+    Example::
+
+        ckpt = load_checkpoint("runs/zhang/last.safetensors")
+        model.load_state_dict(ckpt["model_state"])
+        opt.load_state_dict(ckpt["optimizer_state"])
+    """
     tensors, metadata = load_tensors(path, device)
     if metadata.get("format") != "fastcolor-checkpoint-1":
         raise ValueError(f"path: expected a fastcolor checkpoint, got a safetensors file with metadata "
@@ -357,14 +428,24 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint/model file without reading its tensors."""
+    """The JSON metadata of a checkpoint/model file without reading its tensors.
+
+    Example::
+
+        read_checkpoint_meta("runs/zhang/model.safetensors")["model_config"]["arch"]   # "zhang"
+    """
     path = Path(path)
     with _open_safetensors(path) as f:
         return _decode_metadata(path, f.metadata())
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor in a safetensors file, from its header (no tensor is read)."""
+    """name -> shape of every tensor in a safetensors file, from its header (no tensor is read).
+
+    Example::
+
+        tensor_shapes("runs/zhang/model.safetensors")["classifier.weight"]   # (313, 256, 1, 1)
+    """
     path = Path(path)
     with _open_safetensors(path) as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -381,7 +462,13 @@ def _load_failure_cause(exc: BaseException) -> str:
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True`` (never unpickles code)."""
+    """A plain state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True``
+    (never unpickles code).
+
+    Example::
+
+        backbone.load_state_dict(load_state_file("resnet50-0676ba61.pth"))
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such weights file: {path}")
