@@ -76,7 +76,8 @@ def join_l_ab(L: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     L = _check_image(L, "L", 1)
     ab = _check_image(ab, "ab", 2)
     if L.shape[-2:] != ab.shape[-2:] or L.shape[:-3] != ab.shape[:-3]:
-        raise ValueError(f"L and ab must share batch and spatial shape, got L {tuple(L.shape)} and ab {tuple(ab.shape)}")
+        raise ValueError(f"L and ab must share batch and spatial shape, got L {tuple(L.shape)} "
+                         f"and ab {tuple(ab.shape)}")
     return torch.cat([L, ab.to(L.dtype)], dim=-3)
 
 

@@ -9,7 +9,8 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastcolor as fc
 from fastcolor import reference as R
@@ -44,22 +45,28 @@ def ref_loss(logits, ab, weights, k, reduction, nongray, grad_output):
 
 
 @pytest.mark.parametrize("dtype,reduction,shape,k,use_weights,nongray", LOSS_CASES,
-                         ids=[f"{str(c[0])[6:]}-{c[1]}-{'x'.join(map(str, c[2]))}-k{c[3]}-w{int(c[4])}-ng{int(c[5])}" for c in LOSS_CASES])
+                         ids=[f"{str(c[0])[6:]}-{c[1]}-{'x'.join(map(str, c[2]))}-k{c[3]}-w{int(c[4])}-ng{int(c[5])}"
+                              for c in LOSS_CASES])
 def test_loss_and_gradient_match_reference(target, dtype, reduction, shape, k, use_weights, nongray):
     name, device = target
     n, h, w = shape
     logits64, ab, weights = make_inputs(n, h, w, seed=hash((reduction, shape, k)) % 2**31)
     weights = weights if use_weights else None
     x = logits64.to(dtype).to(device).requires_grad_(True)
-    loss = fc.rebalanced_cross_entropy(x, ab.float().to(device), None if weights is None else weights.float().to(device),
-                                       k=k, reduction=reduction, nongray=nongray, backend=name)
-    g = torch.rand(loss.shape, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    w_dev = None if weights is None else weights.float().to(device)
+    loss = fc.rebalanced_cross_entropy(x, ab.float().to(device), w_dev, k=k, reduction=reduction, nongray=nongray,
+                                       backend=name)
+    if reduction == "none":
+        g = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    else:
+        g = torch.tensor(1.7, dtype=torch.float64)
     loss.backward(g.to(loss.dtype).to(device))
     # Ground truth: the reference in float64 on the very logits the backend saw.
     want_loss, want_grad = ref_loss(x.detach().cpu().double(), ab.float().double(), weights, k, reduction, nongray, g)
     assert loss.dtype == torch.float32 and x.grad.dtype == dtype and x.grad.shape == x.shape
     got = loss.detach().cpu().double().numpy()
-    np.testing.assert_allclose(got, want_loss, rtol=2e-5, atol=2e-5 * (np.abs(want_loss).max() if np.size(want_loss) else 0))
+    np.testing.assert_allclose(got, want_loss, rtol=2e-5,
+                               atol=2e-5 * (np.abs(want_loss).max() if np.size(want_loss) else 0))
     gg = x.grad.cpu().double().numpy()
     assert np.all(np.isfinite(gg))
     np.testing.assert_allclose(gg, want_grad, rtol=0, atol=GRAD_TOL[dtype] * max(np.abs(want_grad).max(), 1e-30))
@@ -142,11 +149,13 @@ def test_non_contiguous_and_channels_last_inputs(target):
     assert not ab_strided.is_contiguous()
     loss = fc.rebalanced_cross_entropy(cl, ab_strided, weights.float().to(device), backend=name)
     loss.backward()
-    want_loss, want_grad = R.rebalanced_cross_entropy(base.cpu().double().numpy(), ab.float().double().numpy(), weights.float().double().numpy())
+    want_loss, want_grad = R.rebalanced_cross_entropy(base.cpu().double().numpy(), ab.float().double().numpy(),
+                                                      weights.float().double().numpy())
     assert loss.item() == pytest.approx(want_loss, rel=1e-5)
     np.testing.assert_allclose(cl.grad.cpu().double().numpy(), want_grad, atol=2e-5 * np.abs(want_grad).max())
     dec = fc.annealed_mean(base.permute(0, 1, 3, 2), backend=name)  # transposed spatial axes
-    np.testing.assert_allclose(dec.cpu().double().numpy(), R.annealed_mean(base.permute(0, 1, 3, 2).cpu().double().numpy()), atol=2e-3)
+    np.testing.assert_allclose(dec.cpu().double().numpy(),
+                               R.annealed_mean(base.permute(0, 1, 3, 2).cpu().double().numpy()), atol=2e-3)
 
 
 def test_loss_module_and_decoder_module(target):
@@ -156,7 +165,8 @@ def test_loss_module_and_decoder_module(target):
     assert crit.weights.device.type == device and "rebalanced" in repr(crit)
     x = logits64.float().to(device)
     loss = crit(x, ab.float().to(device))
-    want, _ = R.rebalanced_cross_entropy(x.cpu().double().numpy(), ab.float().double().numpy(), weights.float().double().numpy())
+    want, _ = R.rebalanced_cross_entropy(x.cpu().double().numpy(), ab.float().double().numpy(),
+                                         weights.float().double().numpy())
     assert loss.item() == pytest.approx(want, rel=1e-5)
     dec = fc.AnnealedMeanDecoder(T=0.38, backend=name)
     torch.testing.assert_close(dec(x), fc.annealed_mean(x, T=0.38, backend="torch"), atol=2e-3, rtol=1e-4)
@@ -215,9 +225,12 @@ def test_property_loss_matches_reference(target, n, h, w, k, scale, spread, seed
     logits = (torch.randn(n, 313, h, w, generator=g) * scale).to(device).requires_grad_(True)
     ab = ((torch.rand(n, 2, h, w, generator=g) - 0.5) * spread).to(device)
     weights = (torch.rand(313, generator=g) * 4 + 0.1) if use_weights else None
-    loss = fc.rebalanced_cross_entropy(logits, ab, None if weights is None else weights.to(device), k=k, reduction=reduction, backend=name)
+    loss = fc.rebalanced_cross_entropy(logits, ab, None if weights is None else weights.to(device), k=k,
+                                       reduction=reduction, backend=name)
     loss.sum().backward()
     want, want_grad = R.rebalanced_cross_entropy(logits.detach().cpu().double().numpy(), ab.cpu().double().numpy(),
-                                                 None if weights is None else weights.double().numpy(), k=k, reduction=reduction)
+                                                 None if weights is None else weights.double().numpy(), k=k,
+                                                 reduction=reduction)
     np.testing.assert_allclose(loss.detach().cpu().double().numpy(), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(logits.grad.cpu().double().numpy(), want_grad, atol=1e-5 * max(np.abs(want_grad).max(), 1e-30))
+    np.testing.assert_allclose(logits.grad.cpu().double().numpy(), want_grad,
+                               atol=1e-5 * max(np.abs(want_grad).max(), 1e-30))

@@ -25,7 +25,7 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 def _sample(name: str) -> np.ndarray:
     images = sklearn_datasets.load_sample_images()
-    return next(img for img, f in zip(images.images, images.filenames) if f.endswith(name))
+    return next(img for img, f in zip(images.images, images.filenames, strict=True) if f.endswith(name))
 
 
 def run(capsys, *argv):

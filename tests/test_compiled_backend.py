@@ -110,7 +110,8 @@ def test_bad_arguments_raise_not_crash():
         lambda: C.soft_encode(ab, idx, w, None, centres, 5.0),
         lambda: C.soft_encode(ab, idx, w, "table", centres, 5.0),
         lambda: C.soft_encode(ab, idx, w, table, centres.numpy(), 5.0),  # not a tensor
-        lambda: C.annealed_mean(torch.zeros(1, 313, 4, dtype=torch.float64), torch.zeros(1, 2, 4), centres, 0.38, False),
+        lambda: C.annealed_mean(torch.zeros(1, 313, 4, dtype=torch.float64), torch.zeros(1, 2, 4), centres, 0.38,
+                                False),
         lambda: C.annealed_mean(torch.zeros(1, 313, 4), torch.zeros(1, 2, 4), centres, 1e-9, False),  # T
         lambda: C.annealed_mean(torch.zeros(1, 300, 4), torch.zeros(1, 2, 4), centres, 0.38, False),
     ]
@@ -301,7 +302,8 @@ def test_exp_log_rule(isa_variants):
 
 def ref_grad_loss(x, ab, cw, k, grad_scale=1.0, pixel_scale=None, mask=None):
     """Per-pixel loss and gradient (N, P) / (N, 313, P) from the reference, with the backend's factors."""
-    loss, grad = R.rebalanced_cross_entropy(x, ab, cw, k=k, reduction="none", grad_output=np.ones(x.shape[:1] + x.shape[2:]))
+    loss, grad = R.rebalanced_cross_entropy(x, ab, cw, k=k, reduction="none",
+                                            grad_output=np.ones(x.shape[:1] + x.shape[2:]))
     s = np.ones(loss.shape) if pixel_scale is None else pixel_scale
     m = np.ones(loss.shape[0]) if mask is None else mask
     f = s * m[:, None]
@@ -322,7 +324,8 @@ def test_ce_forward_contract_with_every_factor(device, dtype):
     mask = torch.tensor([1.0, 0.0, 1.0])
     ps = torch.rand(n, p, generator=g) + 0.5
     x64 = x.double().numpy()
-    want_loss, want_grad = ref_grad_loss(x64, ab.double().numpy(), cw.double().numpy(), k, 0.37, ps.double().numpy(), mask.numpy())
+    want_loss, want_grad = ref_grad_loss(x64, ab.double().numpy(), cw.double().numpy(), k, 0.37, ps.double().numpy(),
+                                         mask.numpy())
     dev = lambda t: t.to(device)  # noqa: E731
     call = LossCall(logits=dev(x), ab=dev(ab), class_weights=dev(cw), image_mask=dev(mask), pixel_scale=dev(ps),
                     k=k, sigma=5.0, grad_scale=0.37, need_grad=True)
@@ -458,7 +461,7 @@ def test_openmp_threads_give_identical_results():
     finally:
         torch.set_num_threads(before)
     for nt in (2, 3):
-        for a, b in zip(out[1], out[nt]):
+        for a, b in zip(out[1], out[nt], strict=True):
             assert torch.equal(a, b)
 
 
@@ -507,7 +510,8 @@ def test_annealed_mean_temperatures_and_extremes(device, T):
     probs = torch.softmax(x, 1)
     probs[0, :10, 3] = 0.0  # zero probabilities: log 0 = -inf, weight 0
     got = cb.annealed_mean(probs.to(device), T=T, is_probs=True).cpu()
-    np.testing.assert_allclose(got.double().numpy(), R.annealed_mean(probs=probs.double().numpy(), T=T), atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(got.double().numpy(), R.annealed_mean(probs=probs.double().numpy(), T=T),
+                               atol=2e-3, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- CUDA specifics
@@ -521,9 +525,11 @@ def test_cuda_matches_cpu_with_both_launch_bounds(dtype):
     ab = torch.rand(3, 2, 1111, generator=g) * 260 - 130
     cw = torch.rand(313, generator=g) + 0.2
     idx5, w5 = cb.soft_encode(ab, k=5, sigma=5.0)  # one encoding for both devices
-    want_loss, want_grad = cb.ce_forward(LossCall(logits=x, indices=idx5, weights=w5, class_weights=cw, k=5, grad_scale=0.5))
+    want_loss, want_grad = cb.ce_forward(LossCall(logits=x, indices=idx5, weights=w5, class_weights=cw, k=5,
+                                                  grad_scale=0.5))
     want_am = cb.annealed_mean(x, T=0.38, is_probs=False)
-    one_ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype] * want_grad.float().abs().max().item()
+    ulp_rel = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    one_ulp = ulp_rel * want_grad.float().abs().max().item()
     try:
         for min_blocks in (4, 0):
             assert C.cuda_set_min_blocks(min_blocks)
@@ -531,7 +537,8 @@ def test_cuda_matches_cpu_with_both_launch_bounds(dtype):
                                                 class_weights=cw.cuda(), k=5, grad_scale=0.5))
             torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(grad.cpu().float(), want_grad.float(), rtol=0, atol=one_ulp)
-            torch.testing.assert_close(cb.annealed_mean(x.cuda(), T=0.38, is_probs=False).cpu(), want_am, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(cb.annealed_mean(x.cuda(), T=0.38, is_probs=False).cpu(), want_am,
+                                       rtol=1e-5, atol=1e-4)
     finally:
         C.cuda_set_min_blocks(4)
     assert not C.cuda_set_min_blocks(2)

@@ -15,18 +15,16 @@ interpreter runs the kernels in Python).
 from __future__ import annotations
 
 import math
-import os
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
+from conftest import require_backend
 
 import fastcolor as fc
 from fastcolor import gamut
 from fastcolor import reference as R
-
-from conftest import require_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -56,7 +54,7 @@ def _grid() -> np.ndarray:
     return np.stack([aa.ravel(), bb.ravel()]).astype(np.float32)  # (2, P)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _grid_reference(k: int) -> tuple[np.ndarray, np.ndarray]:
     ab = _grid()
     idx, w = [], []
@@ -135,5 +133,6 @@ def test_fused_loss_encodes_like_the_reference(target, k):
                                        backend=name).cpu().double().numpy()
     np.testing.assert_allclose(got[..., finite], want, rtol=1e-6, atol=1e-6)
     assert np.isfinite(got[0, finite]).all() and np.isnan(got[0, ~finite]).all()
-    ref, _ = R.rebalanced_cross_entropy(logits.cpu().double().numpy(), ab[None].astype(np.float64), k=k, reduction="none")
+    ref, _ = R.rebalanced_cross_entropy(logits.cpu().double().numpy(), ab[None].astype(np.float64), k=k,
+                                        reduction="none")
     np.testing.assert_allclose(got[0, finite], ref[0, finite], rtol=1e-5, atol=1e-5)

@@ -138,7 +138,8 @@ def test_the_edges_of_the_box():
 
 def test_random_in_box_pixels_follow_the_rule_exactly():
     rng = np.random.default_rng(7)
-    pix = np.concatenate([rng.uniform(TABLE_LO, TABLE_HI, (20000, 2)), rng.normal(0, 30, (20000, 2))]).astype(np.float32)
+    pix = np.concatenate([rng.uniform(TABLE_LO, TABLE_HI, (20000, 2)),
+                          rng.normal(0, 30, (20000, 2))]).astype(np.float32)
     pix = np.clip(pix, TABLE_LO, np.nextafter(np.float32(TABLE_HI), np.float32(0)))
     for k in (1, 5, 10, 16):
         idx, w = _encode(pix, k)
@@ -337,7 +338,8 @@ def test_fexp_follows_the_rule():
     rng = np.random.default_rng(0)
     x = np.concatenate([_SPECIAL, np.linspace(-87, 88, 400001, dtype=np.float32),
                         rng.uniform(-87, 88, 100000).astype(np.float32),
-                        np.float32(10.0) ** rng.uniform(-45, 1.9, 20000).astype(np.float32) * rng.choice([-1, 1], 20000)])
+                        np.float32(10.0) ** rng.uniform(-45, 1.9, 20000).astype(np.float32)
+                        * rng.choice([-1, 1], 20000)])
     x = x.astype(np.float32)
     got = vexp(x)
     with np.errstate(over="ignore"):
@@ -370,7 +372,8 @@ def test_flog_follows_the_rule():
     tiny = np.float32(2.0) ** np.arange(-149, -125, dtype=np.float32)  # every subnormal binade
     sub = np.concatenate([tiny, rng.uniform(1e-45, 1.1754942e-38, 20000).astype(np.float32)])
     normal = np.concatenate([np.float32(2.0) ** rng.uniform(-126, 127.99, 100000).astype(np.float32),
-                             np.linspace(0.5, 2.0, 200001, dtype=np.float32), np.float32([1e-38, 1.1754944e-38, 3.4e38])])
+                             np.linspace(0.5, 2.0, 200001, dtype=np.float32),
+                             np.float32([1e-38, 1.1754944e-38, 3.4e38])])
     x = np.concatenate([_SPECIAL, sub, normal, -normal[:1000]]).astype(np.float32)
     got = vlog(x)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -396,7 +399,9 @@ _NO_FMA_CHILD = textwrap.dedent(r"""
     asm = "".join(E.soft_encode_worker.inspect_asm().values())
     print("DOUBLE_ARITH", len(re.findall(r"= f(?:mul|add|sub) [^\n]*double", ir)))
     print("DOUBLE_CONTRACT", len(re.findall(r"= f(?:mul|add|sub) [^\n]*contract[^\n]*double", ir)))
-    print("FMA64", len(re.findall(r"llvm\.(?:fma|fmuladd)\.(?:v\d+)?f64", ir)) + len(re.findall(r"vfn?m(?:add|sub)\w*[sp]d\b", asm)))
+    fma_ir = len(re.findall(r"llvm\.(?:fma|fmuladd)\.(?:v\d+)?f64", ir))
+    fma_asm = len(re.findall(r"vfn?m(?:add|sub)\w*[sp]d\b", asm))
+    print("FMA64", fma_ir + fma_asm)
 """)
 
 
@@ -432,13 +437,15 @@ def _run_child(tmp_path, env_extra, pkg_parent):
     env.update(env_extra)
     env["PYTHONPATH"] = str(pkg_parent)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
 def _copy_package(dst: Path) -> Path:
-    shutil.copytree(REPO / "fastcolor", dst / "fastcolor", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    shutil.copytree(REPO / "fastcolor", dst / "fastcolor",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
     return dst
 
 
@@ -447,7 +454,8 @@ def test_cache_falls_back_when_no_cache_folder_is_writable(tmp_path):
     no user-wide cache folder: the backend must compile without a cache, not fail at import."""
     parent = _copy_package(tmp_path / "ro")
     (parent / "fastcolor" / "backends" / "numba_backend" / "__pycache__").write_text("not a folder")
-    out = _run_child(tmp_path, {"NUMBA_CACHE_DIR": "/dev/null/numba", "HOME": "/dev/null", "XDG_CACHE_HOME": "/dev/null/x"}, parent)
+    unwritable = {"NUMBA_CACHE_DIR": "/dev/null/numba", "HOME": "/dev/null", "XDG_CACHE_HOME": "/dev/null/x"}
+    out = _run_child(tmp_path, unwritable, parent)
     assert "CACHE False" in out, out
     want = np.moveaxis(R.soft_encode(np.array([[[3.0, 1e4], [4.0, 0.0]]]), k=2)[0], 1, -1).ravel()
     assert f"IDX {np.moveaxis(want.reshape(1, 2, 2), -1, 1).ravel().tolist()}" in out, out

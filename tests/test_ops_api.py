@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fastcolor as fc
-from fastcolor import backends, reference as R
+from fastcolor import backends
+from fastcolor import reference as R
 from fastcolor.ops.decode import _annealed_mean_op
 from fastcolor.ops.loss import _ce_op, _FusedCE
 
@@ -47,20 +48,22 @@ def test_unavailable_backend_names_what_is_missing():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda l, a: fc.rebalanced_cross_entropy(l[:, :312], a), r"logits: expected 313 channels.*got \(2, 312, 3, 4\)"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l.long(), a), r"logits: expected a floating tensor.*torch.int64"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a[:, :1]), r"target: expected 2 channels"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a[:, :, :2]), r"target: expected batch and spatial shape \(2, 3, 4\)"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a, reduction="avg"), r"reduction: expected one of"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a, k=0), r"k: expected an integer in 1..16, got 0"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a, sigma=-1.0), r"sigma: expected a positive finite number"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, a, weights=torch.ones(312)), r"weights: expected shape \(313,\), got \(312,\)"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, fc.soft_encode(a), nongray=True), r"nongray: needs the target ab"),
-    (lambda l, a: fc.rebalanced_cross_entropy(l, "ab"), r"target: expected a torch.Tensor, got str"),
-    (lambda l, a: fc.annealed_mean(l, T=0.0), r"T: expected a positive finite number, got 0.0"),
-    (lambda l, a: fc.annealed_mean(l, probs=l), r"exactly one of logits= and probs="),
-    (lambda l, a: fc.annealed_mean(torch.zeros(313)), r"logits: expected shape \(N, 313, ...\), got \(313,\)"),
-    (lambda l, a: fc.soft_encode(a.permute(0, 2, 1, 3)), r"ab: expected 2 channels"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x[:, :312], ab), r"logits: expected 313 channels.*got \(2, 312, 3, 4\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x.long(), ab), r"logits: expected a floating tensor.*torch.int64"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab[:, :1]), r"target: expected 2 channels"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab[:, :, :2]),
+     r"target: expected batch and spatial shape \(2, 3, 4\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, reduction="avg"), r"reduction: expected one of"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, k=0), r"k: expected an integer in 1..16, got 0"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, sigma=-1.0), r"sigma: expected a positive finite number"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, weights=torch.ones(312)),
+     r"weights: expected shape \(313,\), got \(312,\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, fc.soft_encode(ab), nongray=True), r"nongray: needs the target ab"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, "ab"), r"target: expected a torch.Tensor, got str"),
+    (lambda x, ab: fc.annealed_mean(x, T=0.0), r"T: expected a positive finite number, got 0.0"),
+    (lambda x, ab: fc.annealed_mean(x, probs=x), r"exactly one of logits= and probs="),
+    (lambda x, ab: fc.annealed_mean(torch.zeros(313)), r"logits: expected shape \(N, 313, ...\), got \(313,\)"),
+    (lambda x, ab: fc.soft_encode(ab.permute(0, 2, 1, 3)), r"ab: expected 2 channels"),
 ])
 def test_bad_arguments_raise_clear_errors(call, match):
     logits, ab = inputs()
@@ -81,9 +84,12 @@ def test_gradcheck_torch_backend_float64():
     logits, ab = inputs(1, 2, 2, dtype=torch.float64)
     w = torch.rand(313, dtype=torch.float64) + 0.5
     for red in ("mean", "sum", "none"):
-        torch.autograd.gradcheck(lambda x: fc.rebalanced_cross_entropy(x, ab, w, reduction=red, backend="torch"),
-                                 logits.clone().requires_grad_(True), fast_mode=True)
-    torch.autograd.gradcheck(lambda x: fc.annealed_mean(x, T=0.38, backend="torch"), logits.clone().requires_grad_(True), fast_mode=True)
+        def loss(x, red=red):
+            return fc.rebalanced_cross_entropy(x, ab, w, reduction=red, backend="torch")
+
+        torch.autograd.gradcheck(loss, logits.clone().requires_grad_(True), fast_mode=True)
+    torch.autograd.gradcheck(lambda x: fc.annealed_mean(x, T=0.38, backend="torch"),
+                             logits.clone().requires_grad_(True), fast_mode=True)
 
 
 def test_gradcheck_fused_routes_float64():
@@ -95,8 +101,12 @@ def test_gradcheck_fused_routes_float64():
     mask = torch.ones(1)
     x = logits.reshape(1, 313, 6).clone().requires_grad_(True)
     for red in ("mean", "sum", "none"):
-        torch.autograd.gradcheck(lambda t: _FusedCE.apply(t, ab32, None, None, w, mask, 5, 5.0, red, "torch"), x, fast_mode=True)
-    torch.autograd.gradcheck(lambda t: _ce_op(t, ab32, None, None, w, mask, None, 5, 5.0, False, "torch")[0], x, fast_mode=True)
+        def fused(t, red=red):
+            return _FusedCE.apply(t, ab32, None, None, w, mask, 5, 5.0, red, "torch")
+
+        torch.autograd.gradcheck(fused, x, fast_mode=True)
+    torch.autograd.gradcheck(lambda t: _ce_op(t, ab32, None, None, w, mask, None, 5, 5.0, False, "torch")[0], x,
+                             fast_mode=True)
     torch.autograd.gradcheck(lambda t: _annealed_mean_op(t, 0.38, False, "torch"), x, fast_mode=True)
     p = torch.softmax(x.detach() / 10, 1).requires_grad_(True)  # away from 0: the numerical step stays positive
     torch.autograd.gradcheck(lambda t: _annealed_mean_op(t, 0.5, True, "torch"), p, fast_mode=True)
@@ -149,7 +159,7 @@ def test_compile_fullgraph_model_loss_decoder():
     loss_e.backward()
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(ab_c, ab_e)
-    for gc, ge in zip(grads_c, (p.grad for p in model.parameters())):
+    for gc, ge in zip(grads_c, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
 
 

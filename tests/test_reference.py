@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastcolor import gamut, reference as R
+from fastcolor import gamut
+from fastcolor import reference as R
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
 rng = np.random.default_rng(1234)
@@ -22,7 +23,8 @@ def test_gamut_has_313_bins_in_lexicographic_order():
 
 
 def test_cell_table_inverts_the_bins():
-    q = gamut.CELL_TO_BIN[((gamut.AB_BINS[:, 0] - gamut.A_MIN) / 10).astype(int), ((gamut.AB_BINS[:, 1] - gamut.B_MIN) / 10).astype(int)]
+    q = gamut.CELL_TO_BIN[((gamut.AB_BINS[:, 0] - gamut.A_MIN) / 10).astype(int),
+                         ((gamut.AB_BINS[:, 1] - gamut.B_MIN) / 10).astype(int)]
     assert np.array_equal(q, np.arange(313))
     assert (gamut.CELL_TO_BIN >= 0).sum() == 313
 
@@ -69,7 +71,7 @@ def _indep_loss(logits, ab, weights, k, sigma, reduction, nongray):
                 col = logits[i, :, y, x]
                 lse = np.log(np.sum(np.exp(col - col.max()))) + col.max()
                 v = 1.0 if weights is None else weights[idx[0]]
-                per[i, y, x] = -m * v * sum(zj * (col[q] - lse) for q, zj in zip(idx, z))
+                per[i, y, x] = -m * v * sum(zj * (col[q] - lse) for q, zj in zip(idx, z, strict=True))
     total = per.sum()
     return {"mean": total / per.size, "sum": total, "none": per}[reduction]
 

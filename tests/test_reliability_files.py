@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save, save_file
 
 from fastcolor.app import cli
-from fastcolor.colorize import colorize_image, to_l_tensor
+from fastcolor.colorize import to_l_tensor
 from fastcolor.data import ColorizationDataset, UnreadableImageError, index_images, load_rgb
 from fastcolor.io import load_checkpoint, load_state_file, load_tensors, read_checkpoint_meta, save_checkpoint
 from fastcolor.models import FusionNet, build_model, model_state
@@ -24,7 +24,6 @@ from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
-
 
 # ----------------------------------------------------------------------------- image files
 

@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fastcolor.colorize as C
 from fastcolor.color import rgb_to_l
-from fastcolor.colorize import (MemoryLimitError, activation_bytes, available_memory, colorize_image,
-                                colorize_tensor, memory_guard)
+from fastcolor.colorize import (
+    MemoryLimitError,
+    activation_bytes,
+    available_memory,
+    colorize_image,
+    colorize_tensor,
+    memory_guard,
+)
 from fastcolor.models import build_model
 from fastcolor.train import TrainConfig, train
 
@@ -163,8 +168,9 @@ def test_out_of_memory_mid_training_is_a_clear_error_and_keeps_the_checkpoint(ph
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(ZhangNet, "forward", oom)
-    with pytest.raises(MemoryLimitError, match=r"ran out of cpu memory in epoch 1 \(batches of 4 at 32x32\).*lower "
-                                               r"batch_size \(now 4\).*last.safetensors holds the last completed epoch"):
+    with pytest.raises(MemoryLimitError, match=r"ran out of cpu memory in epoch 1 \(batches of 4 at 32x32\).*"
+                                               r"lower batch_size \(now 4\).*"
+                                               r"last.safetensors holds the last completed epoch"):
         train(_cfg(photos, run, epochs=3))
     assert load_checkpoint(run / "last.safetensors")["meta"]["epoch"] == 0
     monkeypatch.undo()

@@ -12,12 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from conftest import require_backend
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import fastcolor as fc
-from fastcolor import backends, reference as R
-
-from conftest import require_backend
+from fastcolor import backends
+from fastcolor import reference as R
 
 CPU_BACKENDS = ["torch", "numba", "cpp"]
 

@@ -18,8 +18,16 @@ from PIL import Image
 
 from fastcolor.app.cli import main
 from fastcolor.data import index_images, load_rgb, load_split
-from fastcolor.io import (LOCK_FILE, DirectoryLockedError, check_unlocked, load_checkpoint, load_tensors,
-                          lock_directory, save_checkpoint, save_tensors)
+from fastcolor.io import (
+    LOCK_FILE,
+    DirectoryLockedError,
+    check_unlocked,
+    load_checkpoint,
+    load_tensors,
+    lock_directory,
+    save_checkpoint,
+    save_tensors,
+)
 from fastcolor.models import build_model
 from fastcolor.models.serialization import load_model, save_model
 from fastcolor.train import CheckpointError, TrainConfig, train

@@ -27,8 +27,7 @@ import torch
 pytest.importorskip("triton")
 
 import fastcolor as fc  # noqa: E402
-from fastcolor import backends  # noqa: E402
-from fastcolor import gamut  # noqa: E402
+from fastcolor import backends, gamut  # noqa: E402
 from fastcolor import reference as R  # noqa: E402
 from fastcolor.backends import triton_backend as tb  # noqa: E402
 from fastcolor.backends.contract import LossCall  # noqa: E402
@@ -162,7 +161,8 @@ def test_ce_forward_contract(dev, dtype, encoded):
     the target encoded in the kernel (pixels in and beyond the box) or precomputed."""
     n, k = 2, 5
     g = torch.Generator().manual_seed(int(encoded) + 10 * DTYPES.index(dtype))
-    ab = torch.cat([_gamut_ab(n, 30, 1), _ab(n, 7, 2), torch.tensor([[[300.0, -2e3]], [[1e4, 40.0]]]).expand(n, 2, 2)], 2)
+    far = torch.tensor([[[300.0, -2e3]], [[1e4, 40.0]]]).expand(n, 2, 2)
+    ab = torch.cat([_gamut_ab(n, 30, 1), _ab(n, 7, 2), far], 2)
     p = ab.shape[2]
     x = (torch.randn(n, Q, p, generator=g) * 3).to(dtype)
     cw = torch.rand(Q, generator=g) * 3 + 0.1
@@ -212,13 +212,18 @@ def test_public_loss_matches_reference(dev, k, reduction, nongray, dtype):
     ab[0] = ab[0] / 40  # a grey image
     weights = torch.rand(Q, generator=g) * 4 + 0.1
     x = logits.to(dev).clone().requires_grad_(True)
-    loss = fc.rebalanced_cross_entropy(x, ab.to(dev), weights.to(dev), k=k, reduction=reduction, nongray=nongray, backend="triton")
-    go = torch.rand(loss.shape, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    loss = fc.rebalanced_cross_entropy(x, ab.to(dev), weights.to(dev), k=k, reduction=reduction, nongray=nongray,
+                                       backend="triton")
+    if reduction == "none":
+        go = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    else:
+        go = torch.tensor(1.7, dtype=torch.float64)
     loss.backward(go.float().to(dev))
     want, want_g = R.rebalanced_cross_entropy(logits.double().numpy(), ab.double().numpy(), weights.double().numpy(), k,
                                               reduction=reduction, nongray=nongray, grad_output=go.numpy())
     np.testing.assert_allclose(loss.detach().cpu().double().numpy(), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
-    np.testing.assert_allclose(x.grad.cpu().double().numpy(), want_g, rtol=0, atol=GRAD_TOL[dtype] * np.abs(want_g).max())
+    np.testing.assert_allclose(x.grad.cpu().double().numpy(), want_g, rtol=0,
+                               atol=GRAD_TOL[dtype] * np.abs(want_g).max())
 
 
 def test_separate_encode_mode_equals_fused(dev, monkeypatch):
@@ -237,11 +242,13 @@ def test_annealed_mean_logits_and_probs(dev, T):
     for dtype in DTYPES:
         x = (torch.randn(2, Q, 7, 9, dtype=torch.float64) * 2).to(dtype)
         got = fc.annealed_mean(x.to(dev), T=T, backend="triton")
-        np.testing.assert_allclose(got.cpu().double().numpy(), R.annealed_mean(x.double().numpy(), T=T), atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(got.cpu().double().numpy(), R.annealed_mean(x.double().numpy(), T=T),
+                                   atol=2e-3, rtol=1e-4)
     p = torch.softmax(torch.randn(1, Q, 1, 1, dtype=torch.float64) * 3, 1)
     p[0, 7] = 0.0  # log(0) = -inf: weight 0
     got = tb.annealed_mean(p.float().reshape(1, Q, 1).to(dev), T=T, is_probs=True)
-    np.testing.assert_allclose(got.cpu().double().numpy().reshape(1, 2, 1, 1), R.annealed_mean(probs=p.float().double().numpy(), T=T), atol=2e-3)
+    np.testing.assert_allclose(got.cpu().double().numpy().reshape(1, 2, 1, 1),
+                               R.annealed_mean(probs=p.float().double().numpy(), T=T), atol=2e-3)
 
 
 def test_non_finite_logits_and_empty_inputs(dev):
@@ -259,7 +266,8 @@ def test_non_finite_logits_and_empty_inputs(dev):
         loss, grad = tb.ce_forward(LossCall(logits=torch.randn(n, Q, p).to(dev), ab=torch.zeros(n, 2, p).to(dev), k=5))
         assert loss.shape == (n, p) and grad.shape == (n, Q, p)
         idx, w = tb.soft_encode(torch.zeros(n, 2, p).to(dev), k=3, sigma=5.0)
-        assert idx.shape == (n, 3, p) and tb.annealed_mean(torch.randn(n, Q, p).to(dev), T=0.38, is_probs=False).shape == (n, 2, p)
+        assert idx.shape == (n, 3, p)
+        assert tb.annealed_mean(torch.randn(n, Q, p).to(dev), T=0.38, is_probs=False).shape == (n, 2, p)
 
 
 _MAGNITUDES = [1.0, 6e4, -6e4, 1e7, 1e8, -1e8, 1e30, -1e30, 3.3e38, 3.4e38, -3.4e38]
@@ -281,7 +289,8 @@ def test_constant_logits_give_log_313_at_any_magnitude(dev, dtype, magnitude):
         np.testing.assert_allclose(loss.cpu().double().numpy(), np.full((1, 4), np.log(313)), rtol=1e-5)
         assert grad.dtype == dtype and torch.isfinite(grad).all()
         # softmax - target, with softmax = 1/313: to one rounding of the logits' dtype
-        torch.testing.assert_close(grad.cpu().double(), torch.from_numpy(want_g), rtol=torch.finfo(dtype).eps, atol=1e-7)
+        torch.testing.assert_close(grad.cpu().double(), torch.from_numpy(want_g), rtol=torch.finfo(dtype).eps,
+                                   atol=1e-7)
 
 
 def test_logits_near_float32_max_give_the_shifted_logits_answer(dev):
@@ -374,7 +383,8 @@ def test_kernels_compile_for_sm90_without_contracted_distances(monkeypatch):
 
     _, consts = tb._knn_consts(5, "cpu")
     enc = compile_(km.encode_kernel, {"ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32", "offs_ptr": "*i32",
-                                      "tbins_ptr": "*i16", "cent_ptr": "*fp32", "P": "i32", "neg_inv_two_sigma2": "fp32"},
+                                      "tbins_ptr": "*i16", "cent_ptr": "*fp32", "P": "i32",
+                                      "neg_inv_two_sigma2": "fp32"},
                    dict(**consts, BP=128))
     ce = compile_(km.ce_kernel, {"x_ptr": "*bf16", "ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32",
                                  "cw_ptr": "*fp32", "mask_ptr": "*fp32", "ps_ptr": "*fp32", "offs_ptr": "*i32",

@@ -1,7 +1,7 @@
 """The ``fastcolor`` command line (also ``python -m fastcolor``): argparse and one ``cmd_*``
 function per subcommand.
 
-Subcommands: ``colorize``, ``train``, ``eval``, ``bench``, ``demo``, ``info``. Each has
+Subcommands: ``colorize``, ``train``, ``eval``, ``bench``, ``demo``, ``export``, ``info``. Each has
 ``--help`` with examples. Exit status: 0 on success, 2 on bad usage or bad input (a
 one-line ``fastcolor: error: ...`` on stderr, no traceback), 1 when something failed
 while running (e.g. out of GPU memory), 130 when interrupted. ``--debug`` (anywhere on
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -24,8 +25,8 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -33,17 +34,31 @@ from fastcolor import __version__
 from fastcolor.app import bench
 from fastcolor.app.colorize_files import colorize_files, plan_colorize
 from fastcolor.app.demo import PHOTOS, run_demo
+from fastcolor.app.export import cmd_export
 from fastcolor.app.info import info_dict
-from fastcolor.app.messages import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, note,
-                                    one_line, say, warn)
+from fastcolor.app.messages import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    CLIError,
+    note,
+    one_line,
+    say,
+    warn,
+)
 from fastcolor.app.threads import idle_cpu_threads
 from fastcolor.app.weights import MODELS, load_weights, resolve_weights, split_matches_data
 from fastcolor.backends import BackendUnavailable
-from fastcolor.colorize import MemoryLimitError, is_out_of_memory
-from fastcolor.data import NoReadableImagesError, UnreadableImageError
-from fastcolor.io import DirectoryLockedError, DiskFullError, check_unlocked
-from fastcolor.metrics import evaluate
+from fastcolor.colorize import MemoryLimitError, decode_temperature, is_out_of_memory
+from fastcolor.data import TARGET_REDUCTIONS, NoReadableImagesError, UnreadableImageError
+from fastcolor.export import DEFAULT_OPSET, MIN_OPSET
+from fastcolor.io import DirectoryLockedError, DiskFullError, atomic_write_json, atomic_write_text, check_unlocked
+from fastcolor.metrics import evaluate, study_rows, study_table
 from fastcolor.models import PRESETS
+from fastcolor.monitor import MissingExtraError
+from fastcolor.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES, recipe_values
 from fastcolor.train import RUN_FILES, CheckpointError, TrainConfig, check_device, checkpoint_meta, train
 
 # ----------------------------------------------------------------------------- argparse
@@ -93,6 +108,32 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+#: What a flag taking "none" returns for it (None itself means "not given": the recipe's value).
+_NONE = "none"
+
+
+def _optional_positive_int(text: str) -> int | str:
+    return _NONE if text.lower() == _NONE else _positive_int(text)
+
+
+def _optional_size(text: str) -> int | str:
+    return _NONE if text.lower() == _NONE else _size(text)
+
+
+def _recipe_lines() -> str:
+    return "\n".join(f"  {r.name:<10} {r.summary}" for r in RECIPES.values())
+
+
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     # On subcommands the default is SUPPRESS so that `fastcolor --debug colorize ...` is not
     # overwritten by the subcommand's own default.
@@ -117,6 +158,7 @@ examples:
   fastcolor colorize old_photos/ -o colorized/ --weights runs/zhang
   fastcolor eval runs/zhang photos/
   fastcolor bench --device cpu
+  fastcolor export runs/zhang -o zhang.onnx        # the model + its decoding as one ONNX graph
   fastcolor info
 
 exit status: 0 success, 2 bad usage or bad input, 1 failure while running, 130 interrupted.
@@ -148,24 +190,31 @@ symbolic links) are skipped with a warning; the exit status is 0 if at least one
 image was colorized and 2 if none could be.
 
 No pretrained weights ship with fastcolor (none can be downloaded): train a model with
-'fastcolor train' (or run 'fastcolor demo') and pass its run directory to --weights.""",
+'fastcolor train' (or run 'fastcolor demo') and pass its run directory to --weights, or pass
+a local copy of the authors' released ECCV16 weights (colorization_release_v2-9b330a0b.pth,
+recognised by its keys; read without unpickling code). Those decode at temperature 1 by
+default, as the authors' PyTorch code does (a plain softmax); models trained with fastcolor
+at 0.38, the paper's; --temperature overrides both.""",
              """\
 examples:
   fastcolor colorize photo.jpg -o photo_color.png --weights runs/zhang
   fastcolor colorize scans/ more/old.png -o colorized/ --weights runs/zhang/model.safetensors
   fastcolor colorize scans/ -o colorized/ --weights demo_out/runs/fusion-small --device cpu
-  fastcolor colorize scans/ -o colorized/ --weights runs/zhang --temperature 0.2 --size 256""")
+  fastcolor colorize scans/ -o colorized/ --weights runs/zhang --temperature 0.2 --size 256
+  fastcolor colorize scans/ -o colorized/ --weights colorization_release_v2-9b330a0b.pth""")
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (one input) or folder")
     p.add_argument("--weights", metavar="PATH",
-                   help="a run directory from 'fastcolor train', its model.safetensors, or a checkpoint")
+                   help="a run directory from 'fastcolor train', its model.safetensors, a checkpoint, or the "
+                        "authors' released ECCV16 weights (colorization_release_v2-9b330a0b.pth)")
     p.add_argument("--model", choices=sorted(MODELS), metavar="{zhang,zhang-small,fusion,...}",
                    help="the kind of model expected; checked against --weights (and picks one run when "
                         "--weights is a folder of runs, e.g. demo_out)")
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="fusion: local weights file for the backbone (a path stored in --weights is never read)")
-    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, metavar="T",
-                   help="annealed-mean temperature, Zhang models only (default: %(default)s; lower = bolder)")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=None, metavar="T",
+                   help="annealed-mean temperature, Zhang models only (default: the model's: 0.38, the paper's, "
+                        "or 1 for the authors' released weights; lower = bolder)")
     p.add_argument("--size", type=_size, metavar="N", help="side the network sees (default: the model's training size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per forward pass "
@@ -189,16 +238,29 @@ prior and rarity weights, atomically written checkpoints after every epoch
 metrics.jsonl, loss_curve.png and result.json. Training stops early when the validation
 loss stops improving (--patience).
 
+--recipe NAME starts from a named, complete set of hyper-parameters; every flag below
+overrides its one value. The recipe and the resolved settings are printed at the start and
+recorded in RUN_DIR/train_config.json. Recipes (fastcolor.recipes):
+{recipes}
+
 A run directory that already holds a checkpoint is only continued with --resume, or
 started afresh with --restart (which deletes the earlier run's checkpoints, split, prior,
 metrics and model). A run directory is used by one training process at a time: a second
 one refuses, naming the first one's pid. A split or prior left by an earlier attempt on other
 data is made anew (with --resume: refused, saying what changed).
 Fusion models use a torchvision backbone with RANDOM weights unless --backbone-weights
-names a local file (nothing is downloaded; pass it again with --resume).""",
+names a local file (nothing is downloaded; pass it again with --resume).
+
+Under torchrun (torchrun --standalone --nproc_per_node=G -m fastcolor train ...) every
+process trains on its share of the images in batches of --batch-size, gradients averaged by
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs); only rank 0 prints and writes the run
+directory. See the README (torchrun) for several machines.""".replace("{recipes}", _recipe_lines()),
              """\
 examples:
   fastcolor train photos/ --out runs/zhang                      # zhang-small, rebalanced loss
+  fastcolor train photos/ --recipe zhang2016 --out runs/eccv16  # the authors' solver settings
+  fastcolor train photos/ --recipe zhang2016 --max-steps 5000 --lr-milestones 2250 --out runs/z
+  fastcolor train photos/ --recipe study --nongray --target-reduction subsample --out runs/s
   fastcolor train photos/ --model fusion-small --out runs/fusion --epochs 20
   fastcolor train photos/ --model zhang --size 256 --class beach --class forest --out runs/z256
   fastcolor train photos/ --out runs/zhang --resume             # continue after an interruption
@@ -207,14 +269,46 @@ then:
   fastcolor colorize old/ -o colorized/ --weights runs/zhang""")
     p.add_argument("data", metavar="DATA", help="folder of images, or of one subfolder per class")
     p.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--model", choices=sorted(MODELS), default="zhang-small", metavar="{zhang,zhang-small,fusion,...}",
-                   help=f"one of {', '.join(MODELS)} (default: %(default)s)")
-    p.add_argument("--loss", choices=["auto", "rebalanced", "ce", "mse"], default="auto",
-                   help="rebalanced/ce for Zhang models, mse for fusion (default: auto = rebalanced or mse)")
-    p.add_argument("--epochs", type=_positive_int, default=40, metavar="E", help="default: %(default)s")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
-    p.add_argument("--size", type=_size, metavar="N", help="training image side (default: the model's, e.g. 128 "
+    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="the hyper-parameters to start from (default: %(default)s; see above)")
+    h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
+    h.add_argument("--model", choices=sorted(MODELS), metavar="{zhang,zhang-small,fusion,...}",
+                   help=f"one of {', '.join(MODELS)}")
+    h.add_argument("--loss", choices=["auto", "rebalanced", "ce", "mse"],
+                   help="rebalanced/ce for Zhang models, mse for fusion (auto: the recipe's, mse for fusion)")
+    h.add_argument("--epochs", type=_optional_positive_int, metavar="E", help="epochs in all, or 'none' (no limit)")
+    h.add_argument("--max-steps", type=_optional_positive_int, metavar="S",
+                   help="optimiser steps in all, or 'none' (no limit)")
+    h.add_argument("--batch-size", type=_positive_int, metavar="B")
+    h.add_argument("--size", type=_size, metavar="N", help="training image side (default: the model's, e.g. 128 "
                    "for zhang-small); recorded in the model, so colorize uses it too")
+    h.add_argument("--crop-size", type=_optional_size, metavar="N", help="train on random NxN crops of the --size "
+                   "images (validation: the centre crop), or 'none'")
+    h.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="random horizontal mirroring")
+    h.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random zoom, rotation, shear and flip (--no-augment: none)")
+    h.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    h.add_argument("--betas", type=_positive_float, nargs=2, metavar=("B1", "B2"), help="Adam betas")
+    h.add_argument("--weight-decay", type=_nonnegative_float, metavar="WD", help="Adam L2 weight decay")
+    h.add_argument("--lr-milestones", type=_positive_int, nargs="*", metavar="S",
+                   help="multiply the learning rate by --lr-gamma at each of these steps (none given: constant)")
+    h.add_argument("--lr-gamma", type=_positive_float, metavar="G", help="the factor at each milestone")
+    h.add_argument("--patience", type=_optional_positive_int, metavar="P",
+                   help="early-stopping patience in epochs, or 'none' (no early stopping)")
+    h.add_argument("--min-delta", type=_nonnegative_float, metavar="D",
+                   help="an improvement is a validation loss lower by at least D")
+    h.add_argument("--keep-best", action=argparse.BooleanOptionalAction,
+                   help="model.safetensors = the best epoch by validation loss (--no-keep-best: the final weights)")
+    h.add_argument("--split", type=_positive_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the split (per class)")
+    h.add_argument("--prior-lambda", dest="prior_lam", type=_nonnegative_float, metavar="LAM",
+                   help="rarity weights: mix of the prior and the uniform distribution")
+    h.add_argument("--prior-sigma", type=_positive_float, metavar="SIGMA", help="Gaussian smoothing of the prior")
+    h.add_argument("--nongray", action=argparse.BooleanOptionalAction,
+                   help="no loss for grey images (|a|, |b| <= 5 everywhere), as the authors trained")
+    h.add_argument("--target-reduction", choices=list(TARGET_REDUCTIONS),
+                   help="the ab target at the output's resolution: subsample (top-left pixel of each block, the "
+                        "authors') or area (block means, fastcolor v1)")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
                    help="train on this class subfolder only (repeatable)")
     p.add_argument("--workers", type=int, default=2, metavar="W", help="data loader processes (default: %(default)s)")
@@ -222,47 +316,69 @@ then:
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--restart", action="store_true", help="start a new run in RUN_DIR: delete the files of the "
                    "earlier run there first (checkpoints, split, prior, metrics, model)")
-    p.add_argument("--lr", type=_positive_float, default=3e-4, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--patience", type=_positive_int, default=7, help="early-stopping patience in epochs "
-                   "(default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--max-steps-per-epoch", type=_positive_int, metavar="S", help="cut epochs short (quick tries)")
+    p.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
+                   help="read the loss (progress bar, finiteness check) every N steps (default: %(default)s)")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="write TensorBoard events (losses, lr, colorized validation images) to DIR "
+                        "(default: RUN_DIR/tensorboard); needs pip install 'fastcolor[tensorboard]'")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: SyncBatchNorm (default: BatchNorm statistics from rank 0)")
     p.add_argument("--backbone-weights", metavar="FILE", help="fusion: local weights file for the backbone")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips/rotations/zooms")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     # -- eval -----------------------------------------------------------------------------------
     p = _sub(subs, "eval", "metrics tables of a trained model",
              """\
-Evaluate a trained model on DATA and print the metrics tables (per class and split):
-313-bin and coarse accuracy and cross-entropy (Zhang models), ab MSE and R^2, raw and
+Evaluate a trained model on DATA and print the metrics tables (per class and split).
+First the seed study's table in its layout (per class a train and a test row, then the
+mean of the classes): 313-bin accuracy and cross-entropy against the k = 5 soft target
+for a Zhang model, MSE on ab/128 and R^2 pooled over a and b for a fusion model (see
+docs/REPRODUCING.md). Then all metrics: 313-bin and coarse accuracy, soft and hard
+(nearest-bin) cross-entropy (Zhang models), ab MSE, pooled and per-channel R^2, raw and
 class-rebalanced AuC, PSNR, SSIM and colourfulness. metrics.md, metrics.json and
 comparison.png are written to --out (default: RUN_DIR/eval).
 
 With a run directory and the DATA it was trained on, its own split is used (--split);
-on any other folder every image in it is evaluated (split 'all').""",
+on any other folder every image in it is evaluated (split 'all').
+
+Several runs (e.g. one per class, as the study trained its models) are each evaluated
+on their own split into --out/<run name>/ (default --out: their common folder's eval/),
+and their rows are joined into one study table per kind of model (Zhang, fusion),
+printed and written to --out/study.md and study.json.""",
              """\
 examples:
   fastcolor eval runs/zhang photos/
   fastcolor eval runs/zhang photos/ --json > metrics.json
   fastcolor eval runs/zhang holiday_photos/ --compare runs/fusion --out eval_holiday
-  fastcolor eval runs/zhang/model.safetensors photos/ --split all --max-images 50""")
-    p.add_argument("weights", metavar="RUN_DIR_or_WEIGHTS", help="run directory or model/checkpoint file")
+  fastcolor eval runs/zhang places/ --compare runs/fusion   # both of the study's tables
+  fastcolor eval runs/zhang/model.safetensors photos/ --split all --max-images 50
+  fastcolor eval runs/study/*/ places/       # per-class runs: the study's two tables, joined""")
+    p.add_argument("weights", nargs="+", metavar="RUN_DIR_or_WEIGHTS",
+                   help="run directory or model/checkpoint file; several (e.g. one run per class, as the study "
+                        "trained) are each evaluated on their own split, and their study tables joined")
     p.add_argument("data", metavar="DATA", help="folder of images")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown tables")
     p.add_argument("--out", "-o", metavar="DIR", help="where to write metrics.md/json and comparison.png")
-    p.add_argument("--compare", metavar="RUN", help="a second model, shown next to the first in the grid")
+    p.add_argument("--compare", metavar="RUN", help="a second model (e.g. the fusion run beside the Zhang run): "
+                   "its tables too, and its colorizations next to the first's in the grid")
     p.add_argument("--split", nargs="+", choices=["train", "val", "test", "all"], default=["train", "test"],
                    help="splits of the run to evaluate, or 'all' images in DATA (default: train test)")
-    p.add_argument("--temperature", "-T", type=_positive_float, default=0.38, metavar="T", help="default: %(default)s")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=None, metavar="T",
+                   help="annealed-mean temperature of Zhang models (default: the model's own: 0.38, the paper's; 1 "
+                        "for the authors' released weights)")
     p.add_argument("--max-images", type=_positive_int, metavar="N", help="at most N images per split")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default: %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="fusion: local weights file for the backbone (a path stored in a weights file is never read)")
+    p.add_argument("--target-reduction", choices=["subsample", "area"], metavar="{subsample,area}",
+                   help="how the true ab is reduced to the logits' size for the 313-bin metrics (default: the run's, "
+                        "else subsample)")
     p.set_defaults(func=cmd_eval)
 
     # -- bench ----------------------------------------------------------------------------------
@@ -270,16 +386,21 @@ examples:
              """\
 Time soft-encoding, the fused rebalanced cross-entropy (forward + backward) and the
 annealed-mean decoding on every backend available on the device, and print the speed-up
-of each over the torch baseline (delegates to 'python -m fastcolor.bench'). Arguments
-after the ones below are passed on to fastcolor.bench (see 'python -m fastcolor.bench --help').""",
+of each over the torch baseline (delegates to 'python -m fastcolor.bench'). --train-step
+times a whole Adam step of ZhangNet and ZhangNet.small with the fused loss, the plain
+PyTorch loss, the authors' CPU k-NN target and no loss. Arguments after the ones below
+are passed on to fastcolor.bench (see 'python -m fastcolor.bench --help').""",
              """\
 examples:
   fastcolor bench --device cpu                  # torch vs cpp vs numba, a minute or two
   fastcolor bench --device cpu --quick          # tiny shapes: seconds
   fastcolor bench --device cuda --shapes zhang  # torch vs triton vs cuda at Zhang's training shape
+  fastcolor bench --train-step --device cpu     # the training-step table, about 3 minutes
+  fastcolor bench --device cuda                 # everything, per mode and the training step: ~5 minutes
   fastcolor bench --json > bench.json""")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: %(default)s (cuda when there is a GPU)")
+    p.add_argument("--train-step", action="store_true", help="only the training-step table")
     p.add_argument("--json", action="store_true", help="print every number as JSON on stdout (the table goes to "
                    "stderr)")
     p.set_defaults(func=cmd_bench)
@@ -310,6 +431,43 @@ examples:
                         "coffee, rocket, hubble_deep_field, immunohistochemistry, retina or motorcycle "
                         "(default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    # -- export ---------------------------------------------------------------------------------
+    p = _sub(subs, "export", "write a trained model and its decoding as one ONNX file",
+             """\
+Write a trained model and its decoding as one ONNX graph that any ONNX runtime runs
+(standard operators only; no fastcolor needed to run it).
+
+Input 'L': float32 (N, 1, S, S), the Lab lightness in 0..100 at the network's input
+size S = --size (default: the size the model was trained at); the batch size N is free.
+Output 'ab': float32 (N, 2, S/4, S/4) for a Zhang model, (N, 2, S, S) for a fusion model:
+the predicted a and b in Lab units at the NETWORK'S OUTPUT RESOLUTION. Resize ab to your
+photo and join it with the photo's own L (README, section Export, shows how).
+A Zhang model is decoded inside the graph with the annealed mean at --temperature
+(softmax(logits / T) times the table of the 313 bin centres). A fusion model exports with
+its backbone inside the graph. The file is written atomically; an existing one is
+replaced only with --overwrite. Needs the packages onnx and onnxscript
+(pip install 'fastcolor[onnx]').""",
+             """\
+examples:
+  fastcolor export runs/zhang -o zhang.onnx
+  fastcolor export runs/zhang/model.safetensors -o zhang256.onnx --size 256 --temperature 0.3
+  fastcolor export colorization_release_v2-9b330a0b.pth -o eccv16.onnx   # the authors' weights, T = 1""")
+    p.add_argument("weights", metavar="RUN_OR_WEIGHTS", help="run directory, model or checkpoint file (as --weights "
+                   "of colorize)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--temperature", "-T", type=_positive_float, default=None, metavar="T",
+                   help="annealed-mean temperature of a Zhang model (default: the model's own: 0.38, the paper's; "
+                        "1 for the authors' released weights)")
+    p.add_argument("--size", type=_size, metavar="N", help="square input size of the graph, a multiple of 8 "
+                   "(default: the model's training size)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="K",
+                   help=f"ONNX opset to write, {MIN_OPSET} or newer (default: %(default)s)")
+    p.add_argument("--model", choices=sorted(MODELS), help="with a folder of several runs: which kind to pick")
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="fusion: local weights file for the backbone (a path stored in a weights file is never read)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
 
     # -- info -----------------------------------------------------------------------------------
     p = _sub(subs, "info", "version, build and the backends available per device",
@@ -388,7 +546,8 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     if is_out_of_memory(exc):
         return EXIT_FAILURE, f"ran out of memory: {exc}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
-        return EXIT_USAGE, f"{exc.strerror or 'no such file or directory'}: {exc.filename}" if exc.filename else str(exc)
+        detail = f"{exc.strerror or 'no such file or directory'}: {exc.filename}" if exc.filename else str(exc)
+        return EXIT_USAGE, detail
     if isinstance(exc, (ValueError, BackendUnavailable, PermissionError, UnreadableImageError)):
         return EXIT_USAGE, str(exc)
     return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
@@ -428,7 +587,7 @@ def cmd_colorize(args) -> int:
     device = _device(args.device)
     model = load_weights(str(weights), args.model, device, backbone_weights=args.backbone_weights)
     size = args.size or int(model.config["input_size"])
-    if model.config["arch"] == "fusion" and args.temperature != 0.38:
+    if model.config["arch"] == "fusion" and args.temperature is not None:
         note("--temperature has no effect on a fusion model (it regresses ab directly)")
     late: list[str] = []
 
@@ -446,8 +605,9 @@ def cmd_colorize(args) -> int:
         where = written[0] if len(written) == 1 else Path(args.output)
         extra = f"; skipped {n_skip} unreadable" if n_skip else ""
         extra += f"; left {existing} existing" if existing else ""
+        temp = f", T {args.temperature or decode_temperature(model):g}" if model.config["arch"] == "zhang" else ""
         say(f"colorized {len(written)} image(s) -> {where} in {time.perf_counter() - t0:.1f} s "
-            f"({model.config['arch']} model, size {size}, {device}{extra})")
+            f"({model.config['arch']} model, size {size}{temp}, {device}{extra})")
     return EXIT_OK
 
 
@@ -468,10 +628,74 @@ def _damaged_checkpoint(args, exc: CheckpointError) -> CLIError:
                     f"split and prior), or choose another --out")
 
 
+#: --flag dest -> TrainConfig field, for the hyper-parameters a recipe sets (--model, --loss and
+#: --size are resolved on their own).
+_HYPER_FLAGS = {name: name for name in HYPERPARAMETERS if name not in ("model", "loss", "image_size")}
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _silent(msg: str = "") -> None:
+    """What say/note become on ranks other than 0 under torchrun: only rank 0 speaks."""
+
+
+def _train_config(args, data: Path, run: Path) -> tuple[TrainConfig, str]:
+    """The TrainConfig of ``fastcolor train``: the recipe's values, each flag given on top; and the
+    CLI name of the model."""
+    values = recipe_values(args.recipe)
+    names = {v: k for k, v in MODELS.items()}
+    model_name = args.model or names.get(values["model"], values["model"])
+    config = dict(PRESETS[MODELS[model_name]])
+    arch = config["arch"]
+    default_loss = recipe_values(args.recipe, MODELS[model_name])["loss"]
+    loss = default_loss if args.loss in (None, "auto") else args.loss
+    if (arch == "fusion") != (loss == "mse"):
+        raise CLIError(f"--loss {loss} does not fit --model {model_name}: use rebalanced or ce for Zhang models, "
+                       f"mse for fusion models")
+    size = args.size or values["image_size"]
+    if size:
+        config["input_size"] = size
+    overrides = {}
+    for dest, name in _HYPER_FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            overrides[name] = None if v == _NONE else (tuple(v) if isinstance(v, list) else v)
+    tensorboard = None if args.tensorboard is None else (args.tensorboard or str(run / "tensorboard"))
+    try:
+        cfg = TrainConfig.from_recipe(
+            args.recipe, data_dir=str(data), run_dir=str(run), model=config, loss=loss, image_size=size,
+            classes=args.classes, seed=args.seed, workers=args.workers, resume=True, restart=args.restart,
+            device=args.device, precision=args.precision, backbone_weights=args.backbone_weights,
+            max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet, log_every=args.log_every,
+            tensorboard=tensorboard, sync_bn=args.sync_bn, **overrides)
+    except ValueError as exc:  # e.g. --epochs none without --max-steps: name the flag
+        field = str(exc).split(" ", 1)[0].rstrip(":")
+        flag = "--" + ({"image_size": "size", "prior_lam": "prior-lambda"}.get(field, field)).replace("_", "-")
+        raise CLIError(f"{flag}: {exc}") from None
+    return cfg, model_name
+
+
+def _describe_config(cfg: TrainConfig) -> str:
+    """The resolved hyper-parameters on one line, as they are recorded in train_config.json."""
+    shown = {k: getattr(cfg, k) for k in HYPERPARAMETERS}
+    shown["model"] = cfg.model if isinstance(cfg.model, str) else {k: v for k, v in cfg.model.items()
+                                                                   if k != "backbone_weights"}
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())
+
+
 def cmd_train(args) -> int:
+    main_rank = _rank() == 0
+    say_, note_ = (say, note) if main_rank else (_silent, _silent)  # under torchrun only rank 0 speaks
     data, run = Path(args.data), Path(args.out)
     if not data.is_dir():
-        raise CLIError(f"DATA must be a folder of images, got {args.data!r} ({'not a folder' if data.exists() else 'no such folder'})")
+        why = "not a folder" if data.exists() else "no such folder"
+        raise CLIError(f"DATA must be a folder of images, got {args.data!r} ({why})")
     if run.resolve() == data.resolve() or data.resolve() in run.resolve().parents:
         raise CLIError(f"--out {args.out} is inside DATA {args.data}: its PNGs would be taken for training images; "
                        f"choose a run directory outside the data")
@@ -479,22 +703,25 @@ def cmd_train(args) -> int:
         check_device(args.device)
     except ValueError as exc:
         raise CLIError(f"--device {args.device}: {str(exc).split(': ', 1)[-1]}") from None
+    if args.sync_bn and not _device(args.device).startswith("cuda"):
+        raise CLIError(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only (torch {torch.__version__} "
+                       f"refuses CPU tensors), got --device {args.device} on a machine "
+                       f"{'with' if torch.cuda.is_available() else 'without'} a GPU; without --sync-bn every rank "
+                       f"takes rank 0's BatchNorm statistics after each epoch")
     if run.exists() and not run.is_dir():
         raise CLIError(f"--out {args.out} exists and is not a folder; choose a run directory")
-    check_unlocked(run, "training run")  # refuse early; train() holds the real lock
-    config = dict(PRESETS[MODELS[args.model]])
-    arch = config["arch"]
-    loss = args.loss if args.loss != "auto" else ("mse" if arch == "fusion" else "rebalanced")
-    if (arch == "fusion") != (loss == "mse"):
-        raise CLIError(f"--loss {loss} does not fit --model {args.model}: use rebalanced or ce for Zhang models, "
-                       f"mse for fusion models")
-    if args.size:
-        config["input_size"] = args.size
+    if main_rank:
+        check_unlocked(run, "training run")  # refuse early; train() holds the real lock
+    cfg, model_name = _train_config(args, data, run)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:  # say it before anything is done
+        raise CLIError("--tensorboard: the tensorboard package is not installed; install it with "
+                       "pip install 'fastcolor[tensorboard]'", EXIT_FAILURE)
+    arch, loss = cfg.model["arch"], cfg.loss
     last = run / "last.safetensors"
     if args.restart:
         old = [name for name in RUN_FILES if (run / name).exists()]
         if old:
-            note(f"--restart: deleting the earlier run's {', '.join(old)} in {args.out}")
+            note_(f"--restart: deleting the earlier run's {', '.join(old)} in {args.out}")
     elif last.exists():
         try:
             meta = checkpoint_meta(last)
@@ -503,27 +730,26 @@ def cmd_train(args) -> int:
         if not args.resume:
             raise CLIError(f"{args.out} already holds a run (last completed epoch {meta['epoch']}); pass --resume to "
                            f"continue it, --restart to start a new run there, or choose another --out")
-        note(f"resuming {args.out} from its last checkpoint")
+        note_(f"resuming {args.out} from its last checkpoint")
     elif args.resume:
-        note(f"nothing to resume in {args.out}: starting a new run")
+        note_(f"nothing to resume in {args.out}: starting a new run")
     if arch == "fusion" and not args.backbone_weights:
-        note("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
-             "file): expect it to help little")
-    cfg = TrainConfig(
-        data_dir=str(data), run_dir=str(run), model=config, loss=loss, classes=args.classes, image_size=args.size,
-        batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
-        augment=args.augment, workers=args.workers, resume=True, restart=args.restart, device=args.device,
-        precision=args.precision, backbone_weights=args.backbone_weights, max_steps_per_epoch=args.max_steps_per_epoch,
-        progress=not args.quiet)
+        note_("the fusion backbone has random weights (none can be downloaded; --backbone-weights takes a local "
+              "file): expect it to help little")
+    if not args.quiet:
+        note_(f"recipe {cfg.recipe}: {RECIPES[cfg.recipe].summary}")
+        note_(f"settings: {_describe_config(cfg)} (recorded in {run / 'train_config.json'})")
     t0 = time.perf_counter()
     try:
-        with idle_cpu_threads(_device(args.device)):
+        with idle_cpu_threads(_device(args.device), log=note_ if main_rank else None):
             res = train(cfg)
     except KeyboardInterrupt:
         if (run / "last.safetensors").is_file():
-            note(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
-                 f"command and --resume")
+            note_(f"the last completed epoch is saved in {run / 'last.safetensors'}; continue with the same "
+                  f"command and --resume")
         raise
+    except MissingExtraError as exc:  # --tensorboard without the package: says which extra to install
+        raise CLIError(f"--tensorboard: {exc}", EXIT_FAILURE) from exc
     except CheckpointError as exc:
         raise _damaged_checkpoint(args, exc) from exc
     except NoReadableImagesError as exc:
@@ -535,46 +761,102 @@ def cmd_train(args) -> int:
     first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
     new = [h for h in res.history if h["epoch"] > first]
     if not new:
-        say(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (--epochs {args.epochs})")
+        say_(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (epochs {cfg.epochs}, "
+             f"max_steps {cfg.max_steps})")
         return EXIT_OK
     for h in new:
         if not args.quiet:
-            say(f"epoch {h['epoch']:3d}  train {h['train_loss']:.4f}  val {h['val_loss']:.4f}"
-                f"{'  best' if h['best'] else ''}  ({h['seconds']:.1f} s)")
+            say_(f"epoch {h['epoch']:3d}  train {h['train_loss']:.4f}  val {h['val_loss']:.4f}"
+                 f"{'  best' if h['best'] else ''}  ({h['seconds']:.1f} s)")
     stop = " (stopped early)" if res.stopped_early else ""
-    say(f"trained {args.model} ({loss} loss) for {res.epochs_completed} epoch(s){stop} in "
-        f"{time.perf_counter() - t0:.0f} s; best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
-    say(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
-    say(f"next: fastcolor eval {run} {data}")
-    say(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
+    kept = "best validation loss" if cfg.keep_best else "final weights kept; best validation loss"
+    say_(f"trained {model_name} ({loss} loss, recipe {cfg.recipe}) for {res.epochs_completed} epoch(s){stop} in "
+         f"{time.perf_counter() - t0:.0f} s; {kept} {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+    say_(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
+    say_(f"next: fastcolor eval {run} {data}")
+    say_(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
     return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- eval
 
 
-def cmd_eval(args) -> int:
-    src = Path(args.weights)
-    if not src.exists():
-        raise CLIError(f"no such run directory or weights file: {args.weights}")
-    data = Path(args.data)
-    if not data.is_dir():
-        raise CLIError(f"DATA must be a folder of images, got {args.data!r}")
-    model_file = resolve_weights(args.weights)
+def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
+    """:func:`fastcolor.metrics.evaluate` of one run as the options say (its own split where DATA is its data)."""
+    if not Path(weights).exists():
+        raise CLIError(f"no such run directory or weights file: {weights}")
+    model_file = resolve_weights(weights)
     compare = str(resolve_weights(args.compare)) if args.compare else None
     run_dir = model_file.parent
-    out = Path(args.out) if args.out else run_dir / "eval"
+    out = out if out is not None else run_dir / "eval"
     device = _device(args.device)
     use_split = "all" not in args.split and split_matches_data(run_dir, data)
     if "all" not in args.split and (run_dir / "split.json").is_file() and not use_split:
         note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
     try:
         with idle_cpu_threads(device, log=None):
-            report = evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",),
-                              compare=compare, T=args.temperature, batch_size=args.batch_size, device=device,
-                              max_images=args.max_images, backbone_weights=args.backbone_weights)
+            return evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",),
+                            compare=compare, T=args.temperature, batch_size=args.batch_size, device=device,
+                            max_images=args.max_images, backbone_weights=args.backbone_weights,
+                            target_reduction=args.target_reduction)
     except NoReadableImagesError as exc:
         raise _no_images(args, exc) from exc
+
+
+def _eval_runs(args, data: Path) -> int:
+    """Several runs: each evaluated on its own split, their rows joined into one study table per kind of model."""
+    if args.compare:
+        raise CLIError("--compare takes one run beside one RUN_DIR; with several runs, list them all (the Zhang and "
+                       "the fusion runs): their study tables are joined per kind of model")
+    for w in args.weights:  # every run exists before any is evaluated
+        if not Path(w).exists():
+            raise CLIError(f"no such run directory or weights file: {w}")
+    runs = [resolve_weights(w).parent for w in args.weights]
+    root = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve() for r in runs])) / "eval"
+    rows: dict[str, list[dict]] = {}
+    seen: dict[tuple[str, str, str], Path] = {}
+    reports, names = [], set()
+    for w, run in zip(args.weights, runs, strict=True):
+        name, i = run.name, 1
+        while name in names:
+            i += 1
+            name = f"{run.name}-{i}"
+        names.add(name)
+        report = _eval_one(args, w, data, root / name)
+        arch = report["models"]["model"]["arch"]
+        for r in report["rows"]:
+            if r["class"] == "(all)":
+                continue
+            key = (arch, r["class"], r["split"])
+            if key in seen:
+                raise CLIError(f"class {r['class']!r} ({r['split']}) is evaluated by two {arch} runs, {seen[key]} and "
+                               f"{run}: give one run per class (e.g. trained with --class {r['class']})")
+            seen[key] = run
+            rows.setdefault(arch, []).append({**r, "run": str(run)})
+        reports.append({"run": str(run), "arch": arch, "files": report["files"]})
+    order = sorted(rows, key=lambda a: a != "zhang")  # Zhang's table first, as in the study
+    study = {arch: study_rows(rows[arch], arch) for arch in order}
+    md = ["# The seed study's tables, joined over the runs\n\n"]
+    for arch in order:
+        md.append(f"## {arch} ({len({r['run'] for r in rows[arch]})} runs; per class, then the mean of the classes)"
+                  f"\n\n{study_table(rows[arch], arch)}\n")
+    files = {"markdown": str(atomic_write_text(root / "study.md", "".join(md))),
+             "json": str(atomic_write_json(root / "study.json", {"study": study, "runs": reports}))}
+    if args.json:
+        say(json.dumps({"study": study, "runs": reports, "files": files}, indent=2, sort_keys=True, default=str))
+    else:
+        say("".join(md).rstrip())
+    note(f"wrote {', '.join(files.values())} (each run's own tables: {root}/<run>/metrics.md)")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    data = Path(args.data)
+    if not data.is_dir():
+        raise CLIError(f"DATA must be a folder of images, got {args.data!r}")
+    if len(args.weights) > 1:
+        return _eval_runs(args, data)
+    report = _eval_one(args, args.weights[0], data, Path(args.out) if args.out else None)
     if args.json:
         say(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
@@ -588,7 +870,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args, extra: Sequence[str] = ()) -> int:
     device = _device(args.device)
-    argv = ["--device", device, *extra]
+    argv = ["--device", device, *(["--train-step"] if args.train_step else []), *extra]
     if not args.json:
         return int(bench.main(argv) or 0)
     # the benchmark prints its table last; keep stdout pure JSON and show the table on stderr.

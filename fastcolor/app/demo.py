@@ -23,9 +23,10 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ def _plot_losses(results: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5 * len(results), 3.6), dpi=100)
-    for ax, (name, res) in zip(fig.subplots(1, len(results), squeeze=False)[0], results.items()):
+    for ax, (name, res) in zip(fig.subplots(1, len(results), squeeze=False)[0], results.items(), strict=True):
         epochs = [h["epoch"] + 1 for h in res.history]
         ax.plot(epochs, [h["train_loss"] for h in res.history], "o-", label="train")
         ax.plot(epochs, [h["val_loss"] for h in res.history], "s-", label="validation")
@@ -168,8 +169,9 @@ def _metrics_markdown(reports: dict[str, dict[str, Any]], names: dict[str, str],
              f"Models trained for {s.epochs} epoch(s) on {s.crops_per_photo} crops ({s.size}x{s.size}) of each of "
              f"{len(PHOTOS) - 1} scikit-image photos: a demonstration of the library, not a good colorizer. "
              "The fusion backbone has random weights (no pretrained weights can be downloaded).", ""]
+    heldout_images = _row(reports["heldout"], "model", "all")["images"]
     for title, (report, split) in {
-            f"Held-back photo ({held_out}, never trained on): {_row(reports['heldout'], 'model', 'all')['images']} crops":
+            f"Held-back photo ({held_out}, never trained on): {heldout_images} crops":
                 (reports["heldout"], "all"),
             "Test split of the training photos' crops (other crops of photos seen in training)":
                 (reports["test"], "test")}.items():
@@ -205,7 +207,8 @@ def run_bench(batch: int, side: int, log: Callable[[str], None] = print) -> dict
     lines = [f"CPU, float32 logits {batch}x{Q}x{side}x{side}, median of a few runs (wall clock), "
              f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores. "
              f"A quick look on a possibly busy machine: bench/RESULTS.md has careful numbers.", "",
-             "| op | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(f"{n} speed-up" for n in fast) + " |",
+             "| op | " + " | ".join(f"{n} ms" for n in names) + " | "
+             + " | ".join(f"{n} speed-up" for n in fast) + " |",
              "|---|" + "---|" * (len(names) + len(fast))]
     for op, label in BENCH_OPS.items():
         row = ms[op]
@@ -224,7 +227,8 @@ def _bench(out: Path, s: DemoSettings, log: Callable[[str], None]) -> dict[str, 
         log(msg)
         return {"bench": atomic_write_text(out / "bench.md", msg + "\n")}
     log(res["markdown"].rstrip())
-    return {"bench_md": atomic_write_text(out / "bench.md", "# fastcolor demo: quick CPU benchmark\n\n" + res["markdown"]),
+    bench_md = atomic_write_text(out / "bench.md", "# fastcolor demo: quick CPU benchmark\n\n" + res["markdown"])
+    return {"bench_md": bench_md,
             "bench_json": atomic_write_json(out / "bench.json", {k: v for k, v in res.items() if k != "markdown"})}
 
 
