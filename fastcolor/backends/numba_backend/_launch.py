@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from fastcolor.backends.numba_backend._jit import claim_index, jit, numba
+from fastcolor.gamut import Q
 
 #: Pixels per tile (the inner, vectorised loop length).
 TILE = 128
@@ -64,3 +65,13 @@ def tile_at(t, tpi, P):
     n = t // tpi
     p0 = (t - n * tpi) * TILE
     return n, p0, min(TILE, P - p0)
+
+
+@jit
+def next_tile_base(t, t1, tpi, P):
+    """Where the logits of the worker's next tile (t + 1, if < t1, the chunk's end) start:
+    ``n * 313 * P + p0``, or -1 when this is the chunk's last tile (see ``_jit.prefetch``)."""
+    if t + 1 >= t1:
+        return -1
+    n, p0, _ = tile_at(t + 1, tpi, P)
+    return n * Q * P + p0

@@ -1,4 +1,4 @@
-"""float32 exp and log that vectorise, and the per-tile max shared by the loss and the decode.
+"""float32 exp and log that vectorise, and the tile load + max shared by the loss and the decode.
 
 numba has no vector math library here (no SVML), and LLVM does not vectorise a call to
 ``expf``/``logf``: :func:`fexp` and :func:`flog` are branch-free Cephes polynomials (selects
@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastcolor.backends.numba_backend._jit import ijit, jit, mant_expo, pow2_of_magic, tjit, widen
+from fastcolor.backends.numba_backend._jit import (
+    ijit,
+    jit,
+    mant_expo,
+    max_skip_nan,
+    pow2_of_magic,
+    prefetch,
+    prefetch_write,
+    tjit,
+    widen,
+)
+from fastcolor.backends.numba_backend._launch import TILE
 from fastcolor.gamut import Q
 
 _F = np.float32
@@ -29,17 +40,25 @@ NINF, INF, NAN = _F(-np.inf), _F(np.inf), _F(np.nan)
 
 
 @jit
-def _exp_reduced(xc):
+def _exp_poly(xc, log2e, magic, ln2_hi, ln2_lo, e0, e1, e2, e3, e4, e5, one):
     """exp(xc) for float32 xc in [-87, 88] (clamped by the caller): round(xc / ln 2) by the
     1.5 * 2^23 trick, Cody-Waite ln 2 = C1 + C2, a degree-5 polynomial, the power of two put
-    into the exponent bits. A NaN xc gives NaN."""
-    t = xc * _LOG2E + _MAGIC  # round(x / ln 2) lands in the low mantissa bits
-    n = t - _MAGIC
-    r = xc - n * _LN2_HI
-    r = r - n * _LN2_LO
-    p = ((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5
-    p = p * (r * r) + r + ONE
+    into the exponent bits. A NaN xc gives NaN. The constants are arguments only so that the
+    hot loops can pass them from an array (see :func:`exp_constants`); every caller passes
+    the module's constants, and this is the one place the polynomial is written."""
+    t = xc * log2e + magic  # round(x / ln 2) lands in the low mantissa bits
+    n = t - magic
+    r = xc - n * ln2_hi
+    r = r - n * ln2_lo
+    p = ((((e0 * r + e1) * r + e2) * r + e3) * r + e4) * r + e5
+    p = p * (r * r) + r + one
     return p * pow2_of_magic(t)
+
+
+@jit
+def _exp_reduced(xc):
+    """:func:`_exp_poly` with the module's constants (folded in by LLVM)."""
+    return _exp_poly(xc, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _E0, _E1, _E2, _E3, _E4, _E5, ONE)
 
 
 @ijit
@@ -67,6 +86,30 @@ def fexp_nonpos(x):
     xc = _EXP_LO if x < _EXP_LO else x
     y = _exp_reduced(xc)
     return ZERO if x < _EXP_LO else y
+
+
+@jit
+def exp_constants():
+    """The constants of :func:`fexp_nonpos_from` (-87 and the polynomial's), a tuple of 12
+    float32 that a worker makes once and passes down to its per-tile functions."""
+    return (_EXP_LO, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _E0, _E1, _E2, _E3, _E4, _E5, ONE)
+
+
+@jit
+def fexp_nonpos_from(x, K):
+    """:func:`fexp_nonpos` bit for bit, its constants taken from ``K = exp_constants()``.
+
+    Why: with constants, LLVM has more values than AVX2's 16 vector registers in the exp
+    loops and re-creates each constant in every iteration from the constant pool (numba's
+    large code model: an address load and a broadcast, two instructions each, ~24 of the ~52
+    per 8 logits). A per-tile function (a real call: see ``_jit.tjit``) receives ``K`` as
+    arguments, values that cannot be re-created, so they stay in registers or are spilled
+    once and read by the FMA itself. (Read from an array instead, they could alias the
+    loop's stores, and LLVM no longer vectorised the loop.)"""
+    lo = K[0]
+    xc = lo if x < lo else x
+    y = _exp_poly(xc, K[1], K[2], K[3], K[4], K[5], K[6], K[7], K[8], K[9], K[10], K[11])
+    return ZERO if x < lo else y
 
 
 @ijit
@@ -98,13 +141,32 @@ def flog(x):
 
 
 @tjit
-def tile_max(x, xb, P, tw, mx):
-    """mx[j] = max over the 313 classes of x[xb + q * P + j] (NaN skipped; caught later)."""
+def tile_load_max(x, xb, P, tw, Y, mx):
+    """Y[q * TILE + j] = x[xb + q * P + j] as float32 and mx[j] its max over the 313 classes
+    (NaN skipped; caught later): one read of the tile's logits, into a contiguous buffer
+    that the next passes find in L2."""
     for j in range(tw):
         mx[j] = NINF
     for q in range(Q):
         xq = x[xb + q * P: xb + q * P + tw]
+        yq = Y[q * TILE: q * TILE + tw]
         for j in range(tw):
             v = widen(xq[j])
-            m = mx[j]
-            mx[j] = v if v > m else m
+            yq[j] = v
+            mx[j] = max_skip_nan(mx[j], v)
+
+
+@jit
+def prefetch_row(x, base, tw):
+    """Prefetch ``x[base: base + tw]`` (one class row of a tile), a line (64 bytes) at a time;
+    nothing when base < 0 (no next tile)."""
+    if base >= 0:
+        for c in range(0, tw, 64 // x.itemsize):
+            prefetch(x, base + c)
+
+
+@jit
+def prefetch_row_for_write(x, base, tw):
+    """:func:`prefetch_row` with the intent to write (the gradient's rows)."""
+    for c in range(0, tw, 64 // x.itemsize):
+        prefetch_write(x, base + c)
