@@ -39,7 +39,7 @@ PYTEST_RC := $(VENV)/.pytest-exit
 # Lint first (about a second): a lint failure stops make test before pytest, with make's status.
 test: $(EXT_STAMP) lint
 	@rm -f $(PYTEST_RC)
-	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS) \
+	$(PY) -m pytest -q tests fastcolor --doctest-modules -m "not slow" $(PYTEST_ARGS) \
 	  || { rc=$$?; echo $$rc > $(PYTEST_RC); echo "pytest exited with $$rc"; exit $$rc; }
 
 LINT_PATHS ?= fastcolor tests bench setup.py
