@@ -212,8 +212,8 @@ def ab_r2_pooled(pred_ab: torch.Tensor, true_ab: torch.Tensor) -> torch.Tensor:
     ``SS_res = sum (t - p)^2`` and ``SS_tot = sum (t - mean(t))^2``, both summed over the two
     channels and every pixel, ``mean(t)`` taken over a and b together: the coefficient the
     seed study reported for its fusion model (e.g. 0.494 on the Forest road test split). The
-    study's formula is given in issue 15; how its code grouped pixels (per image or per batch)
-    is not, so fastcolor computes it per image and :func:`evaluate` averages the images. The
+    study's report gives the formula; how its code grouped pixels (per image or per batch)
+    it does not, so fastcolor computes it per image and :func:`evaluate` averages the images. The
     channel offset (a's mean minus b's) counts as explained variance here, so this is higher
     than :func:`ab_r2_per_channel` whenever a and b have different means. Scale-free (ab or
     ab / 128 give the same). ``pred_ab``, ``true_ab``: (N, 2, H, W) in Lab units. NaN for an

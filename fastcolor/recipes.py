@@ -74,8 +74,8 @@ class Recipe:
         object.__setattr__(self, "fusion", MappingProxyType(dict(self.fusion)))
 
 
-_ISSUE = "issue 15's facts about the authors' solver and training prototxt"
-_REPORT = "the study's report (issue 15's facts)"
+_ISSUE = "the authors' released Caffe solver and training net (richzhang/colorization)"
+_REPORT = "the seed study's report"
 
 ZHANG2016 = Recipe(
     name="zhang2016",
