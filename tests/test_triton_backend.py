@@ -343,6 +343,93 @@ def test_cpu_needs_the_interpreter_and_auto_never_picks_it(monkeypatch):
     assert backends.resolve("auto", "cpu") != "triton"
 
 
+# ----------------------------------------------------------------------------- the persistent loss kernel
+
+
+@pytest.fixture
+def persistent(monkeypatch):
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "persistent")
+
+
+@pytest.mark.parametrize("shape,dtype,weighted,nongray,reduction", [
+    ((1, Q, 3, 5), torch.float32, True, False, "mean"),
+    ((3, Q, 3, 5), torch.float16, False, True, "sum"),
+    ((2, Q, 7, 9), torch.float32, True, True, "none"),
+] + ([((2, Q, 7, 9), torch.bfloat16, True, True, "mean")] if CUDA else []))
+def test_persistent_loss_matches_reference(dev, persistent, shape, dtype, weighted, nongray, reduction):
+    """FASTCOLOR_TRITON_LOSS=persistent through the public op: loss and gradient against the float64
+    reference, odd shapes (3 images on 2 interpreter programs: one loops over two tiles)."""
+    n, _, h, w = shape
+    g = torch.Generator().manual_seed(n * h)
+    logits = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    ab = torch.cat([_gamut_ab(n, h * w - 4, n), _ab(n, 4, h)], dim=2).reshape(n, 2, h, w)
+    ab[0] = ab[0] / 40  # a grey image
+    cw = torch.rand(Q, generator=g) * 4 + 0.1 if weighted else None
+    x = logits.to(dev).clone().requires_grad_(True)
+    loss = fc.rebalanced_cross_entropy(x, ab.to(dev), None if cw is None else cw.to(dev), k=5, reduction=reduction,
+                                       nongray=nongray, backend="triton")
+    go = torch.rand(loss.shape, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    loss.backward(go.float().to(dev))
+    want, want_g = R.rebalanced_cross_entropy(logits.double().numpy(), ab.double().numpy(),
+                                              None if cw is None else cw.double().numpy(), 5, reduction=reduction,
+                                              nongray=nongray, grad_output=go.double().numpy())
+    np.testing.assert_allclose(loss.detach().cpu().double().numpy(), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(x.grad.cpu().double().numpy(), want_g, rtol=0,
+                               atol=GRAD_TOL[dtype] * np.abs(want_g).max())
+
+
+@pytest.mark.parametrize("encoded", [True, False], ids=["ab", "indices"])
+def test_persistent_kernel_equals_ce_kernel(dev, monkeypatch, encoded):
+    """The contract called directly with every scale, pixels of every kind (NaN/Inf ab included),
+    tiles of 32 pixels (three per image, the last one partial) on 2 programs: the loss and
+    gradient of ce_kernel to rounding (the online sum rounds differently), the NaN where it has
+    them, and the reference; forward-only gives the same loss (precomputed target)."""
+    ab = _mixed_ab(11)[..., :70]
+    n, _, p = ab.shape
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(n, Q, p, generator=g) * 3).to(dev)
+    if encoded:
+        target = dict(ab=ab.to(dev))
+    else:
+        idx, w = tb.soft_encode(ab.to(dev), k=5, sigma=5.0)
+        target = dict(indices=idx, weights=w)
+    common = dict(logits=x, class_weights=(torch.rand(Q, generator=g) + 0.1).to(dev),
+                  image_mask=torch.tensor([1.0, 0.5]).to(dev),
+                  pixel_scale=(torch.rand(n, p, generator=g) + 0.5).to(dev),
+                  k=5, grad_scale=0.75, **target)
+    want_l, want_g = tb.ce_forward(LossCall(**common))
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "persistent")
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"ce_persistent": (32, 4)})
+    loss, grad = tb.ce_forward(LossCall(**common))
+    torch.testing.assert_close(loss, want_l, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grad, want_g, rtol=1e-5, atol=1e-7, equal_nan=True)
+    ok = torch.isfinite(ab).all(1)
+    assert (~ok).any() and torch.equal(torch.isnan(loss.cpu()), ~ok)
+    gb = grad.cpu().permute(0, 2, 1)[~ok]  # NaN/Inf ab: NaN at bins 0..k-1 only (NaN weights)
+    assert torch.isnan(gb[:, :5]).all() and torch.isfinite(gb[:, 5:]).all()
+    ri, rw = R.soft_encode(ab.double().numpy(), 5)
+    rl, rg = _ref_loss(x.cpu(), ri, rw, common["class_weights"].cpu(),
+                       (common["image_mask"][:, None] * common["pixel_scale"]).cpu().double().numpy(), 0.75)
+    np.testing.assert_allclose(loss.cpu().double().numpy()[ok], rl[ok], rtol=2e-5, atol=2e-5 * np.abs(rl[ok]).max())
+    gm, rgm = grad.cpu().double().numpy().transpose(0, 2, 1)[ok], rg.transpose(0, 2, 1)[ok]
+    np.testing.assert_allclose(gm, rgm, rtol=0, atol=2e-5 * np.abs(rgm).max())
+    if not encoded:
+        loss2, grad2 = tb.ce_forward(LossCall(**common, need_grad=False))
+        assert grad2 is None
+        torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+
+
+def test_loss_mode(monkeypatch):
+    monkeypatch.delenv("FASTCOLOR_TRITON_LOSS", raising=False)
+    assert tb.loss_mode() == "registers"
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "Persistent")
+    assert tb.loss_mode() == "persistent"
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "fast")
+    with pytest.raises(ValueError, match="FASTCOLOR_TRITON_LOSS"):
+        tb.loss_mode()
+    assert tb.persistent_programs(torch.device("cpu")) == tb.INTERP_PROGRAMS
+
+
 # ----------------------------------------------------------------------------- the GPU build, without a GPU
 
 
@@ -394,9 +481,33 @@ def test_kernels_compile_for_sm90_without_contracted_distances(monkeypatch):
                   maxnreg=168)
     am = compile_(km.annealed_mean_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "cent_ptr": "*fp32", "P": "i32",
                                             "inv_t": "fp32"}, dict(IS_PROBS=True, BP=32))
-    for c in (enc, ce, am):
+    # The persistent loss kernel, bf16 and float32, with pointers and P known 16-divisible (as
+    # triton specialises them at launch for P % 16 == 0): 16-byte loads of the logits.
+    psig = {"x_ptr": "*bf16", "ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32", "cw_ptr": "*fp32",
+            "mask_ptr": "*fp32", "ps_ptr": "*fp32", "offs_ptr": "*i32", "tbins_ptr": "*i16", "cent_ptr": "*fp32",
+            "loss_ptr": "*fp32", "grad_ptr": "*bf16", "P": "i32", "T": "i32", "TPI": "i32",
+            "neg_inv_two_sigma2": "fp32", "grad_scale": "fp32"}
+    div16 = {(km.ce_persistent_kernel.arg_names.index(a),): [["tt.divisibility", 16]]
+             for a in ("x_ptr", "grad_ptr", "loss_ptr", "ab_ptr", "P")}
+    pers = []
+    for xt in ("*bf16", "*fp32"):
+        sig = dict(psig, x_ptr=xt, grad_ptr=xt, **{c: "constexpr" for c in consts})
+        sig.update({c: "constexpr" for c in ("ENCODE", "HAS_CW", "HAS_MASK", "HAS_PS", "WRITE_GRAD", "BP", "QC")})
+        pc = dict(**consts, ENCODE=True, HAS_CW=True, HAS_MASK=True, HAS_PS=True, WRITE_GRAD=True,
+                  BP=tb.config("ce_persistent", torch.float32)[0], QC=tb.PERSISTENT_CLASSES)
+        try:
+            pers.append(triton.compile(ASTSource(fn=km.ce_persistent_kernel, signature=sig, constexprs=pc,
+                                                 attrs=div16), target=target, options=dict(num_warps=4)))
+        except (RuntimeError, FileNotFoundError) as exc:
+            if "ptxas" in str(exc):
+                pytest.skip(f"no CUDA toolchain in this triton: {exc}")
+            raise
+    for c in pers:
+        assert re.search(r"\bld\.global(\.\w+)*\.v4\.b32\b", c.asm["ptx"]), "no 16-byte loads of the logits"
+        assert re.search(r"\bst\.global(\.\w+)*\.v[24]\.b32\b", c.asm["ptx"]), "no vector stores of the gradient"
+    for c in (enc, ce, am, *pers):
         assert c.asm["cubin"]
-    for c in (enc, ce):
+    for c in (enc, ce, *pers):
         ptx = c.asm["ptx"]
         # float32 (rule 1): d^2 and the weights' difference; float64 (rule 2): d^2
         assert len(re.findall(r"\bmul\.rn(\.ftz)?\.f32\b", ptx)) >= 4, "float32 distances not explicitly rounded"

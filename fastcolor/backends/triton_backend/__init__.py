@@ -5,6 +5,8 @@ Implements the backend contract of :mod:`fastcolor.backends` with the kernels of
 
 * ``ce_forward``: one read of the logits, one write of the per-pixel loss and of the gradient,
   the target soft-encoded on the fly (or read from precomputed ``indices``/``weights``);
+  ``FASTCOLOR_TRITON_LOSS=persistent`` picks the persistent, class-streaming kernel (see
+  :func:`loss_mode`);
 * ``annealed_mean``: one read of the logits or probabilities (``FASTCOLOR_TRITON_DECODE=stream``
   picks the kernel that streams the classes in chunks, see :func:`decode_mode`);
 * ``soft_encode``: the k nearest bins and their weights;
@@ -56,7 +58,7 @@ else:
 
 SUPPORTS_FLOAT64 = False
 
-#: experiment hook: {"ce" | "am" | "am_stream" | "enc": (BP, num_warps[, maxnreg])}
+#: experiment hook: {"ce" | "ce_persistent" | "am" | "am_stream" | "enc": (BP, num_warps[, maxnreg])}
 CONFIG_OVERRIDE: dict[str, tuple] = {}
 
 _lock = threading.Lock()
@@ -127,13 +129,13 @@ def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
 #: Interpreter (CPU tensors): pixels per program, at most. The interpreter runs each program's
 #: operations as numpy calls over the whole block, whose cost is mostly per call: big blocks, up
 #: to triton's 2^20 elements a tile ([16, BP] slots of the encoder, [256, BP] logits).
-INTERP_BLOCK = {"enc": 65536, "ce": 4096, "am": 4096, "am_stream": 4096}
+INTERP_BLOCK = {"enc": 65536, "ce": 4096, "ce_persistent": 4096, "am": 4096, "am_stream": 4096}
 
 
 def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | None = None
            ) -> tuple[int, int, int | None]:
     """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc",
-    "am_stream").
+    "am_stream", "ce_persistent": pixels per tile).
 
     The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
     4 warps, whatever the dtype. Capped at 168 registers (no spills for k <= 10, ptxas for sm_90),
@@ -155,6 +157,8 @@ def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | Non
     if device is not None and torch.device(device).type != "cuda":
         return (min(max(16, 1 << max(0, int(p) - 1).bit_length()), INTERP_BLOCK[kind]), 1, None)
     if kind == "am_stream":  # [32, 64] chunks: 16 values per thread a chunk (a first guess, untimed)
+        return (64, 4, None)
+    if kind == "ce_persistent":  # [32, 64] chunks, 16-byte loads along pixels (a first guess, untimed)
         return (64, 4, None)
     if kind == "enc":
         return (128, 4, None)
@@ -263,9 +267,54 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
             t.offsets, t.bins, bin_centres(dev), loss, grad if grad is not None else loss,
             p, -1.0 / (2.0 * float(call.sigma) ** 2), float(call.grad_scale))
     consts.update(ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None, HAS_PS=ps is not None,
-                  WRITE_GRAD=bool(call.need_grad), BP=cfg[0])
+                  WRITE_GRAD=bool(call.need_grad))
+    if loss_mode() == "persistent":
+        cfg = config("ce_persistent", logits.dtype, p, device=dev)
+        tpi = triton.cdiv(p, cfg[0])
+        tiles = n * tpi
+        grid = (min(tiles, persistent_programs(dev)),)
+        args = args[:12] + (p, tiles, tpi) + args[13:]
+        _launch(km.ce_persistent_kernel, grid, args, dict(consts, BP=cfg[0], QC=PERSISTENT_CLASSES), cfg, dev)
+        return loss, grad
+    consts.update(BP=cfg[0])
     _launch(km.ce_kernel, grid, args, consts, cfg, dev)
     return loss, grad
+
+
+#: Classes per chunk of the persistent loss kernel.
+PERSISTENT_CLASSES = 32
+#: Programs per SM of the persistent loss kernel on a GPU (a first guess, untimed).
+PERSISTENT_PROGRAMS_PER_SM = 4
+#: Programs of the persistent loss kernel in the interpreter (CPU tensors): a few, so that each
+#: loops over several tiles when the tiles are small.
+INTERP_PROGRAMS = 2
+
+_sm_count: dict[int, int] = {}
+
+
+def persistent_programs(device: torch.device) -> int:
+    """The most programs the persistent loss kernel launches on ``device``: SMs x
+    :data:`PERSISTENT_PROGRAMS_PER_SM` on a GPU (the SM count read once per device, a host
+    attribute, no sync), :data:`INTERP_PROGRAMS` in the interpreter."""
+    if device.type != "cuda":
+        return INTERP_PROGRAMS
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _sm_count:
+        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _sm_count[i] * PERSISTENT_PROGRAMS_PER_SM
+
+
+def loss_mode() -> str:
+    """"registers" (default: ``ce_kernel``, one program per ``BP`` pixels holding all 313 classes,
+    the kernel bench/RESULTS.md measured) or "persistent" (``ce_persistent_kernel``: persistent
+    programs over pixel tiles, the next tile's target encoded while this tile's logits load, the
+    classes streamed in chunks of :data:`PERSISTENT_CLASSES` with a running max and sum, the k
+    target entries folded into the one gradient store; checked against the reference in the
+    interpreter, not yet timed on a GPU), from ``FASTCOLOR_TRITON_LOSS``."""
+    mode = os.environ.get("FASTCOLOR_TRITON_LOSS", "registers").strip().lower() or "registers"
+    if mode not in ("registers", "persistent"):
+        raise ValueError(f"FASTCOLOR_TRITON_LOSS: expected 'registers' or 'persistent', got {mode!r}")
+    return mode
 
 
 def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:

@@ -449,3 +449,166 @@ def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl
     obase = out_ptr + n * 2 * P
     tl.store(obase + p, sa * inv_s, mask=pm)
     tl.store(obase + P + p, sb * inv_s, mask=pm)
+
+
+# ----------------------------------------------------------------------------- the persistent loss
+
+
+@jit
+def _tile_target(t, T, TPI, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
+                 K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, CELL: tl.constexpr,
+                 NSUB: tl.constexpr, ENCODE: tl.constexpr, BP: tl.constexpr):
+    """The target of tile ``t`` (image ``t // TPI``, pixels ``(t % TPI) * BP + [0, BP)``): (bins
+    [KP, BP] int32, weights [KP, BP] float32), encoded from ab or read; a tile ``t >= T`` (past the
+    last one) reads nothing and gives the target of ab = 0 (never stored)."""
+    n = (t // TPI).to(tl.int64)
+    p = (t % TPI).to(tl.int64) * BP + tl.arange(0, BP)
+    pm = (p < P) & (t < T)
+    kk = tl.arange(0, KP)[:, None]
+    if ENCODE:
+        abase = ab_ptr + n * 2 * P
+        a = tl.load(abase + p, mask=pm, other=0.0)
+        b = tl.load(abase + P + p, mask=pm, other=0.0)
+        sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
+    else:
+        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+        tm = (kk < K) & pm[None, :]
+        sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
+        z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
+    return sel_q, z
+
+
+@jit
+def ce_persistent_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr, tbins_ptr, cent_ptr,
+                         loss_ptr, grad_ptr, P, T, TPI, neg_inv_two_sigma2, grad_scale,
+                         K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                         CELL: tl.constexpr, NSUB: tl.constexpr, ENCODE: tl.constexpr, HAS_CW: tl.constexpr,
+                         HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                         BP: tl.constexpr, QC: tl.constexpr):
+    """The fused loss of ``ce_kernel`` by persistent programs over pixel tiles, the classes streamed
+    in chunks (an alternative to ``ce_kernel``; selected by ``FASTCOLOR_TRITON_LOSS=persistent``;
+    checked against the reference in the interpreter, not yet timed on a GPU).
+
+    Arguments (every tensor contiguous; N images, P pixels each):
+
+    * ``x_ptr``: ``(N, 313, P)`` logits, float32 / float16 / bfloat16.
+    * ``ab_ptr``: ``(N, 2, P)`` float32 target ab (read when ``ENCODE``).
+    * ``idx_ptr``, ``w_ptr``: ``(N, K, P)`` int32 bins and float32 weights of a precomputed target
+      (read when not ``ENCODE``; bins outside 0..312 are ignored).
+    * ``cw_ptr``: ``(313,)`` float32 class weights v (read when ``HAS_CW``), taken at the pixel's
+      nearest target bin.
+    * ``mask_ptr``: ``(N,)`` float32 image factor m (``HAS_MASK``); ``ps_ptr``: ``(N, P)`` float32
+      pixel factor s (``HAS_PS``).
+    * ``offs_ptr``, ``tbins_ptr``, ``cent_ptr``: the candidate table of ``K`` (int32 offsets,
+      int16 bins) and the float32 ``(313, 2)`` bin centres, for :func:`_knn`.
+    * ``loss_ptr``: ``(N, P)`` float32 out, the per-pixel loss ``m s v sum_j z_j (log S - x_j)``
+      (the reduction is the host's, on the device in a fixed order, as for ``ce_kernel``).
+    * ``grad_ptr``: ``(N, 313, P)`` out in the logits' dtype (written when ``WRITE_GRAD``).
+    * ``P``; ``T`` = ``N * TPI`` tiles, ``TPI`` = ``cdiv(P, BP)`` tiles per image (tile ``t`` is
+      image ``t // TPI``, pixels ``(t % TPI) BP ..``); ``neg_inv_two_sigma2`` = -1 / (2 sigma^2);
+      ``grad_scale`` (1 / pixels for a mean).
+    * ``K``, ``KP`` (the next power of two, >= 2), ``LO``, ``HI``, ``CELL``, ``NSUB``: the k and the
+      table geometry (:func:`fastcolor.backends.triton_backend._knn_consts`); ``ENCODE``,
+      ``HAS_*``, ``WRITE_GRAD`` compile-time switches; ``BP`` pixels a tile; ``QC`` classes a chunk.
+
+    The grid is ``min(SMs * programs per SM, T)`` programs; program ``g`` takes tiles ``g, g + G,
+    ...`` (``tl.range(..., num_stages=2)``: the compiler may pipeline the loop). The loop is also
+    pipelined by hand: the target of the next tile is encoded (or read) after this tile's first
+    chunk of logits was issued and before it is used, so the k-nearest search (compute and
+    table lookups in cache) runs while those loads are in flight, and is carried to the next
+    iteration.
+
+    Per tile: sweep 1 streams the 313 classes in ``[QC, BP]`` chunks with a running max ``m`` and
+    running sum ``S = sum exp(x - m)`` (online softmax, Milakov & Gimelshein 2018: each chunk
+    rescales ``S`` by ``exp(m_old - m_new)``; a pixel whose classes so far are all -inf keeps
+    ``S = 0``). The loss then reads the k target logits (lines just read: cache hits), from the
+    shifted logits as ``ce_kernel``: ``sum_j z_j ((log S) - (x_j - m))``. Sweep 2 (``WRITE_GRAD``)
+    reads the chunks again (from cache) and writes the gradient of the loss (Zhang et al. 2016,
+    eq. 2, with the rebalancing weight of eq. 3 held constant per pixel):
+
+        d loss / d x_q = c (softmax_q - Z_q),   c = grad_scale m s v,   softmax_q = exp(x_q - m) / S,
+
+    where ``Z_q = sum_{j : bin_j = q} z_j`` is built per chunk element from the k bins (k compares,
+    no scatter, no barrier: each gradient element is stored once, target entries included).
+    Duplicate bins in a precomputed target add their weights, as the reference does.
+    """
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    kk = tl.arange(0, KP)[:, None]
+    qc = tl.arange(0, QC)
+    sel_q, z = _tile_target(pid, T, TPI, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P,
+                            neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
+    for t in tl.range(pid, T, G, num_stages=2):
+        n = (t // TPI).to(tl.int64)
+        p = (t % TPI).to(tl.int64) * BP + tl.arange(0, BP)
+        pm = p < P
+        pm2 = pm[None, :]
+        xbase = x_ptr + n * Q * P
+        # The first chunk of this tile's logits: issued before the next tile's target is encoded.
+        x0 = tl.load(xbase + qc.to(tl.int64)[:, None] * P + p[None, :], mask=(qc < Q)[:, None] & pm2,
+                     other=0.0).to(tl.float32)
+        nsel_q, nz = _tile_target(t + G, T, TPI, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P,
+                                  neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
+        valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
+        # Sweep 1: running max and running sum (float32 exp2 of the shifted logits, as ce_kernel).
+        y = tl.where((qc < Q)[:, None], x0, float("-inf"))
+        m = _max(y, 0)
+        empty = m == float("-inf")
+        s = tl.where(empty, 0.0, _sum(tl.exp2((y - m[None, :]) * LOG2E), 0))
+        for q0 in tl.range(QC, Q, QC):
+            q = q0 + qc
+            qm = q < Q
+            xc = tl.load(xbase + q.to(tl.int64)[:, None] * P + p[None, :], mask=qm[:, None] & pm2,
+                         other=0.0).to(tl.float32)
+            y = tl.where(qm[:, None], xc, float("-inf"))
+            m_new = tl.maximum(m, _max(y, 0))
+            empty = m_new == float("-inf")
+            alpha = tl.where(empty, 1.0, tl.exp2((m - m_new) * LOG2E))
+            e = tl.where(empty[None, :], 0.0, tl.exp2((y - m_new[None, :]) * LOG2E))
+            s = s * alpha + _sum(e, 0)
+            m = m_new
+        m2 = m[None, :]
+        lsum = tl.log2(s) * LN2
+        x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
+
+        # per-pixel scale s * m * v
+        scale = tl.full([BP], 1.0, tl.float32)
+        if HAS_CW:
+            qn = _sum(tl.where(kk == 0, sel_q, 0), 0)
+            v = tl.load(cw_ptr + qn, mask=pm & (qn >= 0) & (qn < Q), other=0.0)
+            scale = scale * v
+        if HAS_MASK:
+            scale = scale * tl.load(mask_ptr + n)
+        if HAS_PS:
+            scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
+        ce = _sum(tl.where(valid, z * (lsum[None, :] - (x_sel - m2)), 0.0), 0)
+        tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
+
+        if WRITE_GRAD:
+            gbase = grad_ptr + n * Q * P
+            c = grad_scale * scale
+            c1 = c / s
+            # the k bins and weights as [BP] rows (masked entries: bin -1, never matched)
+            selv = tl.where(valid, sel_q, -1)
+            rq = ()
+            rz = ()
+            for j in tl.static_range(K):
+                rq = rq + (_sum(tl.where(kk == j, selv, 0), 0),)
+                rz = rz + (_sum(tl.where(kk == j, z, 0.0), 0),)
+            # Sweep 2: c softmax_q - c Z_q, one store per element.
+            for q0 in tl.range(0, Q, QC):
+                q = q0 + qc
+                qm = q < Q
+                offs = q.to(tl.int64)[:, None] * P + p[None, :]
+                xc = tl.load(xbase + offs, mask=qm[:, None] & pm2, other=0.0).to(tl.float32)
+                e = tl.exp2((xc - m2) * LOG2E)  # the same softmax numerator as ce_kernel's
+                hit = q[:, None] == rq[0][None, :]
+                zt = tl.where(hit, rz[0][None, :], 0.0)
+                for j in tl.static_range(1, K):
+                    h = q[:, None] == rq[j][None, :]
+                    zt = tl.where(h, zt + rz[j][None, :], zt)
+                    hit = hit | h
+                g = tl.where(hit, c1[None, :] * e - c[None, :] * zt, e * c1[None, :])
+                tl.store(gbase + offs, g.to(grad_ptr.dtype.element_ty), mask=qm[:, None] & pm2)
+        sel_q = nsel_q
+        z = nz
