@@ -148,6 +148,22 @@ def _insert(sd, sq, d, q, K: tl.constexpr):
 
 
 @jit
+def _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q: tl.constexpr, HAS_CW: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, BP: tl.constexpr):
+    """[BP] per-pixel factor of the loss and gradient: s * m * v (pixel factor, image factor, the
+    class weight of the pixel's nearest target bin), each only when its HAS_* flag is set."""
+    scale = tl.full([BP], 1.0, tl.float32)
+    if HAS_CW:
+        q0 = _sum(tl.where(kk == 0, sel_q, 0), 0)
+        scale = scale * tl.load(cw_ptr + q0, mask=pm & (q0 >= 0) & (q0 < Q), other=0.0)
+    if HAS_MASK:
+        scale = scale * tl.load(mask_ptr + n)
+    if HAS_PS:
+        scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
+    return scale
+
+
+@jit
 def _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K: tl.constexpr, KP: tl.constexpr,
          LO: tl.constexpr, HI: tl.constexpr, CELL: tl.constexpr, NSUB: tl.constexpr, BP: tl.constexpr):
     """The k nearest bins of pixels (a, b) [BP]: (idx [KP, BP] int32, weights [KP, BP] float32),
@@ -309,16 +325,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
     s = _sum(ea, 0) + _sum(eb, 0)
     lsum = tl.log2(s) * LN2
 
-    # per-pixel scale s * m * v
-    scale = tl.full([BP], 1.0, tl.float32)
-    if HAS_CW:
-        q0 = _sum(tl.where(kk == 0, sel_q, 0), 0)
-        v = tl.load(cw_ptr + q0, mask=pm & (q0 >= 0) & (q0 < Q), other=0.0)
-        scale = scale * v
-    if HAS_MASK:
-        scale = scale * tl.load(mask_ptr + n)
-    if HAS_PS:
-        scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
+    scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP)
 
     # The loss from the shifted logits, -z ((x - m) - log s), never z (m + log s - x): in
     # float32, m + log s rounds log 313 away from |m| ~ 1e7 on. x - m is -inf only when the two
@@ -571,16 +578,7 @@ def ce_persistent_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr
         lsum = tl.log2(s) * LN2
         x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
 
-        # per-pixel scale s * m * v
-        scale = tl.full([BP], 1.0, tl.float32)
-        if HAS_CW:
-            qn = _sum(tl.where(kk == 0, sel_q, 0), 0)
-            v = tl.load(cw_ptr + qn, mask=pm & (qn >= 0) & (qn < Q), other=0.0)
-            scale = scale * v
-        if HAS_MASK:
-            scale = scale * tl.load(mask_ptr + n)
-        if HAS_PS:
-            scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
+        scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP)
         ce = _sum(tl.where(valid, z * (lsum[None, :] - (x_sel - m2)), 0.0), 0)
         tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
 
