@@ -284,6 +284,27 @@ def encode_kernel(ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_
 
 
 @jit
+def _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
+                  K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, CELL: tl.constexpr,
+                  NSUB: tl.constexpr, ENCODE: tl.constexpr, BP: tl.constexpr):
+    """The target of pixels ``p`` of image ``n`` (masked by ``pm``): (bins [KP, BP] int32,
+    weights [KP, BP] float32), encoded from ab by the one candidate-table search, or read from a
+    precomputed SoftLabels target."""
+    kk = tl.arange(0, KP)[:, None]
+    if ENCODE:
+        abase = ab_ptr + n * 2 * P
+        a = tl.load(abase + p, mask=pm, other=0.0)
+        b = tl.load(abase + P + p, mask=pm, other=0.0)
+        sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
+    else:
+        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+        tm = (kk < K) & pm[None, :]
+        sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
+        z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
+    return sel_q, z
+
+
+@jit
 def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr, tbins_ptr, cent_ptr,
               loss_ptr, grad_ptr, P, neg_inv_two_sigma2, grad_scale,
               K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
@@ -297,16 +318,8 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
     xbase = x_ptr + n * Q * P
     # The target: k bins and normalised weights per pixel, encoded here or read.
     kk = tl.arange(0, KP)[:, None]
-    if ENCODE:
-        abase = ab_ptr + n * 2 * P
-        a = tl.load(abase + p, mask=pm, other=0.0)
-        b = tl.load(abase + P + p, mask=pm, other=0.0)
-        sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
-    else:
-        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
-        tm = (kk < K) & pm2
-        sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
-        z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
+    sel_q, z = _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P,
+                             neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
     valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
     # The logits tile: all 313 classes of BP pixels (loaded after the encoding, so that the
     # encoding's registers are free again: fewer registers, more programs per SM).
@@ -471,18 +484,8 @@ def _tile_target(t, T, TPI, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_pt
     n = (t // TPI).to(tl.int64)
     p = (t % TPI).to(tl.int64) * BP + tl.arange(0, BP)
     pm = (p < P) & (t < T)
-    kk = tl.arange(0, KP)[:, None]
-    if ENCODE:
-        abase = ab_ptr + n * 2 * P
-        a = tl.load(abase + p, mask=pm, other=0.0)
-        b = tl.load(abase + P + p, mask=pm, other=0.0)
-        sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
-    else:
-        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
-        tm = (kk < K) & pm[None, :]
-        sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
-        z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
-    return sel_q, z
+    return _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
+                         K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
 
 
 @jit
