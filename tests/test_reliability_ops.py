@@ -327,7 +327,16 @@ def test_property_soft_encode_matches_reference(backend, n, h, w, k, sigma, data
     gi = np.moveaxis(enc.indices.long().numpy(), 1, -1)
     assert np.array_equal(gi[clear], np.moveaxis(want_idx, 1, -1)[clear])
     gw = np.moveaxis(enc.weights.double().numpy(), 1, -1)
-    np.testing.assert_allclose(gw[clear], np.moveaxis(want_w, 1, -1)[clear], atol=2e-5)
+    tol = np.full(clear.shape, 2e-5)
+    if backend == "torch":
+        # the baseline's float32 squared distances (documented): d^2 rounds by up to eps * d^2,
+        # so the weights' exponents (d_j^2 - d_0^2) / 2 sigma^2 move by ~2 eps d_k^2 / 2 sigma^2
+        # (found by hypothesis: a = -4186 at sigma 10 put the weights 2.1e-5 off)
+        d2 = ((np.moveaxis(ab.double().numpy(), 1, -1)[..., None, :] - fc.AB_BINS) ** 2).sum(-1)
+        dk = np.sort(d2, axis=-1)[..., k - 1]
+        tol = tol + 4 * float(np.finfo(np.float32).eps) * dk / (2 * sigma * sigma)
+    err = np.abs(gw - np.moveaxis(want_w, 1, -1)).max(-1)
+    assert (err[clear] <= tol[clear]).all(), (err[clear].max(), tol[clear].min())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -82,7 +82,7 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     loss = torch.empty((n, p), dtype=torch.float32, device=x.device)
     grad = None
     if call.need_grad:
-        grad = torch.empty_like(x) if x.is_cuda else empty_cpu(tuple(x.shape), x.dtype)
+        grad = torch.empty_like(x) if x.is_cuda else empty_cpu(tuple(x.shape), x.dtype, reuse=True)
     if n * p == 0:
         return loss, grad
     if call.ab is not None and x.is_cuda:

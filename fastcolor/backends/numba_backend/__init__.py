@@ -15,14 +15,18 @@ contiguous pixels of one image; inside a tile the loops run over classes (outer)
 (inner), so the inner loops are contiguous and LLVM vectorises them (AVX2 / AVX-512).
 
 Memory: the gradient is the only array of size ``N x 313 x P``; it is allocated on
-transparent huge pages when large (:func:`fastcolor.backends._alloc.empty_cpu`); other
-buffers are per thread (``313 x TILE`` floats) or per tile.
+transparent huge pages when large (:func:`fastcolor.backends._alloc.empty_cpu`) and, float32
+and aligned, written with non-temporal stores (:func:`streams_gradient`); other buffers are
+per thread (``313 x TILE`` floats) or per tile.
 
 Half precision: numba has no bfloat16. 16-bit logits are passed as their bits, float16 as
 int16 and bfloat16 as uint16; ``_jit.widen`` turns them into float32 and ``_jit.narrow``
 rounds float32 back. So each kernel has one specialisation per logits dtype.
 """
 from __future__ import annotations
+
+import os
+import platform
 
 import numpy as np
 import torch
@@ -55,6 +59,9 @@ def unavailable_reason(device_type: str) -> str | None:
 
 #: logits dtype -> the dtype of the numpy view the kernels get (numba has no bfloat16)
 _VIEWS = {torch.float32: torch.float32, torch.float16: torch.int16, torch.bfloat16: torch.uint16}
+
+#: see :func:`streams_gradient`
+_STREAM_OK = platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("FASTCOLOR_STREAM_STORES", "1") != "0"
 
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)
@@ -97,7 +104,7 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     use_ab = call.indices is None
     k = _check_k(call.k if use_ab else call.indices.shape[1])
     loss = torch.empty((n, p), dtype=torch.float32)
-    grad = empty_cpu((n, q, p), call.logits.dtype) if need_grad else None
+    grad = empty_cpu((n, q, p), call.logits.dtype, reuse=True) if need_grad else None
     if n * p == 0:
         return loss, grad
     x = _logits_view(call.logits)
@@ -109,11 +116,21 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx_np = call.indices.detach().to(torch.int32).contiguous().reshape(-1).numpy()
         w_np = _f32(call.weights)
     ntiles = n * ((p + TILE - 1) // TILE)
+    gs = g if need_grad and streams_gradient(grad) else _EMPTY_F32
     # (enc is passed either way, so that both targets share one specialisation of the types)
     launch(ce_kernel, ce_worker, ntiles, x, ab_np, idx_np, w_np, use_ab, k, encoder_args(k, float(call.sigma)),
            _f32(call.class_weights), _f32(call.image_mask), _f32(call.pixel_scale), np.float32(call.grad_scale),
-           need_grad, loss.view(-1).numpy(), g, n, p)
+           need_grad, gs, loss.view(-1).numpy(), g, n, p)
     return loss, grad
+
+
+def streams_gradient(grad: torch.Tensor) -> bool:
+    """Whether the loss kernel writes ``grad`` (N, 313, P) with non-temporal stores: float32,
+    32-byte aligned, ``P % 8 == 0`` (every tile's class rows then start 32-byte aligned),
+    on x86-64 (elsewhere LLVM would lower the vector store without the hint anyway), and
+    ``FASTCOLOR_STREAM_STORES`` not ``0``."""
+    return (_STREAM_OK and grad.dtype == torch.float32 and grad.data_ptr() % 32 == 0
+            and grad.shape[-1] % 8 == 0)
 
 
 def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:

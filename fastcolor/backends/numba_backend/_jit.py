@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from pathlib import Path
 
 try:
@@ -253,6 +254,59 @@ if numba is not None:
         if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
             return None
         return types.void(arr, idx), _prefetch_codegen(1)
+
+    _V8 = ir.VectorType(_F32, 8)
+
+    @intrinsic
+    def stream_product8(typingctx, dst, di, a, ai, b, bi):
+        """``dst[di: di + 8] = a[ai: ai + 8] * b[bi: bi + 8]`` (float32 arrays) as one 8-wide
+        multiply and a non-temporal store (x86 ``vmovntps``): the line goes to memory without
+        being read first. The caller guarantees ``dst[di]`` is 32-byte aligned and the 8 in
+        bounds (no check here), and calls :func:`store_fence` before its results are read.
+
+        The fused loss writes its gradient with it: with plain stores every gradient line is
+        first read from memory (a write-allocate), so writing 205 MB moved 410 MB: 16.2 ms
+        against 8.9 ms streamed (a numba loop over the same tiles, 2 threads, Zen 3,
+        2026-12-01). LLVM's vectoriser will not form such stores from a scalar loop (a
+        scalar non-temporal store has 4-byte alignment), hence the explicit vector."""
+        if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (dst, a, b)):
+            return None
+        if not all(isinstance(t, types.Integer) for t in (di, ai, bi)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            def vec_ptr(k):
+                ary = context.make_array(signature.args[k])(context, builder, args[k])
+                return builder.bitcast(builder.gep(ary.data, [args[k + 1]]), _V8.as_pointer())
+
+            prod = builder.fmul(builder.load(vec_ptr(2), align=4), builder.load(vec_ptr(4), align=4))
+            store = builder.store(prod, vec_ptr(0), align=32)
+            store.set_metadata("nontemporal", builder.module.add_metadata([_c32(1)]))
+            return context.get_dummy_value()
+
+        return types.void(dst, di, a, ai, b, bi), codegen
+
+    _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+    @intrinsic
+    def store_fence(typingctx):
+        """Order the non-temporal stores of :func:`stream_product8` made so far before any
+        later store (a worker calls it once, when its tiles are done, so the thread that reads
+        the gradient after the kernel sees all of it): x86 ``sfence``. Not a C++-style
+        seq_cst fence: on x86 LLVM emits that as a locked ``or`` on the stack, which orders
+        ordinary stores but is not documented to drain the write-combining buffers that
+        non-temporal stores go through. Elsewhere (where the stores are ordinary or the
+        platform's own non-temporal pairs) a seq_cst fence."""
+
+        def codegen(context, builder, signature, args):
+            if _X86:
+                fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+                builder.call(fn, [])
+            else:  # pragma: no cover - not x86
+                builder.fence("seq_cst")
+            return context.get_dummy_value()
+
+        return types.void(), codegen
 
     @intrinsic
     def widen(typingctx, v):

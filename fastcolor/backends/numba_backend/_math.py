@@ -1,7 +1,7 @@
 """float32 exp and log that vectorise, and the tile load + max shared by the loss and the decode.
 
 numba has no vector math library here (no SVML), and LLVM does not vectorise a call to
-``expf``/``logf``: :func:`fexp` and :func:`flog` are branch-free Cephes polynomials (selects
+``expf``/``logf``: :func:`fexp` and :func:`flog` are branch-free polynomials (selects
 only), the same as ``exp_``/``log_`` of ``kernels/fc_math.cuh`` (the C++ CPU code), so the
 two CPU backends follow one rule (see each function). Only ``contract`` fast-math (FMA) is on:
 no ``nnan``/``reassoc``, so NaN/Inf propagate as in PyTorch.
@@ -25,11 +25,15 @@ from fastcolor.backends.numba_backend._launch import TILE
 from fastcolor.gamut import Q
 
 _F = np.float32
-_EXP_LO, _EXP_HI = _F(-87.0), _F(88.0)
+_EXP_LO, _EXP_HI = _F(-88.0), _F(88.0)
 _LOG2E, _MAGIC = _F(1.44269504088896341), _F(12582912.0)  # 1.5 * 2^23
 _LN2_HI, _LN2_LO = _F(0.693359375), _F(-2.12194440e-4)
-_E0, _E1, _E2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
-_E3, _E4, _E5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
+# exp(r) ~ 1 + r (P1 + r (P2 + r (P3 + r (P4 + r (P5 + r P6))))) on |r| <= ln 2 / 2, fitted
+# here for relative error (Lawson's iteration, 2026-12-01: 0.03 * 2^-24 before rounding); the
+# same numbers as fc::exp_ of kernels/fc_math.cuh. (Degree 5 would save one FMA more but its
+# own error is 1.54 * 2^-24: 2.06 ulp measured over every float32, past the rule's 2.)
+_P1, _P2, _P3 = _F(1.0), _F(0.4999999403953552), _F(0.16666430234909058)
+_P4, _P5, _P6 = _F(0.04166800528764725), _F(0.008374195545911789), _F(0.001384360482916236)
 ONE, ZERO, HALF = _F(1.0), _F(0.0), _F(0.5)
 _SQRTHF = _F(0.707106781186547524)
 _MIN_NORMAL, _TWO23, _23 = _F(1.17549435e-38), _F(8388608.0), _F(23.0)
@@ -40,25 +44,27 @@ NINF, INF, NAN = _F(-np.inf), _F(np.inf), _F(np.nan)
 
 
 @jit
-def _exp_poly(xc, log2e, magic, ln2_hi, ln2_lo, e0, e1, e2, e3, e4, e5, one):
-    """exp(xc) for float32 xc in [-87, 88] (clamped by the caller): round(xc / ln 2) by the
-    1.5 * 2^23 trick, Cody-Waite ln 2 = C1 + C2, a degree-5 polynomial, the power of two put
-    into the exponent bits. A NaN xc gives NaN. The constants are arguments only so that the
-    hot loops can pass them from an array (see :func:`exp_constants`); every caller passes
-    the module's constants, and this is the one place the polynomial is written."""
+def _exp_poly(xc, log2e, magic, ln2_hi, ln2_lo, p1, p2, p3, p4, p5, p6, one):
+    """exp(xc) for float32 xc in [-88, 88] (clamped by the caller): n = round(xc / ln 2) by
+    the 1.5 * 2^23 trick, r = xc - n ln 2 by Cody-Waite (ln 2 = C1 + C2), exp(r) by a degree-6
+    polynomial in Horner form (6 FMAs), 2^n put into the exponent bits. n = -127 (xc below
+    about -87.68, -88 included) makes 2^n's bits 0, so the result is exactly 0 there with no
+    select; for n = -126 the product rounds into the subnormals as IEEE does. A NaN xc gives
+    NaN. The constants are arguments only so that the hot loops can pass them as values (see
+    :func:`exp_constants`); every caller passes the module's constants, and this is the one
+    place the polynomial is written."""
     t = xc * log2e + magic  # round(x / ln 2) lands in the low mantissa bits
     n = t - magic
     r = xc - n * ln2_hi
     r = r - n * ln2_lo
-    p = ((((e0 * r + e1) * r + e2) * r + e3) * r + e4) * r + e5
-    p = p * (r * r) + r + one
+    p = (((((p6 * r + p5) * r + p4) * r + p3) * r + p2) * r + p1) * r + one
     return p * pow2_of_magic(t)
 
 
 @jit
 def _exp_reduced(xc):
     """:func:`_exp_poly` with the module's constants (folded in by LLVM)."""
-    return _exp_poly(xc, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _E0, _E1, _E2, _E3, _E4, _E5, ONE)
+    return _exp_poly(xc, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _P1, _P2, _P3, _P4, _P5, _P6, ONE)
 
 
 @ijit
@@ -66,14 +72,17 @@ def fexp(x):
     """float32 exp(x), branch-free (vectorises).
 
     The rule (shared with ``fc::exp_`` of kernels/fc_math.cuh, the C++ CPU path):
-    Cephes-style polynomial, |rel err| <= 2 ulp on [-87, 88]; exactly 0 for x < -87 (and
-    -inf): such terms are < 1.7e-38, nothing in a softmax; +inf for x > 88; NaN for NaN
-    (the clamps and the polynomial keep a NaN: no select needed).
+    |rel err| <= 2 ulp on [-87, 88]; below -87 (results under 1.7e-38, nothing in a
+    softmax) exp(x) within 2 ulp of float32's subnormal spacing, down to where x / ln 2 rounds
+    to -127 (x < -87.68..), and exactly +0 from there down (-inf included); +inf for x > 88;
+    NaN for NaN (the clamps and the polynomial keep a NaN: no select needed).
+
+    (Until 2026-12-01 the polynomial was Cephes' (8 operations against 6) and a select made
+    every x < -87 exactly 0: 2 + 2 vector operations more per exp in the softmax loops.)
     """
     xc = _EXP_LO if x < _EXP_LO else x
     xc = _EXP_HI if xc > _EXP_HI else xc
     y = _exp_reduced(xc)
-    y = ZERO if x < _EXP_LO else y
     return INF if x > _EXP_HI else y
 
 
@@ -81,18 +90,17 @@ def fexp(x):
 def fexp_nonpos(x):
     """:func:`fexp` without the clamp and select for x > 88: bit for bit the same for every
     x <= 88 and NaN (above 88, unspecified). For exponents that are <= 0 or NaN by
-    construction, so the hot loops skip two instructions in ~20: the softmax's (x - max) / T
+    construction, so the hot loops skip two instructions of ~15: the softmax's (x - max) / T
     (a +inf logit makes the max +inf and inf - inf NaN) and the weights' -(d_m^2 - d_0^2) / 2s^2."""
     xc = _EXP_LO if x < _EXP_LO else x
-    y = _exp_reduced(xc)
-    return ZERO if x < _EXP_LO else y
+    return _exp_reduced(xc)
 
 
 @jit
 def exp_constants():
-    """The constants of :func:`fexp_nonpos_from` (-87 and the polynomial's), a tuple of 12
+    """The constants of :func:`fexp_nonpos_from` (-88 and the polynomial's), a tuple of 12
     float32 that a worker makes once and passes down to its per-tile functions."""
-    return (_EXP_LO, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _E0, _E1, _E2, _E3, _E4, _E5, ONE)
+    return (_EXP_LO, _LOG2E, _MAGIC, _LN2_HI, _LN2_LO, _P1, _P2, _P3, _P4, _P5, _P6, ONE)
 
 
 @jit
@@ -108,8 +116,7 @@ def fexp_nonpos_from(x, K):
     loop's stores, and LLVM no longer vectorised the loop.)"""
     lo = K[0]
     xc = lo if x < lo else x
-    y = _exp_poly(xc, K[1], K[2], K[3], K[4], K[5], K[6], K[7], K[8], K[9], K[10], K[11])
-    return ZERO if x < lo else y
+    return _exp_poly(xc, K[1], K[2], K[3], K[4], K[5], K[6], K[7], K[8], K[9], K[10], K[11])
 
 
 @ijit
@@ -159,14 +166,22 @@ def tile_load_max(x, xb, P, tw, Y, mx):
 @jit
 def prefetch_row(x, base, tw):
     """Prefetch ``x[base: base + tw]`` (one class row of a tile), a line (64 bytes) at a time;
-    nothing when base < 0 (no next tile)."""
+    nothing when base < 0 (no next tile). (A while loop: ``range(0, tw, 64 // x.itemsize)``
+    made LLVM divide by the run-time step for the trip count, an ``idiv`` per class row, ~40
+    cycles of ~500 per row of the decode.)"""
     if base >= 0:
-        for c in range(0, tw, 64 // x.itemsize):
+        step = 64 // x.itemsize
+        c = 0
+        while c < tw:
             prefetch(x, base + c)
+            c += step
 
 
 @jit
 def prefetch_row_for_write(x, base, tw):
     """:func:`prefetch_row` with the intent to write (the gradient's rows)."""
-    for c in range(0, tw, 64 // x.itemsize):
+    step = 64 // x.itemsize
+    c = 0
+    while c < tw:
         prefetch_write(x, base + c)
+        c += step

@@ -10,22 +10,26 @@ from the shifted logits, ``-sum_j z_j ((x_j - max) - log sum)``, never as
 on and loses it at 1e30; ``x_j - max`` cannot overflow unless the two are more than float32's
 max apart, and then it is -inf: a +inf loss, the gradient stays finite), and the target
 subtracted in the buffer (``e -= z * sum``); (5) ``grad = scale / sum * e`` written once in
-the logits' dtype. The logits are read from memory once and the gradient written once;
-nothing of size ``N x 313 x P`` is allocated besides the gradient itself.
+the logits' dtype, float32 with non-temporal stores when aligned (no read of the gradient's
+lines before they are written). The logits are read from memory once and the gradient written
+once; nothing of size ``N x 313 x P`` is allocated besides the gradient itself, whose pages are
+the previous call's when nothing uses those any more (:func:`fastcolor.backends._alloc.empty_cpu`).
 
 Why the buffer: the class rows of one tile lie ``P`` floats apart (16 KB at 64 x 64), so they
 share a few cache sets and a second pass over ``x`` itself finds them in L3, not L2. With it,
 the tile max of :func:`._math.tile_load_max`, the exp constants as values
 (:func:`._math.fexp_nonpos_from`) and prefetching, the kernel went from 60.4 to 36.9 ms with a
 reused gradient, 67.8 to 46.3 ms with a fresh one (2026-12-01, Zen 3 AVX2, 2 threads,
-(40, 313, 64, 64) float32); the cost left is mostly the exp polynomial (~1.5 cycles per logit
-and thread) and the fresh gradient's page faults, see ``bench/data/cpu_kernels_2026-12-01.md``.
+(40, 313, 64, 64) float32, ``bench/data/cpu_kernels_2026-12-01.md``). Then the exp rule's
+6-FMA polynomial without a select (``_math.fexp``), streamed gradient stores and the reused
+gradient pages: 31.6 ms with the gradient's pages reused (35.5 with plain stores), ~32.5 ms as a
+user calls it, against 50.4 before (``bench/data/cpu_kernels_2026-12-01_second.md``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from fastcolor.backends.numba_backend._jit import cjit, narrow, pjit, prange, tjit
+from fastcolor.backends.numba_backend._jit import cjit, narrow, pjit, prange, store_fence, stream_product8, tjit
 from fastcolor.backends.numba_backend._launch import TILE, claim, next_tile_base, tile_at
 from fastcolor.backends.numba_backend._math import (
     NAN,
@@ -43,13 +47,17 @@ from fastcolor.gamut import K_MAX, Q
 
 
 @tjit
-def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx, sm, xt, ls, acc, K):
+def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, gs, loss, g, E, mx, sm, xt, ls, acc, K):
     """One tile of the fused loss, the target (ti, tz) already in place; sc[j] holds the
     per-pixel loss scale s * m * v and becomes the gradient factor. The next tile's logits
-    (at x[xn + q * P], xn < 0: none) are prefetched during the exp pass, a class row per class,
-    and so are this tile's gradient rows, for writing (* the whole tile, one thread, logits and
-    a reused gradient in DRAM, Zen 3, 2026-12-01; a fresh gradient's first touch of each huge
-    page still faults: a prefetch never maps a page)."""
+    (at x[xn + q * P], xn < 0: none) are prefetched during the exp pass, a class row per class.
+    ``gs``: the gradient again as a float32 array when it is written with non-temporal stores
+    (:func:`._jit.stream_product8`; float32, 32-byte aligned rows, ``tw % 8 == 0``), else
+    empty: then its rows are prefetched for writing during the exp pass and written with plain
+    stores into ``g`` (* the whole tile, one thread, logits and a reused gradient in DRAM,
+    Zen 3, 2026-12-01). (Two arrays, not a flag: ``g`` may hold 16-bit bits, and numba types
+    both branches.)"""
+    stream = gs.size > 0
     # -- (2) the tile's logits into E (float32, contiguous: see the module docstring) and
     #    their running max
     tile_load_max(x, xb, P, tw, E, mx)
@@ -67,7 +75,8 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx,
     if need_grad:
         for q in range(Q):
             prefetch_row(x, xn + q * P if xn >= 0 else -1, TILE)
-            prefetch_row_for_write(g, xb + q * P, tw)  # for (5): 3.78 -> 3.25 cycles per logit*
+            if not stream:
+                prefetch_row_for_write(g, xb + q * P, tw)  # for (5): 3.78 -> 3.25 cycles per logit*
             eq = E[q * TILE: q * TILE + tw]
             for j in range(tw):
                 e = fexp_nonpos_from(eq[j] - mx[j], K)
@@ -102,7 +111,11 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx,
                 if q >= 0 and q < Q:
                     E[q * TILE + j] -= tz[i * TILE + j] * sm[j]
     # -- (5) the gradient, written once
-    if need_grad:
+    if need_grad and stream:
+        for q in range(Q):
+            for j in range(0, tw, 8):
+                stream_product8(gs, xb + q * P + j, E, q * TILE + j, sc, j)
+    elif need_grad:
         for q in range(Q):
             gq = g[xb + q * P: xb + q * P + tw]
             eq = E[q * TILE: q * TILE + tw]
@@ -112,9 +125,12 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx,
 
 @cjit
 def ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, ps, gscale,
-              need_grad, loss, g, N, P):
+              need_grad, gs, loss, g, N, P):
     """Fused soft-encoding + cross-entropy + gradient. Flat arrays; ``x``/``g`` float32, or
     the bits of float16 (int16) / bfloat16 (uint16). ``cw``/``mask``/``ps`` empty when absent.
+    ``gs``: ``g`` itself when it is to be written with non-temporal stores (the caller has
+    checked: float32, 32-byte aligned, ``P % 8 == 0``, so every tile's rows are aligned), else
+    an empty float32 array.
     (Inner loops index slices from 0, so LLVM sees non-negative contiguous indices: a signed
     offset index would make numba's negative-index wraparound turn them into gathers.)"""
     tpi = (P + TILE - 1) // TILE
@@ -151,13 +167,15 @@ def ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, p
                     v *= cw[q] if (q >= 0 and q < Q) else ONE
                 sc[j] = v
             _ce_tile(x, n * Q * P + p0, next_tile_base(t, t1, tpi, P), P, tw, k, ti, tz, sc, gscale, need_grad,
-                     loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm, xt, ls, acc, K)
+                     gs, loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm, xt, ls, acc, K)
         t0, t1 = claim(counter, nchunks, ntiles)
+    if gs.size > 0:
+        store_fence()
 
 
 @pjit
 def ce_kernel(nworkers, counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, ps,
-              gscale, need_grad, loss, g, N, P):
+              gscale, need_grad, gs, loss, g, N, P):
     for _ in prange(nworkers):
         ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, ps, gscale,
-                  need_grad, loss, g, N, P)
+                  need_grad, gs, loss, g, N, P)
