@@ -10,9 +10,12 @@ from the shifted logits, ``-sum_j z_j ((x_j - max) - log sum)``, never as
 on and loses it at 1e30; ``x_j - max`` cannot overflow unless the two are more than float32's
 max apart, and then it is -inf: a +inf loss, the gradient stays finite), and the target
 subtracted in the buffer (``e -= z * sum``); (5) ``grad = scale / sum * e`` written once in
-the logits' dtype, float32 with non-temporal stores when aligned (no read of the gradient's
-lines before they are written). The logits are read from memory once and the gradient written
-once; nothing of size ``N x 313 x P`` is allocated besides the gradient itself, whose pages are
+the logits' dtype. float32 gradients with aligned rows are streamed (non-temporal stores: no
+read of the gradient's lines before they are written) and software-pipelined: a worker keeps
+two tile buffers, and the exp pass of tile t writes tile t-1's gradient a class row at a time
+between its own rows, so the stores drain while the exp computes (the worker's last tile is
+written at its end, :func:`_flush`). The logits are read from memory once and the gradient
+written once; nothing of size ``N x 313 x P`` is allocated besides the gradient itself, whose pages are
 the previous call's when nothing uses those any more (:func:`fastcolor.backends._alloc.empty_cpu`).
 
 Why the buffer: the class rows of one tile lie ``P`` floats apart (16 KB at 64 x 64), so they
@@ -21,9 +24,9 @@ the tile max of :func:`._math.tile_load_max`, the exp constants as values
 (:func:`._math.fexp_nonpos_from`) and prefetching, the kernel went from 60.4 to 36.9 ms with a
 reused gradient, 67.8 to 46.3 ms with a fresh one (2026-12-01, Zen 3 AVX2, 2 threads,
 (40, 313, 64, 64) float32, ``bench/data/cpu_kernels_2026-12-01.md``). Then the exp rule's
-6-FMA polynomial without a select (``_math.fexp``), streamed gradient stores and the reused
-gradient pages: 31.6 ms with the gradient's pages reused (35.5 with plain stores), ~32.5 ms as a
-user calls it, against 50.4 before (``bench/data/cpu_kernels_2026-12-01_second.md``).
+6-FMA polynomial without a select (``_math.fexp``), the reused gradient pages, streamed and
+pipelined gradient stores: 29.3 ms as a user calls it against 50.4 before; the pipelining alone
+34.3 -> 29.3 ms (``bench/data/cpu_kernels_2026-12-01_second.md``).
 """
 from __future__ import annotations
 
@@ -47,16 +50,19 @@ from fastcolor.gamut import K_MAX, Q
 
 
 @tjit
-def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, gs, loss, g, E, mx, sm, xt, ls, acc, K):
+def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, gs, loss, g, E, mx, sm, xt, ls, acc, K,
+             Ep, scp, pb, ptw):
     """One tile of the fused loss, the target (ti, tz) already in place; sc[j] holds the
     per-pixel loss scale s * m * v and becomes the gradient factor. The next tile's logits
     (at x[xn + q * P], xn < 0: none) are prefetched during the exp pass, a class row per class.
     ``gs``: the gradient again as a float32 array when it is written with non-temporal stores
     (:func:`._jit.stream_product8`; float32, 32-byte aligned rows, ``tw % 8 == 0``), else
     empty: then its rows are prefetched for writing during the exp pass and written with plain
-    stores into ``g`` (* the whole tile, one thread, logits and a reused gradient in DRAM,
-    Zen 3, 2026-12-01). (Two arrays, not a flag: ``g`` may hold 16-bit bits, and numba types
-    both branches.)"""
+    stores into ``g`` at the end (* the whole tile, one thread, logits and a reused gradient in
+    DRAM, Zen 3, 2026-12-01). (Two arrays, not a flag: ``g`` may hold 16-bit bits, and numba
+    types both branches.) Streaming, this tile's gradient is left in ``E``/``sc`` for the next
+    call, which writes it during its exp pass from ``Ep``/``scp`` (the previous tile's, at
+    ``gs[pb + q * P]``, ``ptw`` pixels; ``pb < 0``: none)."""
     stream = gs.size > 0
     # -- (2) the tile's logits into E (float32, contiguous: see the module docstring) and
     #    their running max
@@ -82,6 +88,9 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, gs, loss, g, E,
                 e = fexp_nonpos_from(eq[j] - mx[j], K)
                 eq[j] = e
                 sm[j] += e
+            if pb >= 0:  # streaming: the previous tile's gradient row q, between two exp rows
+                for j in range(0, ptw, 8):
+                    stream_product8(gs, pb + q * P + j, Ep, q * TILE + j, scp, j)
     else:
         for q in range(Q):
             prefetch_row(x, xn + q * P if xn >= 0 else -1, TILE)
@@ -110,17 +119,21 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, gs, loss, g, E,
                 q = ti[i * TILE + j]
                 if q >= 0 and q < Q:
                     E[q * TILE + j] -= tz[i * TILE + j] * sm[j]
-    # -- (5) the gradient, written once
-    if need_grad and stream:
-        for q in range(Q):
-            for j in range(0, tw, 8):
-                stream_product8(gs, xb + q * P + j, E, q * TILE + j, sc, j)
-    elif need_grad:
+    # -- (5) the gradient, written once (streaming: by the next tile's exp pass, or _flush)
+    if need_grad and not stream:
         for q in range(Q):
             gq = g[xb + q * P: xb + q * P + tw]
             eq = E[q * TILE: q * TILE + tw]
             for j in range(tw):
                 gq[j] = narrow(eq[j] * sc[j], g)
+
+
+@tjit
+def _flush(gs, pb, P, ptw, Ep, scp):
+    """The last tile's streamed gradient, which no next tile's exp pass wrote."""
+    for q in range(Q):
+        for j in range(0, ptw, 8):
+            stream_product8(gs, pb + q * P + j, Ep, q * TILE + j, scp, j)
 
 
 @cjit
@@ -146,6 +159,10 @@ def ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, p
     K = exp_constants()
     ti = np.empty(K_MAX * TILE, np.int32)
     tz = np.empty(K_MAX * TILE, np.float32)
+    piped = need_grad and gs.size > 0
+    Ep = np.empty(Q * TILE if piped else 0, np.float32)  # the previous tile's E and factor
+    scp = np.empty(TILE if piped else 0, np.float32)
+    pb, ptw = -1, 0
     t0, t1 = claim(counter, nchunks, ntiles)
     while t0 < t1:
         for t in range(t0, t1):
@@ -167,8 +184,14 @@ def ce_worker(counter, nchunks, x, ab, idx_in, w_in, use_ab, k, enc, cw, mask, p
                     v *= cw[q] if (q >= 0 and q < Q) else ONE
                 sc[j] = v
             _ce_tile(x, n * Q * P + p0, next_tile_base(t, t1, tpi, P), P, tw, k, ti, tz, sc, gscale, need_grad,
-                     gs, loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm, xt, ls, acc, K)
+                     gs, loss[n * P + p0: n * P + p0 + tw], g, E, mx, sm, xt, ls, acc, K, Ep, scp, pb, ptw)
+            if piped:
+                E, Ep = Ep, E
+                sc, scp = scp, sc
+                pb, ptw = n * Q * P + p0, tw
         t0, t1 = claim(counter, nchunks, ntiles)
+    if piped and pb >= 0:
+        _flush(gs, pb, P, ptw, Ep, scp)
     if gs.size > 0:
         store_fence()
 
