@@ -257,3 +257,31 @@ def test_stream_product8_is_a_non_temporal_vector_store():
     if platform.machine().lower() in ("x86_64", "amd64"):
         asm = run.inspect_asm(run.signatures[0])
         assert "movntps" in asm and "sfence" in asm
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not available")
+@pytest.mark.parametrize("p", [20 * 128 + 40, 20 * 128 + 37, 3 * 128 + 40, 2 * 128])
+def test_pipelined_tiles_match_the_reference(p):
+    """The loss (streamed when p % 8 == 0) and the decode read the next tile's logits during
+    this tile's exp pass and swap buffers: over many tiles, partial last tiles of every image,
+    serial (2 x 128: 12 tiles) and parallel runs whose chunks hold one tile (3 x 128 + 40: 24
+    tiles in 24 chunks) or several (20 x 128 + 40: 126 tiles in 32), each pixel must still be its
+    own."""
+    import fastcolor.backends.numba_backend as nb
+
+    g = torch.Generator().manual_seed(p)
+    n = 6
+    x = torch.randn(n, 313, p, generator=g) * 5
+    x += (torch.arange(p) // 128 % 2) * 150.0  # neighbouring tiles 150 apart: a stale max overflows exp
+    ab = torch.rand(n, 2, p, generator=g) * 180 - 90
+    loss, grad = nb.ce_forward(LossCall(logits=x, ab=ab, grad_scale=1.0, need_grad=True))
+    want_loss, want_grad = R.rebalanced_cross_entropy(x.double().numpy(), ab.double().numpy(), reduction="none",
+                                                      grad_output=np.ones((n, p)))
+    np.testing.assert_allclose(loss.double().numpy(), want_loss, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(grad.double().numpy(), want_grad, rtol=1e-5, atol=2e-6)
+    for probs in (False, True):
+        xin = torch.softmax(x, 1) if probs else x
+        got = nb.annealed_mean(xin, T=0.38, is_probs=probs)
+        x64 = xin.double().numpy()
+        want = R.annealed_mean(probs=x64, T=0.38) if probs else R.annealed_mean(x64, T=0.38)
+        np.testing.assert_allclose(got.double().numpy(), want, atol=2e-3)

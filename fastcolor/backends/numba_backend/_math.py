@@ -147,6 +147,18 @@ def flog(x):
     return r
 
 
+@jit
+def load_row_max(x, xb, tw, Y, yb, mx):
+    """Y[yb + j] = x[xb + j] as float32 and mx[j] = max(mx[j], it) (NaN skipped) for j < tw:
+    one class row of a tile."""
+    xq = x[xb: xb + tw]
+    yq = Y[yb: yb + tw]
+    for j in range(tw):
+        v = widen(xq[j])
+        yq[j] = v
+        mx[j] = max_skip_nan(mx[j], v)
+
+
 @tjit
 def tile_load_max(x, xb, P, tw, Y, mx):
     """Y[q * TILE + j] = x[xb + q * P + j] as float32 and mx[j] its max over the 313 classes
@@ -155,12 +167,7 @@ def tile_load_max(x, xb, P, tw, Y, mx):
     for j in range(tw):
         mx[j] = NINF
     for q in range(Q):
-        xq = x[xb + q * P: xb + q * P + tw]
-        yq = Y[q * TILE: q * TILE + tw]
-        for j in range(tw):
-            v = widen(xq[j])
-            yq[j] = v
-            mx[j] = max_skip_nan(mx[j], v)
+        load_row_max(x, xb + q * P, tw, Y, q * TILE, mx)
 
 
 @jit
@@ -185,3 +192,26 @@ def prefetch_row_for_write(x, base, tw):
     while c < tw:
         prefetch_write(x, base + c)
         c += step
+
+
+#: Class rows of the next tile prefetched ahead of the row being read into the other buffer
+#: (the pipelined loss and decode: one row's exp takes ~60 ns, a DRAM access ~100-150).
+AHEAD = 4
+
+
+@jit
+def begin_next_tile(x, xn, twn, P, mxn):
+    """Before a pipelined exp pass: the next tile's running max reset (``twn`` pixels) and its
+    first ``AHEAD`` class rows prefetched; nothing when xn < 0 (no next tile in the chunk)."""
+    if xn >= 0:
+        for j in range(twn):
+            mxn[j] = NINF
+        for q in range(min(AHEAD, Q)):
+            prefetch_row(x, xn + q * P, TILE)
+
+
+@jit
+def prefetch_ahead(x, xn, P, q):
+    """During row q of a pipelined exp pass: prefetch the next tile's row q + AHEAD."""
+    if xn >= 0 and q + AHEAD < Q:
+        prefetch_row(x, xn + (q + AHEAD) * P, TILE)
