@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastcolor.backends.numba_backend._jit import cjit, narrow, pjit, prange, store_fence, stream_product8, tjit
+from fastcolor.backends.numba_backend._jit import cjit, jit, narrow, pjit, prange, store_fence, stream_product8, tjit
 from fastcolor.backends.numba_backend._launch import TILE, claim, next_tile_base, tile_at
 from fastcolor.backends.numba_backend._math import (
     NAN,
@@ -138,6 +138,14 @@ def _ce_tile(x, xb, xn, P, tw, k, ti, tz, sc, gscale, need_grad, loss, g, E, mx,
                 gq[j] = narrow(eq[j] * sc[j], g)
 
 
+@jit
+def _stream_grad_row(gs, gb, Ep, eb, scp, ptw):
+    """One class row of a tile's gradient, ``gs[gb + j] = Ep[eb + j] * scp[j]`` for j < ptw (a
+    multiple of 8), streamed (non-temporal stores)."""
+    for j in range(0, ptw, 8):
+        stream_product8(gs, gb + j, Ep, eb + j, scp, j)
+
+
 @tjit
 def _ce_tile_streamed(x, xn, twn, P, tw, k, ti, tz, sc, gscale, gs, loss, E, mx, mxn, sm, xt, ls, acc, K,
                       Ep, scp, pb, ptw):
@@ -162,8 +170,7 @@ def _ce_tile_streamed(x, xn, twn, P, tw, k, ti, tz, sc, gscale, gs, loss, E, mx,
             eq[j] = e
             sm[j] += e
         if pb >= 0:
-            for j in range(0, ptw, 8):
-                stream_product8(gs, pb + q * P + j, Ep, q * TILE + j, scp, j)
+            _stream_grad_row(gs, pb + q * P, Ep, q * TILE, scp, ptw)
         if xn >= 0:
             load_row_max(x, xn + q * P, twn, Ep, q * TILE, mxn)
     _pixel_terms(k, tw, tz, xt, sm, sc, gscale, loss, ls, acc)
@@ -174,8 +181,7 @@ def _ce_tile_streamed(x, xn, twn, P, tw, k, ti, tz, sc, gscale, gs, loss, E, mx,
 def _flush(gs, pb, P, ptw, Ep, scp):
     """The last tile's streamed gradient, which no next tile's exp pass wrote."""
     for q in range(Q):
-        for j in range(0, ptw, 8):
-            stream_product8(gs, pb + q * P + j, Ep, q * TILE + j, scp, j)
+        _stream_grad_row(gs, pb + q * P, Ep, q * TILE, scp, ptw)
 
 
 @cjit
