@@ -26,14 +26,13 @@ rounds float32 back. So each kernel has one specialisation per logits dtype.
 from __future__ import annotations
 
 import os
-import platform
 
 import numpy as np
 import torch
 
 from fastcolor.backends._alloc import empty_cpu
 from fastcolor.backends.contract import LossCall
-from fastcolor.backends.numba_backend._jit import CACHE, IMPORT_ERROR
+from fastcolor.backends.numba_backend._jit import CACHE, IMPORT_ERROR, X86_64
 from fastcolor.backends.numba_backend._launch import SERIAL_MAX_TILES, TILE, launch
 from fastcolor.gamut import K_MAX
 
@@ -61,7 +60,7 @@ def unavailable_reason(device_type: str) -> str | None:
 _VIEWS = {torch.float32: torch.float32, torch.float16: torch.int16, torch.bfloat16: torch.uint16}
 
 #: see :func:`streams_gradient`
-_STREAM_OK = platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("FASTCOLOR_STREAM_STORES", "1") != "0"
+_STREAM_OK = X86_64 and os.environ.get("FASTCOLOR_STREAM_STORES", "1") != "0"
 
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I32 = np.empty(0, np.int32)

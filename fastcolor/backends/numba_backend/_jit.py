@@ -30,6 +30,9 @@ else:
     IMPORT_ERROR = None
 
 _PKG_DIR = Path(__file__).resolve().parent
+#: x86-64, where the kernels' non-temporal stores and ``sfence`` apply (see ``store_fence``
+#: and ``numba_backend.streams_gradient``).
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _package_stamp() -> str:
@@ -286,8 +289,6 @@ if numba is not None:
 
         return types.void(dst, di, a, ai, b, bi), codegen
 
-    _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-
     @intrinsic
     def store_fence(typingctx):
         """Order the non-temporal stores of :func:`stream_product8` made so far before any
@@ -299,7 +300,7 @@ if numba is not None:
         platform's own non-temporal pairs) a seq_cst fence."""
 
         def codegen(context, builder, signature, args):
-            if _X86:
+            if X86_64:
                 fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
                 builder.call(fn, [])
             else:  # pragma: no cover - not x86
