@@ -1,0 +1,216 @@
+"""Image folders: listing, the train/val/test split and what a split was made from.
+
+A data directory is either flat (images directly inside: one class, named after the directory)
+or has one subfolder per class. Listing opens nothing; :func:`index_images` also checks each
+file's header and skips unreadable ones with one warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcolor.data.images import IMAGE_EXTENSIONS, UnreadableImageError, file_kind, open_image
+from fastcolor.io import atomic_write_json
+
+__all__ = ["ImageItem", "NoReadableImagesError", "list_images", "scan_images", "index_images", "split_items",
+           "save_split", "load_split", "files_fingerprint", "split_source", "split_change"]
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image: its path relative to the data directory and its class (subfolder name)."""
+
+    path: str
+    label: str
+
+def _verify(path: Path) -> str | None:
+    """Cheap check (header + PIL verify, no full decode): None if fine, else the reason."""
+    try:
+        with open_image(path) as im:
+            im.verify()
+        return None
+    except UnreadableImageError as e:
+        return str(e).removeprefix(f"{path}: ")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+
+
+def _not_regular(path: Path) -> str | None:
+    """Without reading it: why ``path`` is no image file to read (a FIFO, a dangling link...), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a symbolic link to a file that does not exist" if path.is_symlink() else "vanished"
+    except OSError as e:
+        return f"cannot be opened ({e.strerror or e})"
+    return None if stat.S_ISREG(mode) else f"{file_kind(mode)}, not a regular file"
+
+
+class NoReadableImagesError(ValueError):
+    """A data folder without one readable image: ``skipped`` lists (relative path, reason) of
+    the image files that could not be used (empty when there was no image file at all)."""
+
+    def __init__(self, root: Path, skipped: list[tuple[str, str]]):
+        self.root, self.skipped = root, skipped
+        if skipped:
+            shown = "; ".join(f"{p} ({why})" for p, why in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+            what = f"all {len(skipped)} image file(s) there are unreadable: {shown}"
+        else:
+            what = "there is no file with an image suffix (.png, .jpg, ...) in it or in its subfolders"
+        self.detail = what
+        super().__init__(f"root: expected at least one readable image in {str(root)!r}, found none: {what}")
+
+
+def list_images(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[ImageItem]:
+    """Every entry of ``root`` with an image suffix, flat or one subfolder per class (see
+    :func:`index_images`), as found in the folder: nothing is opened, so unreadable files,
+    FIFOs and dangling symbolic links are included. What a split is made from."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"root must be an existing directory of images, got {str(root)!r}")
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = {d.name: images_in(d) for d in subdirs}
+    per_class = {k: v for k, v in per_class.items() if v}
+    if not per_class:
+        per_class = {root.resolve().name: images_in(root)}
+    if classes is not None:
+        unknown = sorted(set(classes) - set(per_class))
+        if unknown:
+            raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), "
+                             f"got unknown {unknown}")
+        per_class = {k: v for k, v in per_class.items() if k in set(classes)}
+    return [ImageItem(p.relative_to(root).as_posix(), label) for label, paths in per_class.items() for p in paths]
+
+
+def scan_images(root: str | os.PathLike, classes: Sequence[str] | None = None,
+                verify: bool = True) -> tuple[list[ImageItem], list[tuple[ImageItem, str]]]:
+    """(readable images, [(skipped image file, reason)]) of :func:`list_images`. Only regular
+    files are kept (a FIFO named ``x.png`` is skipped without being opened); ``verify`` also
+    opens each one (header and PIL's ``verify``, no full decode)."""
+    root = Path(root)
+    items, bad = [], []
+    for it in list_images(root, classes):
+        p = root / it.path
+        reason = _not_regular(p) or (_verify(p) if verify else None)
+        if reason is None:
+            items.append(it)
+        else:
+            bad.append((it, reason))
+    return items, bad
+
+
+def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True) -> list[ImageItem]:
+    """All images under ``root``: flat (class = the folder's name) or one subfolder per class.
+
+    ``classes`` restricts to those subfolders. Unreadable files (and anything with an image's
+    name that is not a regular file: FIFOs, devices, dangling symbolic links) are skipped with
+    one warning naming them all. Sorted by path, so the result is deterministic. A folder
+    without a readable image raises :class:`NoReadableImagesError` (a ``ValueError``).
+    """
+    items, bad = scan_images(root, classes, verify)
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root}: "
+                      + "; ".join(f"{it.path} ({why})" for it, why in bad), stacklevel=2)
+    if not items:
+        raise NoReadableImagesError(Path(root), [(it.path, why) for it, why in bad])
+    return items
+
+
+def split_items(items: Sequence[ImageItem], seed: int = 0,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, list[ImageItem]]:
+    """Deterministic stratified train/val/test split (per class, seeded shuffle of the sorted paths).
+
+    Classes with at least 3 images get at least one validation and one test image.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions!r}")
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[ImageItem]] = {"train": [], "val": [], "test": []}
+    for label in sorted({it.label for it in items}):
+        group = sorted((it for it in items if it.label == label), key=lambda it: it.path)
+        group = [group[i] for i in rng.permutation(len(group))]
+        n = len(group)
+        n_val, n_test = int(round(n * fractions[1])), int(round(n * fractions[2]))
+        if n >= 3:
+            n_val, n_test = max(n_val, int(fractions[1] > 0)), max(n_test, int(fractions[2] > 0))
+        out["val"] += group[:n_val]
+        out["test"] += group[n_val:n_val + n_test]
+        out["train"] += group[n_val + n_test:]
+    return out
+
+
+def files_fingerprint(items: Sequence[ImageItem]) -> str:
+    """A short hash of a list of images (paths and classes, in any order)."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda it: (it.path, it.label)):
+        h.update(f"{it.path}\t{it.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_split(path: str | os.PathLike, split: dict[str, list[ImageItem]], seed: int | None = None,
+               source: dict[str, Any] | None = None) -> None:
+    """Write a split; ``source`` records what it was made from (see :func:`split_source`)."""
+    raw: dict[str, Any] = {"seed": seed, **{k: [[it.path, it.label] for it in v] for k, v in split.items()}}
+    if source is not None:
+        raw["source"] = source
+    atomic_write_json(path, raw)
+
+
+def load_split(path: str | os.PathLike) -> dict[str, list[ImageItem]]:
+    raw = json.loads(Path(path).read_text())
+    return {k: [ImageItem(p, c) for p, c in raw[k]] for k in ("train", "val", "test")}
+
+
+def split_source(listed: Sequence[ImageItem], skipped: Sequence[ImageItem], classes: Sequence[str] | None,
+                 fractions: Sequence[float]) -> dict[str, Any]:
+    """What a split is made from: the image files listed (their number and fingerprint), those
+    of them that were skipped as unreadable, the classes asked for and the fractions."""
+    return {"files": len(listed), "fingerprint": files_fingerprint(listed),
+            "skipped": [[it.path, it.label] for it in sorted(skipped, key=lambda it: it.path)],
+            "classes": None if classes is None else sorted(classes), "fractions": [float(f) for f in fractions]}
+
+
+def split_change(path: str | os.PathLike, listed: Sequence[ImageItem], seed: int, classes: Sequence[str] | None,
+                 fractions: Sequence[float]) -> str | None:
+    """None if the split in ``path`` was made from the image files ``listed`` (by
+    :func:`list_images`) with this seed, these classes and fractions; otherwise what changed, in
+    words ("3 image files added (a.png, ...)", "seed 0 -> 1", ...). A split written before
+    splits recorded their source says so."""
+    raw = json.loads(Path(path).read_text())
+    src = raw.get("source")
+    if not isinstance(src, dict):
+        return "it does not record what it was made from (written by an older fastcolor)"
+    changes = []
+    if src.get("fingerprint") != files_fingerprint(listed):
+        old = {(p, c) for k in ("train", "val", "test") for p, c in raw.get(k, [])}
+        old |= {(p, c) for p, c in src.get("skipped", [])}
+        now = {(it.path, it.label) for it in listed}
+        added, removed = sorted(now - old), sorted(old - now)
+        for n, what, names in ((len(added), "added", added), (len(removed), "removed", removed)):
+            if n:
+                shown = ", ".join(p for p, _ in names[:3]) + (", ..." if n > 3 else "")
+                changes.append(f"{n} image file(s) {what} ({shown})")
+        if not changes:
+            changes.append("the image files differ")
+        changes.append(f"{src.get('files', len(old))} -> {len(listed)} image files")
+    if raw.get("seed") != seed:
+        changes.append(f"seed {raw.get('seed')} -> {seed}")
+    wanted = None if classes is None else sorted(classes)
+    if src.get("classes") != wanted:
+        changes.append(f"classes {src.get('classes') or 'all'} -> {wanted or 'all'}")
+    if [round(float(f), 9) for f in src.get("fractions", [])] != [round(float(f), 9) for f in fractions]:
+        changes.append(f"fractions {src.get('fractions')} -> {list(fractions)}")
+    return "; ".join(changes) or None

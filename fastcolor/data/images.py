@@ -1,0 +1,148 @@
+"""Reading one image file: any format PIL opens, as upright 8-bit sRGB.
+
+Grayscale, palette, RGBA/LA over white, CMYK, 16-bit and EXIF orientation are handled; a file
+that cannot be used raises :class:`UnreadableImageError` naming it and the reason. Only regular
+files are read (a FIFO or a device with an image's name is refused before any read).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import struct
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from fastcolor.color import rgb_to_lab
+
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "check_pixel_limit", "file_kind", "open_image", "load_rgb",
+           "load_square", "load_l"]
+
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """High-bit-depth single-channel arrays (PIL modes I;16*, I, F) -> uint8."""
+    arr = arr.astype(np.float64)
+    if mode == "F":
+        scale = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        scale = 65535.0
+    else:
+        scale = 255.0
+    return (np.clip(np.nan_to_num(arr) / scale, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be used: not an image, empty, truncated, corrupt, or over
+    PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, the decompression-bomb guard)."""
+
+
+def check_pixel_limit(im: Image.Image, path: str | os.PathLike) -> None:
+    """Refuse an image whose header announces more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
+    (PIL itself only warns between 1x and 2x that limit, and would decode it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = im.size
+    if limit and w * h > limit:
+        raise UnreadableImageError(
+            f"{path}: {w}x{h} = {w * h} pixels is over the limit of {int(limit)} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it")
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_regular(path: str | os.PathLike):
+    """A binary file object for ``path``, refusing anything but a regular file *before* reading
+    from it: opening a FIFO for reading waits for a writer (forever), a device never ends. The
+    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UnreadableImageError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                                       f"fix or remove the link") from None
+        raise
+    except OSError as e:  # permission denied, a loop of symbolic links, ...
+        raise UnreadableImageError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImageError(f"{path}: {file_kind(st.st_mode)}, not a regular file; only regular files "
+                                       f"are read as images")
+        if st.st_size == 0:
+            raise UnreadableImageError(f"{path}: empty file (0 bytes)")
+        return open(path, "rb", opener=lambda _p, _f: fd)  # noqa: SIM115 - closed by open_image
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike):
+    """``PIL.Image.open`` that checks the pixel limit and turns every failure into
+    :class:`UnreadableImageError` naming the file and the reason. Only regular files are read:
+    a FIFO, a device or a directory with an image's name is refused without reading from it."""
+    f = _open_regular(path)
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixel_limit refuses those
+                im = Image.open(f)
+        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBombError, SyntaxError, ...
+            why = str(e).replace(repr(f), repr(str(path)))  # PIL names the file object
+            raise UnreadableImageError(f"{path}: not a readable image ({type(e).__name__}: {why})") from e
+        with im:
+            check_pixel_limit(im, path)
+            try:
+                yield im
+            except UnreadableImageError:
+                raise
+            except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError) as e:
+                raise UnreadableImageError(f"{path}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+    finally:
+        f.close()
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any image as an upright 8-bit RGB PIL image. Raises :class:`UnreadableImageError`
+    (an ``OSError``) naming the file if it is not an image, empty, truncated or corrupt, or has
+    more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
+    with open_image(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode == "RGB":
+            return im.copy()
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+
+
+def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def load_square(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """The image at ``path`` as uint8 RGB (3, size, size), resized (antialiased) to a square:
+    what :class:`ColorizationDataset` augments and converts to Lab."""
+    return v2.functional.resize(_pil_to_tensor(load_rgb(path)), [size, size], antialias=True)
+
+
+def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """L (1, size, size) in 0..100 of the image at ``path`` resized to a square: exactly the
+    ``L`` a :class:`ColorizationDataset` of that ``size`` yields without augmentation, so the
+    embedding cache of a fusion model is computed from what the network sees."""
+    return rgb_to_lab(load_square(path, size))[:1]
