@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from fastcolor.color import rgb_to_lab
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "check_pixel_limit", "file_kind", "open_image", "load_rgb",
-           "load_square", "load_l"]
+           "pil_to_rgb", "load_square", "load_l"]
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -60,10 +60,11 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def _open_regular(path: str | os.PathLike):
+def _open_regular(path: str | os.PathLike, what: str = "as images"):
     """A binary file object for ``path``, refusing anything but a regular file *before* reading
     from it: opening a FIFO for reading waits for a writer (forever), a device never ends. The
-    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read."""
+    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read.
+    ``what`` ends the refusal ("only regular files are read <what>")."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -77,7 +78,7 @@ def _open_regular(path: str | os.PathLike):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnreadableImageError(f"{path}: {file_kind(st.st_mode)}, not a regular file; only regular files "
-                                       f"are read as images")
+                                       f"are read {what}")
         if st.st_size == 0:
             raise UnreadableImageError(f"{path}: empty file (0 bytes)")
         return open(path, "rb", opener=lambda _p, _f: fd)  # noqa: SIM115 - closed by open_image
@@ -118,17 +119,23 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
     with open_image(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im)
-        mode = im.mode
-        if mode == "RGB":
-            return im.copy()
-        if mode in ("I", "F") or mode.startswith("I;16"):
-            return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
-        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+        return pil_to_rgb(im)
+
+
+def pil_to_rgb(im: Image.Image) -> Image.Image:
+    """A PIL image (any mode) as :func:`load_rgb` reads a file: upright by its EXIF orientation,
+    16-bit and float modes scaled to 8 bits, transparency composited over white; a new image."""
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
