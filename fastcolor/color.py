@@ -18,12 +18,20 @@ L is in 0..100, a and b roughly in -128..127. Shapes are ``(3, H, W)`` or ``(N, 
 from __future__ import annotations
 
 import torch
-from kornia.color import lab_to_rgb as _k_lab_to_rgb
-from kornia.color import linear_rgb_to_rgb as _k_linear_to_rgb
-from kornia.color import rgb_to_lab as _k_rgb_to_lab
-from kornia.color import rgb_to_linear_rgb as _k_rgb_to_linear
 
 __all__ = ["rgb_to_lab", "lab_to_rgb", "rgb_to_l", "split_l_ab", "join_l_ab", "l_ab_to_rgb", "gray_rgb"]
+
+
+
+def _kornia():
+    """``kornia.color``, imported on first use: importing fastcolor (and its ops, models and
+    benchmark) must not need kornia, which some machines lack (issue 21: the lent GPUs' image)."""
+    try:
+        import kornia.color
+    except ImportError as exc:
+        raise ImportError(f"fastcolor.color needs kornia for sRGB <-> Lab (pip install kornia): {exc}") from exc
+    return kornia.color
+
 
 # Second row of kornia's / skimage's sRGB -> XYZ matrix (D65): Y from linear RGB.
 _Y_FROM_RGB = (0.212671, 0.715160, 0.072169)
@@ -45,12 +53,12 @@ def _check_image(x, name: str, channels: int, allow_uint8: bool = False) -> torc
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] (float) or 0..255 (uint8), shape (..., 3, H, W) -> Lab with L in 0..100."""
-    return _k_rgb_to_lab(_check_image(rgb, "rgb", 3, allow_uint8=True))
+    return _kornia().rgb_to_lab(_check_image(rgb, "rgb", 3, allow_uint8=True))
 
 
 def lab_to_rgb(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """Lab (..., 3, H, W) -> sRGB, clamped to [0, 1] unless ``clip=False``."""
-    return _k_lab_to_rgb(_check_image(lab, "lab", 3), clip=clip)
+    return _kornia().lab_to_rgb(_check_image(lab, "lab", 3), clip=clip)
 
 
 def rgb_to_l(rgb: torch.Tensor) -> torch.Tensor:
@@ -58,7 +66,7 @@ def rgb_to_l(rgb: torch.Tensor) -> torch.Tensor:
     rgb = _check_image(rgb, "rgb", 3, allow_uint8=True)
     if rgb.dtype in (torch.float16, torch.bfloat16):
         return rgb_to_l(rgb.float()).to(rgb.dtype)
-    lin = _k_rgb_to_linear(rgb)
+    lin = _kornia().rgb_to_linear_rgb(rgb)
     r, g, b = _Y_FROM_RGB
     y = r * lin[..., 0:1, :, :] + g * lin[..., 1:2, :, :] + b * lin[..., 2:3, :, :]
     f = torch.where(y > 0.008856, y.clamp(min=0.008856).pow(1.0 / 3.0), 7.787 * y + 4.0 / 29.0)
@@ -91,5 +99,5 @@ def gray_rgb(L: torch.Tensor) -> torch.Tensor:
     L = _check_image(L, "L", 1)
     fy = (L + 16.0) / 116.0
     y = torch.where(fy > 0.2068966, fy.pow(3.0), (fy - 4.0 / 29.0) / 7.787)  # relative luminance Y
-    g = _k_linear_to_rgb(y.clamp(0.0, 1.0).expand(*L.shape[:-3], 3, *L.shape[-2:]))
+    g = _kornia().linear_rgb_to_rgb(y.clamp(0.0, 1.0).expand(*L.shape[:-3], 3, *L.shape[-2:]))
     return g.clamp(0.0, 1.0)

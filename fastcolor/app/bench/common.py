@@ -32,6 +32,44 @@ OPS_SHAPES = {
 PROVIDERS = {"cuda": ("torch", "cuda", "triton"), "cpu": ("cpp", "numba", "torch", "triton")}
 T_DECODE = 0.38
 K_TIMED = 5
+#: The versions fastcolor supports (README, "Requirements"; pyproject.toml): Python 3.11-3.12 (both
+#: ends inclusive), torch >= 2.11, triton >= 3.6 (the lent GPUs' image: Python 3.12, torch 2.11,
+#: triton 3.6; this repository's CI: Python 3.11, torch 2.14, triton 3.8).
+SUPPORTED = {"python": ((3, 11), (3, 12)), "torch": (2, 11), "triton": (3, 6)}
+
+
+def _python_version() -> tuple[int, int]:
+    return sys.version_info[:2]
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def version_problems() -> list[str]:
+    """What runs here outside :data:`SUPPORTED`, one line each (empty when all is supported)."""
+    out = []
+    lo, hi = SUPPORTED["python"]
+    py = _python_version()
+    if not lo <= py <= hi:
+        out.append(f"Python {py[0]}.{py[1]} is not supported (3.{lo[1]}-3.{hi[1]})")
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for name, version in versions.items():
+        mm = _major_minor(version)
+        want = SUPPORTED[name]
+        if mm is None or mm < want:
+            out.append(f"{name} {version} is older than supported (>= {want[0]}.{want[1]})")
+    return out
 
 
 def log(*a):
