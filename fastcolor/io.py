@@ -8,8 +8,9 @@ file or the new one, never a torn one.
 Checkpoints are single safetensors files: tensors under ``model.`` / ``optim.`` prefixes,
 everything else (model config, optimizer hyper-parameters, training state) as JSON in the
 safetensors metadata. Loading never unpickles. Rebuilding a model from such a file is
-:mod:`fastcolor.models.serialization`; this module knows nothing of the models (it imports
-nothing from fastcolor).
+:mod:`fastcolor.models.serialization`; this module knows nothing of the models (from fastcolor
+it only borrows, when a weights file is opened, :mod:`fastcolor.data.images`' opener that refuses
+anything but a regular file before reading it).
 
 A write that runs out of space raises :class:`DiskFullError` (an ``OSError`` with errno
 ENOSPC or EDQUOT) naming the file, the bytes it needed and the bytes free. A directory is owned
@@ -37,6 +38,7 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
+    "open_weights_file", "weights_format", "MAX_SAFETENSORS_HEADER",
 ]
 
 
@@ -265,29 +267,75 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def _sniff(path: Path) -> str:
-    """What a weights file looks like from its first bytes: "safetensors", "pickle", "zip" or "unknown"."""
+#: The longest safetensors header the safetensors library reads (its own limit, 100 MB): a
+#: longer announced length is not a safetensors header.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def open_weights_file(path: str | os.PathLike):
+    """``path`` opened for binary reading, refusing before any byte is read anything but a regular,
+    non-empty file: ``FileNotFoundError`` if nothing is there, ``ValueError`` naming the file and
+    what it is otherwise (a FIFO, which would wait for a writer forever; ``/dev/zero``, which never
+    ends; ``/dev/null``; a directory; a loop of symbolic links or a dangling one; unreadable).
+
+    Example::
+
+        with open_weights_file("model.safetensors") as f:   # os.mkfifo'd name: ValueError, no hang
+            head = f.read(8)
+    """
+    from fastcolor.data.images import UnreadableImageError, _open_regular  # fastcolor.data imports this module
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return "unknown"
+        return _open_regular(path, what="as weights files")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no such weights file: {path}") from None
+    except UnreadableImageError as exc:
+        raise ValueError(f"path: cannot read {exc}") from None
+
+
+def weights_format(path: str | os.PathLike) -> str:
+    """What a weights file is, judged by what it holds: "safetensors" (an 8-byte little-endian
+    length, then a JSON object of that length that parses), "zip" (``torch.save``'s format),
+    "pickle" (a legacy ``torch.save`` file or a raw pickle stream: protocol 2-5 or a protocol
+    0/1 opcode), "safetensors" again for a file that opens like one whose header does not fit
+    (damaged: its loader says how), else "unknown". The safetensors test comes first: a header
+    length's low byte may be any byte, 0x80 (a pickle's first byte) or "PK" included. Raises as
+    :func:`open_weights_file` does for anything but a regular file, before reading it.
+
+    Example::
+
+        weights_format("colorization_release_v2-9b330a0b.pth")   # "zip"
+        weights_format("runs/zhang/model.safetensors")           # "safetensors"
+    """
+    with open_weights_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            n = int.from_bytes(head[:8], "little")
+            if 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                try:
+                    header = json.loads(head[8:] + f.read(n - 1))
+                except (ValueError, UnicodeDecodeError):
+                    header = None
+                if isinstance(header, dict):
+                    return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "zip"  # torch.save's format: a pickle inside a zip
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]"):
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:1] in (b"(", b"}", b"]"):
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    if head[8:9] == b"{":
+        return "safetensors"  # opens like one: truncated or damaged, as safetensors' own error will say
     return "unknown"
 
 
 def _not_safetensors(path: Path, exc: BaseException) -> ValueError:
-    kind = _sniff(path)
+    try:
+        kind = weights_format(path)
+    except (OSError, ValueError):
+        kind = "unknown"
     if kind in ("zip", "pickle"):
         why = ("it is a pickle (torch.save) file; fastcolor never unpickles model files (unpickling runs "
                "arbitrary code): save the weights as safetensors")
-    elif path.stat().st_size == 0:
-        why = "the file is empty"
     else:
         why = f"not a valid safetensors file, or truncated ({exc})"
     return ValueError(f"path: cannot read {path}: {why}")
@@ -295,8 +343,7 @@ def _not_safetensors(path: Path, exc: BaseException) -> ValueError:
 
 def _open_safetensors(path: Path, device: str | torch.device = "cpu"):
     """safe_open with errors that name the file and say what is wrong with it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such safetensors file: {path}")
+    open_weights_file(path).close()  # nothing but a regular, non-empty file: a FIFO would hang safe_open
     try:
         return safe_open(str(path), framework="pt", device=str(device))
     except Exception as exc:  # SafetensorError, OSError, ...: a damaged or foreign file
@@ -470,9 +517,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         backbone.load_state_dict(load_state_file("resnet50-0676ba61.pth"))
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such weights file: {path}")
-    if path.suffix == ".safetensors" or _sniff(path) == "safetensors":
+    kind = weights_format(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - SafetensorError etc.

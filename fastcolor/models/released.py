@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from fastcolor.gamut import AB_BINS
-from fastcolor.io import load_state_file, load_tensors, tensor_shapes
+from fastcolor.io import load_state_file, load_tensors, tensor_shapes, weights_format
 from fastcolor.models.zhang import ZhangNet
 
 __all__ = ["RELEASED_ECCV16", "AB_SCALE", "BIN_TOLERANCE", "EXPECTED", "OVERRIDABLE", "released_config",
@@ -151,13 +151,13 @@ def released_layout_problem(shapes: dict[str, tuple[int, ...]]) -> str | None:
 
 
 def looks_like_torch_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a ``torch.save`` file (a zip archive, or a legacy pickle)."""
+    """Whether ``path`` holds a ``torch.save`` file (a zip archive, or a legacy pickle stream), judged
+    by :func:`fastcolor.io.weights_format`: a safetensors file whose header parses is not one, whatever
+    its first byte. False where no regular file is there."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
+        return weights_format(path) in ("zip", "pickle")
+    except (OSError, ValueError):
         return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _bin_permutation(model_out: torch.Tensor) -> tuple[np.ndarray | None, str]:

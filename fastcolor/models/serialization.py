@@ -22,13 +22,19 @@ from typing import Any
 import torch
 
 from fastcolor.colorize import check_memory
-from fastcolor.io import atomic_write_json, load_tensors, read_checkpoint_meta, save_tensors, tensor_shapes
+from fastcolor.io import (
+    atomic_write_json,
+    load_tensors,
+    read_checkpoint_meta,
+    save_tensors,
+    tensor_shapes,
+    weights_format,
+)
 from fastcolor.models import build_model, load_model_state, model_state
 from fastcolor.models.released import (
     EXPECTED,
     caller_stacklevel,
     load_released,
-    looks_like_torch_file,
     released_layout_problem,
 )
 
@@ -89,7 +95,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    if looks_like_torch_file(path):
+    if weights_format(path) in ("zip", "pickle"):  # refuses a FIFO, a device, ... before reading it
         return _load_released(path, device, overrides)
     try:
         meta = read_checkpoint_meta(path)
