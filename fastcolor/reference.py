@@ -180,6 +180,7 @@ def rebalanced_cross_entropy(
     nongray: bool = False,
     target: tuple[np.ndarray, np.ndarray] | None = None,
     grad_output: float | np.ndarray = 1.0,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class-rebalanced multinomial cross-entropy [Z16, eq. 2] and its exact gradient.
 
@@ -194,18 +195,35 @@ def rebalanced_cross_entropy(
     ``"mean"`` = sum of l over all N*H*W pixels / (N*H*W) (the paper's 1/HW, averaged over
     the batch), ``"sum"``, ``"none"`` (the ``(N, *S)`` map).
 
+    ``mask`` (``(N, *S)`` bool or 0/1, True = leave the pixel out) removes pixels entirely: their
+    ab are read as 0 (so NaN ground truth there is harmless, and they cannot make an image
+    non-grey), their ``l_hw`` and gradient are exactly 0, and ``"mean"`` divides by the number of
+    pixels left, ``U = #{hw: not mask_hw}`` (NaN when ``U = 0``, as PyTorch's mean over no
+    pixels). Unlike ``torch.nn.CrossEntropyLoss(weight=w)``, whose mean divides by
+    ``sum_hw w[target_hw]``, the mean divides by the pixel count and not by the sum of ``v_hw``.
+
     ``target=(indices, weights)`` replaces ``ab`` with a precomputed encoding (nearest bin
     first, as :func:`soft_encode` orders it); ``nongray`` then needs ``ab`` too.
 
     Returns ``(loss, grad)``: ``grad`` is d(sum(grad_output * loss)) / d logits,
 
-        grad = grad_output * m_n v_hw (softmax(logits)_hwq - Z_hwq) * (1 / (N*H*W) for "mean").
+        grad = grad_output * m_n v_hw (softmax(logits)_hwq - Z_hwq) * (1 / (N*H*W) for "mean"),
+
+    with ``U`` in place of ``N*H*W`` and 0 at masked pixels when ``mask`` is given.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim < 2 or logits.shape[1] != Q:
         raise ValueError(f"logits: expected shape (N, {Q}, ...), got {logits.shape}")
+    keep = None
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (logits.shape[0],) + logits.shape[2:]:
+            raise ValueError(f"mask: expected shape {(logits.shape[0],) + logits.shape[2:]}, got {mask.shape}")
+        keep = ~mask.astype(bool)
+        if ab is not None:
+            ab = np.where(keep[:, None], np.asarray(ab, dtype=np.float64), 0.0)
     if target is None:
         if ab is None:
             raise ValueError("ab: expected the target ab (or target=(indices, weights)), got None")
@@ -226,6 +244,10 @@ def rebalanced_cross_entropy(
     # logit is -inf (log p = -inf), as for a class masked out of the model's output.
     per_pixel = -v * (z * np.take_along_axis(logp, idx.astype(np.int64), axis=1)).sum(axis=1)
     n_pix = per_pixel.size
+    if keep is not None:
+        v = v * keep
+        per_pixel = np.where(keep, per_pixel, 0.0)  # exactly 0, even where the logits would give inf
+        n_pix = int(keep.sum())
     if reduction == "mean":
         loss = per_pixel.sum() / n_pix if n_pix else np.float64("nan")
         scale = np.float64(grad_output) / max(n_pix, 1)

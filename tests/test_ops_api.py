@@ -58,6 +58,20 @@ def test_unavailable_backend_names_what_is_missing():
     (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, sigma=-1.0), r"sigma: expected a positive finite number"),
     (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, weights=torch.ones(312)),
      r"weights: expected shape \(313,\), got \(312,\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, weight=torch.ones(312)),
+     r"weights: expected shape \(313,\), got \(312,\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, torch.ones(313), weight=torch.ones(313)),
+     r"weight, weights: expected at most one of them .*got both"),
+    (lambda x, ab: fc.RebalancedCrossEntropyLoss(torch.ones(313), weight=torch.ones(313)),
+     r"weight, weights: expected at most one of them"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, mask=torch.zeros(2, 3, 5, dtype=torch.bool)),
+     r"mask: expected shape \(N, \*spatial\) = \(2, 3, 4\) matching logits \(2, 313, 3, 4\), got \(2, 3, 5\)"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, mask=torch.full((2, 3, 4), 2.0)),
+     r"mask: expected bool or 0/1 values \(1 = leave the pixel out\), got 24 other values of 24"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, mask=[[0]]),
+     r"mask: expected a bool \(or 0/1\) torch.Tensor, got list"),
+    (lambda x, ab: fc.rebalanced_cross_entropy(x, ab, mask=torch.zeros(2, 3, 4, dtype=torch.bool, device="meta")),
+     r"mask: expected a tensor on cpu like logits, got meta"),
     (lambda x, ab: fc.rebalanced_cross_entropy(x, fc.soft_encode(ab), nongray=True), r"nongray: needs the target ab"),
     (lambda x, ab: fc.rebalanced_cross_entropy(x, "ab"), r"target: expected a torch.Tensor, got str"),
     (lambda x, ab: fc.annealed_mean(x, T=0.0), r"T: expected a positive finite number, got 0.0"),
@@ -100,12 +114,18 @@ def test_gradcheck_fused_routes_float64():
     w = torch.rand(313) + 0.5
     mask = torch.ones(1)
     x = logits.reshape(1, 313, 6).clone().requires_grad_(True)
+    pixel_mask = torch.tensor([[False, True, False, False, True, False]])
     for red in ("mean", "sum", "none"):
-        def fused(t, red=red):
-            return _FusedCE.apply(t, ab32, None, None, w, mask, 5, 5.0, red, "torch")
+        for px in (None, pixel_mask):
+            def fused(t, red=red, px=px):
+                return _FusedCE.apply(t, ab32, None, None, w, mask, px, 5, 5.0, red, "torch")
 
-        torch.autograd.gradcheck(fused, x, fast_mode=True)
+            torch.autograd.gradcheck(fused, x, fast_mode=True)
     torch.autograd.gradcheck(lambda t: _ce_op(t, ab32, None, None, w, mask, None, 5, 5.0, False, "torch")[0], x,
+                             fast_mode=True)
+    # The compile route's backward multiplies the upstream gradient by the forward's pixel_scale.
+    scale = torch.rand(1, 6) + 0.25
+    torch.autograd.gradcheck(lambda t: _ce_op(t, ab32, None, None, w, mask, scale, 5, 5.0, False, "torch")[0], x,
                              fast_mode=True)
     torch.autograd.gradcheck(lambda t: _annealed_mean_op(t, 0.38, False, "torch"), x, fast_mode=True)
     p = torch.softmax(x.detach() / 10, 1).requires_grad_(True)  # away from 0: the numerical step stays positive
