@@ -24,6 +24,7 @@ from PIL import Image
 
 from fastcolor.color import l_ab_to_rgb, rgb_to_l
 from fastcolor.data import load_rgb
+from fastcolor.data.images import pil_to_rgb
 from fastcolor.models import build_model
 from fastcolor.ops import annealed_mean
 
@@ -318,7 +319,8 @@ def colorize_tensor(model: torch.nn.Module, L_full: torch.Tensor, size: int | No
     The model is put in eval mode. ``T``: the annealed-mean temperature (Zhang models; None:
     the model's :func:`decode_temperature`); ``embedding``: a fusion model's (N, D) embedding
     (None: computed from L). Runs without gradients; a job too big for the device's memory is
-    refused with :class:`MemoryLimitError` before any work.
+    refused with :class:`MemoryLimitError` before any work; a NaN/Inf prediction (NaN/Inf in L,
+    or broken weights) raises ``ValueError`` rather than returning black pixels.
 
     Example:
         >>> import torch
@@ -368,6 +370,11 @@ def _colorized_strips(model, L_full: torch.Tensor, size: int, T: float, embeddin
     and yield (row slice, RGB (N, 3, rows, W) in [0, 1]) strip by strip."""
     L_in = F.interpolate(L_full, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     ab = predict_ab(model, L_in, T, embedding)
+    finite = torch.isfinite(ab)
+    if not bool(finite.all()):  # one check of the small ab: a black image would otherwise come back
+        what = "its input L holds NaN/Inf" if not bool(torch.isfinite(L_in).all()) else "its weights are broken"
+        raise ValueError(f"model: {int((~finite).sum())} of {ab.numel()} predicted ab values are NaN/Inf ({what}); "
+                         f"nothing was colorized")
     ab = F.interpolate(ab.float(), size=L_full.shape[-2:], mode="bilinear", align_corners=False)
     H, W = L_full.shape[-2:]
     step = max(1, STRIP_PIXELS // max(W, 1))
@@ -376,32 +383,83 @@ def _colorized_strips(model, L_full: torch.Tensor, size: int, T: float, embeddin
         yield rows, l_ab_to_rgb(L_full[:, :, rows], ab[:, :, rows])
 
 
-def to_l_tensor(image: Any) -> torch.Tensor:
-    """L (1, H, W) of a path, PIL image, or numpy array (H, W) / (H, W, 3), uint8 or float in [0, 1].
+#: How far past [0, 1] a float image's values may go and still be read as [0, 1] (clipped):
+#: one 8-bit step. Anything further is refused as data on another scale (0..255, 0..65535).
+FLOAT_SLACK = 1.0 / 255.0
 
-    The image is taken as sRGB (an (H, W, 4) array's alpha is dropped; a 2-D array is grey)
-    and converted to CIE Lab lightness, float32 in 0..100 (float64 stays float64), strip by
-    strip so that only L is full size.
+
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    """An image array as uint8, or as float32/float64 in [0, 1], by the rule of its dtype (see
+    :func:`to_l_tensor`); ``ValueError`` naming what came where the range cannot be told."""
+    dtype = image.dtype
+    if dtype == np.uint8:
+        return image
+    if dtype == np.bool_:
+        return image.astype(np.uint8) * np.uint8(255)
+    if dtype == np.uint16:
+        return image.astype(np.float32) / np.float32(65535)
+    if np.issubdtype(dtype, np.integer):
+        lo, hi = (int(image.min()), int(image.max())) if image.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"image: {dtype} values are read as 8-bit values 0..255, got values in {lo}..{hi}; pass "
+                             f"uint16 for 16-bit data, or floats in [0, 1]")
+        return image.astype(np.uint8)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"image: expected uint8, uint16, another integer or a floating dtype, got {dtype}")
+    image = image.astype(np.float64 if dtype == np.float64 else np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        bad = int(image.size - np.count_nonzero(finite))
+        raise ValueError(f"image: {bad} of {image.size} values are NaN or Inf; colorize_image needs finite values "
+                         f"(replace them first, e.g. with np.nan_to_num)")
+    lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if lo < -FLOAT_SLACK or hi > 1 + FLOAT_SLACK:
+        raise ValueError(f"image: {dtype} values are read in [0, 1], got values in {lo:g}..{hi:g}; divide 8-bit values "
+                         f"by 255 (or pass uint8), 16-bit ones by 65535 (or pass uint16)")
+    return np.clip(image, 0.0, 1.0)
+
+
+def to_l_tensor(image: Any) -> torch.Tensor:
+    """L (1, H, W) of a path, PIL image, or numpy array (H, W), (H, W, 3) or (H, W, 4).
+
+    The image is taken as sRGB and converted to CIE Lab lightness, float32 in 0..100 (float64
+    stays float64), strip by strip so that only L is full size. A path and a PIL image are read
+    alike (:func:`fastcolor.data.images.pil_to_rgb`): upright by their EXIF orientation, 16-bit
+    (``I;16``) and float modes scaled to 8 bits, transparency composited over white. An array's
+    values follow its dtype: uint8 0..255, uint16 0..65535, bool False/True as black/white, other
+    integers 0..255 (others refused), floats [0, 1] (up to :data:`FLOAT_SLACK` beyond is clipped;
+    further, and NaN or Inf, refused). A 2-D array is grey; an (H, W, 4) array's alpha is dropped.
+    ``ValueError`` names the dtype and the values that came where the range cannot be told, and
+    refuses an image without pixels.
 
     Example:
         >>> import numpy as np
         >>> L = to_l_tensor(np.full((4, 6, 3), 255, dtype=np.uint8))   # white
         >>> L.shape, L.dtype, round(L.max().item(), 2)
         (torch.Size([1, 4, 6]), torch.float32, 100.0)
+        >>> round(to_l_tensor(np.full((2, 2), 32768, dtype=np.uint16)).max().item(), 1)   # as uint8 128
+        53.4
+        >>> to_l_tensor(np.full((2, 2), 200.0))   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: image: float64 values are read in [0, 1], got values in 200..200; divide 8-bit values by 255 ...
     """
     if isinstance(image, (str, os.PathLike)):
         image = load_rgb(image)
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
+        image = np.array(pil_to_rgb(image))  # a writable copy: torch.from_numpy warns on read-only arrays
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ValueError(f"image must have shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
-    if x.dtype != torch.uint8:
-        x = x.float()
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image: expected at least one pixel, got shape {image.shape}")
+    image = _unit_range(image[..., :3])
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     H, W = x.shape[-2:]
     L = torch.empty((1, H, W), dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype)
     step = max(1, STRIP_PIXELS // max(W, 1))
@@ -421,6 +479,13 @@ def colorize_image(model: torch.nn.Module, image: Any, size: int | None = None, 
     The network sees L resized to ``size`` x ``size`` (default: its configured input size,
     a multiple of 8); the decoded ab (in Lab units) is upsampled to the image's (H, W) and
     joined with its full-resolution L (0..100), then converted to sRGB, rounded to uint8.
+
+    Input values follow the array's dtype (:func:`to_l_tensor`): uint8 0..255, uint16 0..65535,
+    other integers 0..255, floats [0, 1]; a float array with values far outside [0, 1] (e.g.
+    0..255 floats), an integer array outside 0..255 (e.g. 16-bit data in int64), NaN or Inf
+    values, and an image without pixels raise ``ValueError`` saying what came. A PIL image is
+    read as a file is (EXIF orientation, ``I;16``, alpha over white). A model whose output is not
+    finite (broken weights) raises ``ValueError`` instead of returning a black image.
 
     Example:
         >>> import numpy as np

@@ -1,15 +1,19 @@
 """Reliability, third pass (issue 23): weights files told apart by what they hold, files that are
 not regular files, colorize_image's input ranges and non-finite pixels, broken weights refused at
 load, zip bombs, long output names, class weights past float32. Each test failed before its fix."""
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save
 
+from fastcolor.colorize import colorize_image, colorize_tensor, to_l_tensor
 from fastcolor.io import load_state_file, weights_format
 from fastcolor.models import build_model, model_state
 from fastcolor.models.released import looks_like_torch_file
@@ -103,3 +107,83 @@ def test_load_model_refuses_fifos_devices_and_link_loops_without_reading(tmp_pat
         assert str(path.name) in str(e.value) and "no such" not in str(e.value)
         with pytest.raises(ValueError, match="a directory" if path.is_dir() else words):
             load_state_file(path)
+
+
+# ----------------------------------------------------------------------------- 23.4, 23.5: colorize_image input
+
+
+def _gradient_u8(h=24, w=32) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_colorize_image_reads_each_dtype_on_its_own_scale(tiny):
+    """Before: every non-uint8 array was read as [0, 1], so uint16, int64 and 0..255 floats came out
+    near white."""
+    u8 = _gradient_u8()
+    want = colorize_image(tiny, u8)
+    u16 = u8.astype(np.uint16) * 257  # the same image in 16 bits
+    for same in (u16, u8.astype(np.int64), u8.astype(np.int32), u8 / 255.0, (u8 / 255.0).astype(np.float32),
+                 Image.fromarray(u16[..., 0]).convert("I;16")):
+        got = to_l_tensor(same)
+        ref = to_l_tensor(u8 if not isinstance(same, Image.Image) else u8[..., 0])
+        assert torch.allclose(got.float(), ref, atol=1e-3), type(same)
+    np.testing.assert_allclose(colorize_image(tiny, u16).astype(int), want.astype(int), atol=1)
+    np.testing.assert_array_equal(colorize_image(tiny, u8.astype(np.int64)), want)
+    i16 = Image.fromarray(u16[..., 0]).convert("I;16")
+    assert i16.mode == "I;16"
+    np.testing.assert_allclose(colorize_image(tiny, i16).astype(int), colorize_image(tiny, u8[..., 0]).astype(int),
+                               atol=1)
+
+
+@pytest.mark.parametrize(("image", "words"), [
+    (np.full((8, 8, 3), 200.0), r"float64 values are read in \[0, 1\], got values in 200..200; divide 8-bit"),
+    (np.full((8, 8), 4000, dtype=np.int64), "int64 values are read as 8-bit values 0..255, got values in 4000..4000"),
+    (np.full((8, 8), -1, dtype=np.int16), "got values in -1..-1"),
+    (np.zeros((0, 0), dtype=np.uint8), r"expected at least one pixel, got shape \(0, 0, 1\)"),
+    (np.zeros((5, 0, 3), dtype=np.float32), "at least one pixel"),
+], ids=["float-0..255", "int64-16bit", "negative", "0x0", "5x0"])
+def test_colorize_image_refuses_what_it_cannot_tell(tiny, image, words):
+    with pytest.raises(ValueError, match=words):
+        colorize_image(tiny, image)
+
+
+def test_colorize_image_keeps_floats_a_step_past_the_range(tiny):
+    x = np.linspace(0, 1, 64 * 3).reshape(8, 8, 3)
+    over = x.copy()
+    over[0, 0] = [1 + 0.5 / 255, 1, 1]
+    over[0, 1] = [-0.5 / 255, 0, 0]
+    clipped = np.clip(over, 0, 1)
+    np.testing.assert_array_equal(colorize_image(tiny, over), colorize_image(tiny, clipped))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_pixel_is_named_not_a_black_image(tiny, bad):
+    """Before: one NaN/Inf pixel spread through the network and the whole output came back black."""
+    x = _gradient_u8() / 255.0
+    x[5, 7, 1] = bad
+    with pytest.raises(ValueError, match="1 of 2304 values are NaN or Inf"):
+        colorize_image(tiny, x)
+    L = to_l_tensor(_gradient_u8())
+    L[0, 3, 3] = bad
+    with pytest.raises(ValueError, match="input L holds NaN/Inf"):
+        colorize_tensor(tiny, L)
+
+
+def test_a_pil_image_is_read_as_its_file_is(tiny, tmp_path):
+    """Before: a PIL image object skipped the EXIF rotation and the alpha compositing of the path route."""
+    u8 = _gradient_u8(12, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    (tmp_path / "rotated.jpg").write_bytes(buf.getvalue())
+    from_file = colorize_image(tiny, tmp_path / "rotated.jpg")
+    assert from_file.shape == (20, 12, 3)
+    np.testing.assert_array_equal(colorize_image(tiny, Image.open(io.BytesIO(buf.getvalue()))), from_file)
+    rgba = np.zeros((12, 20, 4), dtype=np.uint8)  # transparent black: white once composited over white
+    rgba[:, :10, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    L = to_l_tensor(Image.fromarray(rgba, "RGBA"))
+    assert torch.equal(L, to_l_tensor(tmp_path / "alpha.png"))
+    assert L[0, :, 10:].min() > 99.9 and L[0, :, :10].max() < 0.1
