@@ -20,9 +20,15 @@ Modules (everything public is re-exported here):
 - :mod:`fastcolor.data.images`: one file -> upright 8-bit RGB (PIL), with the read checks;
 - :mod:`fastcolor.data.folder`: listing a data folder, the split and its provenance;
 - :mod:`fastcolor.data.transforms`: the ab target's reduction and the augmentation;
-- :mod:`fastcolor.data.dataset`: :class:`ColorizationDataset`, what the trainer reads.
+- :mod:`fastcolor.data.dataset`: :class:`ColorizationDataset`, what the trainer reads;
+- :mod:`fastcolor.data.decode`: a batch of files' bytes -> uint8 squares on the device (nvjpeg
+  on CUDA, PIL for what it refuses), for ``decode="gpu"``;
+- :mod:`fastcolor.data.device`: :class:`DeviceStage`, the batched device half (crop, mirror,
+  augmentation, Lab, target) of the uint8 worker path.
 """
-from fastcolor.data.dataset import ColorizationDataset
+from fastcolor.data.dataset import OUTPUTS, ColorizationDataset
+from fastcolor.data.decode import DECODES, collate_bytes, decode_batch, read_bytes, resolve_decode
+from fastcolor.data.device import CropMirror, DeviceStage, lab_batch
 from fastcolor.data.folder import (
     ImageItem,
     NoReadableImagesError,
@@ -40,6 +46,7 @@ from fastcolor.data.images import (
     IMAGE_EXTENSIONS,
     UnreadableImageError,
     check_pixel_limit,
+    draft_jpeg,
     file_kind,
     load_l,
     load_rgb,
@@ -51,4 +58,6 @@ from fastcolor.data.transforms import FILL_MODES, TARGET_REDUCTIONS, Augmentatio
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableImagesError", "check_pixel_limit",
            "open_image", "file_kind", "load_rgb", "load_l", "list_images", "scan_images", "index_images", "split_items",
            "save_split", "load_split", "files_fingerprint", "split_source", "split_change", "ColorizationDataset",
-           "augmentation", "Augmentation", "FILL_MODES", "load_square", "TARGET_REDUCTIONS", "reduce_target"]
+           "augmentation", "Augmentation", "FILL_MODES", "load_square", "TARGET_REDUCTIONS", "reduce_target",
+           "draft_jpeg", "OUTPUTS", "DECODES", "read_bytes", "resolve_decode", "collate_bytes", "decode_batch",
+           "lab_batch", "CropMirror", "DeviceStage"]

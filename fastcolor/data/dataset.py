@@ -1,4 +1,5 @@
-"""The map-style dataset the trainer reads: L and the ab target of each image of a split."""
+"""The map-style dataset the trainer reads: L and the ab target of each image of a split (or,
+for the device-side path, its uint8 crop or its file's bytes)."""
 from __future__ import annotations
 
 import os
@@ -7,14 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from fastcolor.color import rgb_to_lab
+from fastcolor.data.decode import read_bytes
 from fastcolor.data.folder import ImageItem
 from fastcolor.data.images import UnreadableImageError, load_square
 from fastcolor.data.transforms import TARGET_REDUCTIONS, augmentation, reduce_target
 
-__all__ = ["ColorizationDataset"]
+__all__ = ["OUTPUTS", "ColorizationDataset"]
+
+#: What a :class:`ColorizationDataset` yields per image (its ``output`` argument).
+OUTPUTS = ("lab", "rgb", "bytes")
 
 
 class ColorizationDataset(Dataset):
@@ -35,11 +41,23 @@ class ColorizationDataset(Dataset):
             Only without augmentation (refused with it): a cached embedding is that of the
             un-augmented image, computed from this dataset's ``L`` (:func:`load_l` at ``size``);
             with augmentation a fusion model embeds the augmented ``L`` per batch instead.
+        output: what a sample holds besides ``index`` (and ``embedding``): ``"lab"`` (default)
+            ``L`` and ``ab`` as above; ``"rgb"`` the uint8 (3, S, S) image after ``augment``
+            (which must keep uint8: crops and flips; the affine augmentation and the Lab
+            conversion then run batched on the device, :class:`~fastcolor.data.DeviceStage`);
+            ``"bytes"`` the file's bytes (``data``, 1-D uint8) and ``path``, for
+            ``decode="gpu"`` (``augment`` must be off: the device stage crops and mirrors;
+            batch them with :func:`~fastcolor.data.collate_bytes`).
     """
 
     def __init__(self, root: str | os.PathLike, items: Sequence[ImageItem], size: int = 128, target_stride: int = 4,
                  augment: bool | Any = False, embeddings: Any = None, max_retries: int = 20,
-                 target_reduction: str = "subsample"):
+                 target_reduction: str = "subsample", output: str = "lab"):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output == "bytes" and augment is not False and augment is not None:
+            raise ValueError(f"augment must be off with output='bytes' (the device stage crops, mirrors and augments "
+                             f"the decoded batch), got {augment!r}")
         if target_reduction not in TARGET_REDUCTIONS:
             raise ValueError(f"target_reduction must be one of {TARGET_REDUCTIONS}, got {target_reduction!r}")
         if not isinstance(size, int) or size < 1:
@@ -59,6 +77,7 @@ class ColorizationDataset(Dataset):
         self.transform = augmentation() if augment is True else (augment or None)
         self.embeddings = embeddings
         self.max_retries = max_retries
+        self.output = output
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -68,13 +87,21 @@ class ColorizationDataset(Dataset):
         """The sample at ``index``; raises if the file cannot be read (see ``__getitem__``)."""
         item = self.items[index]
         path = self.root / item.path
-        x = load_square(path, self.size)
-        if self.transform is not None:
-            x = self.transform(x)
-        lab = rgb_to_lab(x)
-        L, ab = lab[:1], lab[1:]
-        ab = reduce_target(ab, self.target_stride, self.target_reduction)
-        sample = {"L": L, "ab": ab, "index": index}
+        if self.output == "bytes":
+            sample = {"data": read_bytes(path), "path": str(path), "index": index}
+        else:
+            x = load_square(path, self.size)
+            if self.transform is not None:
+                x = self.transform(x)
+            if self.output == "rgb":
+                if x.dtype != torch.uint8:
+                    raise ValueError(f"augment must keep uint8 images with output='rgb' (crops, flips; the affine "
+                                     f"augmentation runs on the device), got {x.dtype} from {self.transform!r}")
+                sample = {"rgb": x, "index": index}
+            else:
+                lab = rgb_to_lab(x)
+                ab = reduce_target(lab[1:], self.target_stride, self.target_reduction)
+                sample = {"L": lab[:1], "ab": ab, "index": index}
         if self.embeddings is not None:
             emb = self.embeddings.get(path)
             if emb is None:

@@ -7,6 +7,7 @@ files are read (a FIFO or a device with an image's name is refused before any re
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import struct
@@ -19,8 +20,8 @@ from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
 
-__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "check_pixel_limit", "file_kind", "open_image", "load_rgb",
-           "pil_to_rgb", "load_square", "load_l"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "check_pixel_limit", "file_kind", "open_image", "draft_jpeg",
+           "load_rgb", "pil_to_rgb", "load_square", "load_l"]
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
@@ -88,11 +89,14 @@ def _open_regular(path: str | os.PathLike, what: str = "as images"):
 
 
 @contextlib.contextmanager
-def open_image(path: str | os.PathLike):
+def open_image(path: str | os.PathLike, data: bytes | None = None):
     """``PIL.Image.open`` that checks the pixel limit and turns every failure into
     :class:`UnreadableImageError` naming the file and the reason. Only regular files are read:
-    a FIFO, a device or a directory with an image's name is refused without reading from it."""
-    f = _open_regular(path)
+    a FIFO, a device or a directory with an image's name is refused without reading from it.
+    With ``data`` (the file's bytes, already read) nothing is opened: ``path`` only names it."""
+    if data is not None and not data:
+        raise UnreadableImageError(f"{path}: empty file (0 bytes)")
+    f = io.BytesIO(data) if data is not None else _open_regular(path)
     try:
         try:
             with warnings.catch_warnings():
@@ -113,11 +117,40 @@ def open_image(path: str | os.PathLike):
         f.close()
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+#: EXIF orientations (tag 0x0112) that turn the stored image by 90 degrees (width and height swap).
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def draft_jpeg(im: Image.Image, min_size: int | tuple[int, int]) -> int:
+    """Ask libjpeg to decode ``im`` (opened, not loaded) at 1/2, 1/4 or 1/8 scale, the largest
+    reduction that keeps the *upright* image at least ``min_size`` (an int: a square) in both
+    directions: ``Image.draft`` scales in the DCT domain, so a 12-megapixel JPEG bound for a
+    256-pixel square decodes an eighth of its pixels. The EXIF orientation is taken into account
+    (a 90-degree turn swaps the requested width and height). Other formats are left alone.
+    Returns the reduction factor (1 when nothing was drafted)."""
+    if im.format != "JPEG":
+        return 1
+    w, h = (min_size, min_size) if isinstance(min_size, int) else min_size
+    if w < 1 or h < 1:
+        raise ValueError(f"min_size must be positive, got {min_size!r}")
+    if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+        w, h = h, w
+    before = im.size[0]
+    drafted = im.draft(im.mode, (w, h))  # (mode, box of the reduced image in the original's units)
+    return 1 if drafted is None else round(before / drafted[1][2])  # None: several tiles, or drafted already
+
+
+def load_rgb(path: str | os.PathLike, min_size: int | tuple[int, int] | None = None,
+             data: bytes | None = None) -> Image.Image:
     """Open any image as an upright 8-bit RGB PIL image. Raises :class:`UnreadableImageError`
     (an ``OSError``) naming the file if it is not an image, empty, truncated or corrupt, or has
-    more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
-    with open_image(path) as im:
+    more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``. With ``min_size`` (width, height or an int
+    for a square), a JPEG at least twice that size decodes at a reduced scale that keeps it at
+    least that large (:func:`draft_jpeg`). With ``data`` the image is decoded from these bytes
+    of the file ``path`` (which only names it in messages)."""
+    with open_image(path, data) as im:
+        if min_size is not None:
+            draft_jpeg(im, min_size)
         im.load()
         return pil_to_rgb(im)
 
@@ -142,10 +175,16 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
-def load_square(path: str | os.PathLike, size: int) -> torch.Tensor:
+def load_square(path: str | os.PathLike, size: int, data: bytes | None = None) -> torch.Tensor:
     """The image at ``path`` as uint8 RGB (3, size, size), resized (antialiased) to a square:
-    what :class:`ColorizationDataset` augments and converts to Lab."""
-    return v2.functional.resize(_pil_to_tensor(load_rgb(path)), [size, size], antialias=True)
+    what :class:`ColorizationDataset` augments and converts to Lab. A JPEG of at least four
+    times ``size`` each way decodes at a reduced scale that keeps it at least twice ``size``
+    (:func:`draft_jpeg`), so the antialiased resize still reduces by 2 or more and decides the
+    result: on a 12-megapixel photo the drafted square is within 0.2-0.35 levels (mean; 99% within
+    2) of a full decode's, at a quarter to an eighth of the decode time (tests/test_loader.py;
+    drafting to ``size`` itself differed by up to 3 levels on average on sharp 500x375 photos).
+    ``data``: the file's bytes, already read (see :func:`load_rgb`)."""
+    return v2.functional.resize(_pil_to_tensor(load_rgb(path, 2 * size, data)), [size, size], antialias=True)
 
 
 def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:

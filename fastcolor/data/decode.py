@@ -1,0 +1,147 @@
+"""Decoding a batch of image files on the model's device: nvjpeg on CUDA, the same code on CPU.
+
+With ``decode="gpu"`` the loader's workers only read each file's bytes (:func:`read_bytes`,
+batched by :func:`collate_bytes`); :func:`decode_batch` decodes the JPEGs of a batch in one
+``torchvision.io.decode_jpeg(list, device=...)`` call (nvjpeg on CUDA, libjpeg-turbo on CPU,
+EXIF orientation applied) and resizes each to the square the network reads, on that device.
+A file that is no JPEG (by its first bytes), or that the batched decoder refuses, is decoded
+from the same bytes by PIL (:func:`~fastcolor.data.images.load_square`, as ``decode="cpu"``
+would); one that PIL cannot read either is dropped from the batch with one warning naming it.
+A batch never holds a grey stand-in, and one unreadable file never stops a run (a batch with
+no readable file at all raises :class:`~fastcolor.data.images.UnreadableImageError`, as the
+dataset does after ``max_retries`` unreadable files in a row).
+
+Decoders differ: the same JPEG through torchvision's libjpeg-turbo and through PIL's (which also
+drafts large JPEGs, :func:`~fastcolor.data.images.draft_jpeg`) lands within a level or two of
+255; tests/test_gpu_decode.py measures it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+
+from fastcolor.data.images import UnreadableImageError, _open_regular, load_square
+
+__all__ = ["DECODES", "JPEG_SUFFIXES", "read_bytes", "is_jpeg", "resolve_decode", "collate_bytes", "decode_batch"]
+
+#: Values of ``--decode``: ``auto`` is ``gpu`` on a CUDA device when most files are JPEGs, else ``cpu``.
+DECODES = ("auto", "cpu", "gpu")
+
+#: File suffixes ``decode="auto"`` counts as JPEGs.
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+_JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker
+
+
+def read_bytes(path: str | os.PathLike) -> torch.Tensor:
+    """The bytes of the file at ``path`` as a 1-D uint8 tensor (what ``decode_jpeg`` takes).
+    Only a non-empty regular file is read (see :func:`~fastcolor.data.images.open_image`)."""
+    with _open_regular(path) as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def is_jpeg(data: torch.Tensor | bytes) -> bool:
+    """Whether ``data`` starts like a JPEG file (the SOI marker ``FF D8`` and a marker byte)."""
+    head = bytes(data[:3].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:3])
+    return head == _JPEG_MAGIC
+
+
+def resolve_decode(decode: str, device: torch.device | str, paths: Sequence[str] = ()) -> str:
+    """What ``decode`` means on ``device``: ``"cpu"`` (PIL in the workers) or ``"gpu"`` (bytes in
+    the workers, :func:`decode_batch` on the device). ``"auto"`` is ``"gpu"`` on a CUDA device
+    when at least half of ``paths`` have a JPEG suffix (the rest would be decoded by PIL in the
+    training process), else ``"cpu"``; ``"gpu"`` needs a CUDA device."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    device = torch.device(device)
+    if decode == "gpu" and device.type != "cuda":
+        raise ValueError(f"decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device, got device {str(device)!r}; "
+                         f"use decode 'cpu' or 'auto'")
+    if decode != "auto":
+        return decode
+    jpegs = sum(str(p).lower().endswith(JPEG_SUFFIXES) for p in paths)
+    return "gpu" if device.type == "cuda" and paths and 2 * jpegs >= len(paths) else "cpu"
+
+
+def collate_bytes(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DataLoader's ``collate_fn`` for samples holding file bytes: ``data`` (tensors of
+    different lengths) and ``path`` stay lists, everything else is collated as usual."""
+    lists = ("data", "path")
+    batch = default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
+    batch.update({k: [s[k] for s in samples] for k in lists})
+    return batch
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """``decode_jpeg`` on the list, upright RGB on ``device``; None for each one it refuses. The
+    batched call gives no partial result when one image fails, so then each is tried alone."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def run(x):
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(x, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+    try:
+        return list(run(data))
+    except RuntimeError:
+        out: list[torch.Tensor | None] = []
+        for x in data:
+            try:
+                out.append(run(x))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def decode_batch(data: Sequence[torch.Tensor], paths: Sequence[str], size: int, device: torch.device | str,
+                 reported: set[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Decode a batch of files' bytes to uint8 RGB squares on ``device``.
+
+    Args:
+        data: each file's bytes, 1-D uint8 CPU tensors (:func:`read_bytes`).
+        paths: the files' names, for the fallback's messages and the one warning per dropped file.
+        size: each image is resized (antialiased) to ``size`` x ``size``, as
+            :func:`~fastcolor.data.images.load_square` does.
+        device: where the JPEGs are decoded (nvjpeg on CUDA) and the result lives.
+        reported: names already warned about (a file is warned about once); updated.
+
+    Returns:
+        (images, kept): uint8 (K, 3, size, size) on ``device`` and the K positions in ``data``
+        that were decoded (a file neither decoder reads is dropped and warned about).
+    """
+    if len(data) != len(paths):
+        raise ValueError(f"data and paths must have the same length, got {len(data)} and {len(paths)}")
+    device = torch.device(device)
+    reported = set() if reported is None else reported
+    jpeg = [i for i, x in enumerate(data) if is_jpeg(x)]
+    decoded: dict[int, torch.Tensor | None] = dict(zip(jpeg, _decode_jpegs([data[i] for i in jpeg], device),
+                                                      strict=True)) if jpeg else {}
+    images: list[torch.Tensor] = []
+    kept: list[int] = []
+    last = ""
+    for i, x in enumerate(data):
+        img = decoded.get(i)
+        if img is not None:
+            img = v2.functional.resize(img, [size, size], antialias=True)
+        else:  # not a JPEG, or one the batched decoder refused (CMYK, corrupt, ...): PIL, from the same bytes
+            try:
+                img = load_square(paths[i], size, data=x.numpy().tobytes()).to(device, non_blocking=True)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+                last = f"{type(e).__name__}: {e}"
+                if paths[i] not in reported:
+                    reported.add(paths[i])
+                    warnings.warn(f"skipping unreadable image {paths[i]!r} ({last})", stacklevel=2)
+                continue
+        images.append(img)
+        kept.append(i)
+    if not images:
+        raise UnreadableImageError(f"none of the {len(data)} image(s) of a batch could be read (the last: "
+                                   f"{' '.join(last.split())[:300]}); expected readable image files")
+    return torch.stack(images), kept

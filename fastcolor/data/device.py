@@ -1,0 +1,142 @@
+"""The device half of the data path: what runs batched on the model's device, not in the workers.
+
+Workers do the least (:class:`~fastcolor.data.ColorizationDataset` with ``output="rgb"``: decode,
+resize, crop, mirror, as uint8; or ``output="bytes"``: the file's bytes only, for
+``decode="gpu"``). The DataLoader pins the batch; :class:`DeviceStage` copies it to the device
+without blocking and there decodes it (bytes only), crops and mirrors it (bytes only: the
+workers did it otherwise), applies the affine augmentation (kornia, batched) and turns it into
+``L`` and the ab target (:func:`lab_batch`). A uint8 crop is a twelfth of its float32 Lab, so
+the pinned copy is small too.
+
+Flow::
+
+    files --workers--> uint8 (N, 3, C, C) | bytes --pin, copy--> [decode_batch] -> [crop_mirror]
+          -> [augment] -> lab_batch -> {"L": (N, 1, C, C), "ab": (N, 2, C/stride, C/stride), ...}
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastcolor.color import rgb_to_lab
+from fastcolor.data.decode import decode_batch
+from fastcolor.data.transforms import TARGET_REDUCTIONS, reduce_target
+
+__all__ = ["lab_batch", "CropMirror", "DeviceStage"]
+
+
+def lab_batch(rgb: torch.Tensor, target_stride: int, target_reduction: str = "subsample"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L`` and the ab target of a batch of sRGB images, computed where ``rgb`` lives.
+
+    Args:
+        rgb: (N, 3, H, W) uint8 (0..255) or float in [0, 1].
+        target_stride: the ab target is ``1/target_stride`` of H and W (:func:`reduce_target`).
+        target_reduction: ``"subsample"`` or ``"area"`` (:func:`reduce_target`).
+
+    Returns:
+        L (N, 1, H, W) in 0..100 and ab (N, 2, H/stride, W/stride), float32: what a
+        :class:`~fastcolor.data.ColorizationDataset` with ``output="lab"`` yields per image.
+    """
+    if not isinstance(rgb, torch.Tensor) or rgb.dim() != 4 or rgb.shape[1] != 3:
+        got = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+        raise ValueError(f"rgb must be a (N, 3, H, W) tensor, got {got}")
+    lab = rgb_to_lab(rgb)
+    return lab[:, :1].contiguous(), reduce_target(lab[:, 1:], target_stride, target_reduction)
+
+
+class CropMirror:
+    """A square crop (random, or the centre) and a random horizontal mirror, of one image
+    (3, H, W) or a batch (N, 3, H, W) with its own draw per image; any dtype and device.
+
+    The authors' data layer (Caffe's ``crop_size`` and ``mirror``): random crops and mirroring
+    in training, the centre crop in validation. Offsets and flips are drawn from torch's global
+    generator on the CPU (a DataLoader seeds it per worker), and the crop is one gather.
+    """
+
+    def __init__(self, crop: int | None = None, random_crop: bool = True, mirror: bool = False):
+        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
+            raise ValueError(f"crop must be a positive int or None, got {crop!r}")
+        self.crop, self.random_crop, self.mirror = crop, random_crop, mirror
+
+    def __repr__(self) -> str:
+        return f"CropMirror(crop={self.crop}, random_crop={self.random_crop}, mirror={self.mirror})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (3, H, W) or (N, 3, H, W) image tensor, got {got}")
+        if self.crop is None and not self.mirror:
+            return x
+        if x.dim() == 3:
+            return self(x[None])[0]
+        n, _, h, w = x.shape
+        c = self.crop or min(h, w)
+        if c > min(h, w):
+            raise ValueError(f"crop must be at most the image's size {h}x{w}, got {c}")
+        if self.random_crop and self.crop is not None:
+            oy = torch.randint(0, h - c + 1, (n,))
+            ox = torch.randint(0, w - c + 1, (n,))
+        else:
+            oy, ox = torch.full((n,), (h - c) // 2), torch.full((n,), (w - c) // 2)
+        flip = torch.rand(n) < 0.5 if self.mirror else torch.zeros(n, dtype=torch.bool)
+        ar = torch.arange(c)
+        rows = oy[:, None] + ar
+        cols = torch.where(flip[:, None], ox[:, None] + c - 1 - ar, ox[:, None] + ar)
+        dev = x.device
+        return x[torch.arange(n, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+                 rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+
+
+class DeviceStage:
+    """Turn a DataLoader batch of uint8 crops (``"rgb"``) or file bytes (``"data"``) into the
+    ``L``/``ab`` batch the loss reads, on ``device``.
+
+    Args:
+        device: the model's device; the batch is copied there with ``non_blocking=True`` (from
+            pinned memory when the DataLoader pins it).
+        target_stride, target_reduction: the ab target (:func:`lab_batch`).
+        size: the square the images are resized to (bytes batches only: workers resized the rest).
+        crop_mirror: a :class:`CropMirror` applied here to bytes batches (workers apply theirs).
+        augment: a batched transform of float (N, 3, H, W) in [0, 1] (the ``ops`` of an
+            :class:`~fastcolor.data.Augmentation`), or None.
+
+    Calling it returns ``{"L", "ab", "index"}`` (plus ``"embedding"`` when the batch has one),
+    with files that could not be decoded dropped (:func:`decode_batch`).
+    """
+
+    def __init__(self, device: torch.device | str, target_stride: int, target_reduction: str = "subsample",
+                 size: int | None = None, crop_mirror: CropMirror | None = None, augment: Any = None):
+        if target_reduction not in TARGET_REDUCTIONS:
+            raise ValueError(f"target_reduction must be one of {TARGET_REDUCTIONS}, got {target_reduction!r}")
+        self.device = torch.device(device)
+        self.target_stride, self.target_reduction = target_stride, target_reduction
+        self.size, self.crop_mirror, self.augment = size, crop_mirror, augment
+        self.reported: set[str] = set()
+
+    def rgb(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[int] | None]:
+        """The batch's uint8 (N, 3, C, C) images on the device, and which samples they are
+        (None: all of them)."""
+        if "rgb" in batch:
+            return batch["rgb"].to(self.device, non_blocking=True), None
+        if "data" not in batch:
+            raise ValueError(f"batch must hold 'rgb' (uint8 crops) or 'data' (file bytes), got keys {sorted(batch)}")
+        if self.size is None:
+            raise ValueError("size: a DeviceStage that decodes file bytes needs the square size to resize to")
+        x, kept = decode_batch(batch["data"], batch["path"], self.size, self.device, self.reported)
+        if self.crop_mirror is not None:
+            x = self.crop_mirror(x)
+        return x, (None if len(kept) == len(batch["data"]) else kept)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        x, kept = self.rgb(batch)
+        if self.augment is not None:
+            x = self.augment(x.float() / 255.0).clamp(0.0, 1.0)
+        L, ab = lab_batch(x, self.target_stride, self.target_reduction)
+        out = {"L": L, "ab": ab}
+        for k in ("index", "embedding"):
+            if k in batch:
+                v = batch[k]
+                out[k] = v if kept is None else v[torch.tensor(kept, dtype=torch.long, device=v.device)]
+        return out

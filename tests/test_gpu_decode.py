@@ -1,0 +1,183 @@
+"""GPU decode (issue 20.4): workers read bytes, the batch is decoded where the model is. The same
+code runs here on CPU tensors (torchvision's batched ``decode_jpeg`` on the CPU), with a corrupt
+file, a non-JPEG, a PNG, a turned, a grayscale and a CMYK JPEG in the batch, against the PIL path."""
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fastcolor.data import (
+    ColorizationDataset,
+    CropMirror,
+    DeviceStage,
+    ImageItem,
+    UnreadableImageError,
+    collate_bytes,
+    decode_batch,
+    load_square,
+    read_bytes,
+    resolve_decode,
+)
+from fastcolor.data.decode import is_jpeg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
+
+SIZE = 176
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """ImageNet-like JPEGs (500 x 375), a turned one (EXIF orientation 6), a grayscale and a CMYK
+    JPEG, a PNG, a truncated JPEG and a text file named .jpg; the readable ones and the bad ones."""
+    root = tmp_path_factory.mktemp("mixed")
+    photo = lambda name: Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((500, 375))  # noqa: E731
+    photo("astronaut").save(root / "astronaut.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo("coffee").save(root / "turned.jpg", quality=90, exif=exif)
+    photo("rocket").convert("L").save(root / "gray.jpg", quality=90)
+    photo("chelsea").convert("CMYK").save(root / "cmyk.jpg", quality=90)
+    photo("chelsea").save(root / "chelsea.png")
+    whole = (root / "astronaut.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (root / "notes.jpg").write_text("not a jpeg at all " * 20)
+    good = ["astronaut.jpg", "turned.jpg", "gray.jpg", "cmyk.jpg", "chelsea.png"]
+    return root, good, ["truncated.jpg", "notes.jpg"]
+
+
+def _batch(root, names):
+    return [read_bytes(root / n) for n in names], [str(root / n) for n in names]
+
+
+def test_a_mixed_batch_decodes_like_the_pil_path_and_drops_only_the_unreadable(mixed):
+    """Measured on the CPU: torchvision's libjpeg-turbo and PIL's give the same pixels (difference
+    0 for every file here; the stated tolerance is 2 levels, what nvjpeg's IDCT may add)."""
+    root, good, bad = mixed
+    names = [good[0], bad[0], good[1], good[2], bad[1], good[3], good[4]]
+    data, paths = _batch(root, names)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        x, kept = decode_batch(data, paths, SIZE, "cpu")
+    assert [names[i] for i in kept] == good
+    assert x.dtype == torch.uint8 and x.shape == (len(good), 3, SIZE, SIZE)
+    msgs = [str(m.message) for m in w if "skipping unreadable image" in str(m.message)]
+    assert len(msgs) == 2 and "truncated.jpg" in msgs[0] and "notes.jpg" in msgs[1]
+    for img, name in zip(x, good, strict=True):
+        want = load_square(root / name, SIZE)
+        assert (img.int() - want.int()).abs().max() <= 2, name
+        assert img.float().std() > 10, name  # a picture, not a grey stand-in
+    turned = x[good.index("turned.jpg")]
+    assert not torch.equal(turned, load_square(root / "astronaut.jpg", SIZE))
+
+
+def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pil(mixed, monkeypatch):
+    """nvjpeg refuses some JPEGs PIL reads (e.g. arithmetic coding): those fall back to PIL alone."""
+    import torchvision.io
+
+    root, good, _ = mixed
+    data, paths = _batch(root, good[:3])
+    real = torchvision.io.decode_jpeg
+
+    def refuses_the_second(x, **kw):
+        if any(t is data[1] for t in (x if isinstance(x, list) else [x])):
+            raise RuntimeError("unsupported JPEG process")
+        return real(x, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_the_second)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        x, kept = decode_batch(data, paths, SIZE, "cpu")
+    assert kept == [0, 1, 2] and not [m for m in w if "skipping" in str(m.message)]
+    assert torch.equal(x[1], load_square(root / good[1], SIZE))
+
+
+def test_each_unreadable_file_is_reported_once(mixed):
+    root, good, bad = mixed
+    data, paths = _batch(root, [good[0], bad[0]])
+    reported: set[str] = set()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        decode_batch(data, paths, 32, "cpu", reported)
+        decode_batch(data, paths, 32, "cpu", reported)
+    assert sum("skipping unreadable image" in str(m.message) for m in w) == 1
+    assert reported == {paths[1]}
+
+
+def test_a_batch_of_unreadable_files_raises_naming_the_reason(mixed):
+    root, _, bad = mixed
+    data, paths = _batch(root, bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnreadableImageError, match="none of the 2 image"):
+            decode_batch(data, paths, 32, "cpu")
+    with pytest.raises(ValueError, match="same length"):
+        decode_batch(data, paths[:1], 32, "cpu")
+
+
+def test_bytes_dataset_and_device_stage_give_the_rgb_path_batch(mixed):
+    """Workers read bytes only (output="bytes"); the device stage decodes, centre-crops and
+    converts: the same L and ab as the uint8 worker path (output="rgb"), the bad files dropped."""
+    root, good, bad = mixed
+    items = [ImageItem(n, "x") for n in [*good, *bad]]
+    crop = CropMirror(128, random_crop=False)
+    raw = ColorizationDataset(root, items, SIZE, 4, output="bytes")
+    sample = raw[0]
+    assert sample["data"].dtype == torch.uint8 and sample["data"].dim() == 1 and is_jpeg(sample["data"])
+    batch = next(iter(DataLoader(raw, batch_size=len(items), collate_fn=collate_bytes)))
+    assert isinstance(batch["data"], list) and batch["index"].tolist() == list(range(len(items)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = DeviceStage("cpu", 4, size=SIZE, crop_mirror=crop)(batch)
+    assert out["index"].tolist() == list(range(len(good)))
+    rgb = ColorizationDataset(root, items[: len(good)], SIZE, 4, crop, output="rgb")
+    want = DeviceStage("cpu", 4)(next(iter(DataLoader(rgb, batch_size=len(good)))))
+    torch.testing.assert_close(out["L"], want["L"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["ab"], want["ab"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="augment must be off"):
+        ColorizationDataset(root, items, SIZE, 4, augment=True, output="bytes")
+    with pytest.raises(ValueError, match="size"):
+        DeviceStage("cpu", 4)(batch)
+
+
+def test_resolve_decode():
+    jpgs, pngs = ["a.jpg", "b.JPEG", "c.png"], ["a.png", "b.png", "c.jpg"]
+    assert resolve_decode("auto", "cpu", jpgs) == "cpu"
+    assert resolve_decode("auto", "cuda", jpgs) == "gpu"
+    assert resolve_decode("auto", "cuda", pngs) == "cpu"  # PIL in the workers beats PIL in the trainer
+    assert resolve_decode("cpu", "cuda", jpgs) == "cpu"
+    assert resolve_decode("gpu", "cuda:0", pngs) == "gpu"
+    with pytest.raises(ValueError, match="decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device"):
+        resolve_decode("gpu", "cpu", jpgs)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        resolve_decode("nvjpeg", "cuda", jpgs)
+
+
+def test_read_bytes_refuses_what_is_no_regular_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UnreadableImageError, match="empty file"):
+        read_bytes(tmp_path / "empty.jpg")
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        read_bytes(tmp_path)
+    data = np.frombuffer(b"\xff\xd8\xff\xe0rest", np.uint8)
+    (tmp_path / "x.jpg").write_bytes(data.tobytes())
+    assert read_bytes(tmp_path / "x.jpg").tolist() == data.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvjpeg); the same code runs above on CPU")
+def test_nvjpeg_batch_matches_the_pil_path(mixed):
+    root, good, bad = mixed
+    data, paths = _batch(root, [*good, *bad])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, kept = decode_batch(data, paths, SIZE, "cuda")
+    assert x.is_cuda and kept == list(range(len(good)))
+    for img, name in zip(x.cpu(), good, strict=True):
+        assert (img.int() - load_square(root / name, SIZE).int()).abs().float().mean() <= 2, name
