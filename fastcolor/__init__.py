@@ -4,22 +4,27 @@ Grayscale L in, a distribution over the 313 quantised ab bins out, an annealed m
 colour. The hot paths (soft-encoding, the fused class-rebalanced cross-entropy, annealed-mean
 decoding) run on custom kernels chosen per device; :mod:`fastcolor.reference` is their spec.
 """
-from fastcolor._ext import build_info
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fastcolor._version import __version__
-from fastcolor.backends import BackendUnavailable
-from fastcolor.gamut import AB_BINS, Q
-from fastcolor.ops import (
-    AnnealedMeanDecoder,
-    PriorAccumulator,
-    RebalancedCrossEntropyLoss,
-    SoftLabels,
-    annealed_mean,
-    image_mask_nongray,
-    nearest_bin,
-    rarity_weights,
-    rebalanced_cross_entropy,
-    soft_encode,
-)
+
+# The public names, each imported from its module on first use (PEP 562): `import fastcolor` imports
+# neither torch nor the kernels, so `fastcolor --help` answers at once, and `fastcolor.soft_encode`
+# imports what it needs then. tests/test_import.py checks what each step imports.
+_LAZY: dict[str, str] = {
+    "build_info": "fastcolor._ext", "BackendUnavailable": "fastcolor.backends", "AB_BINS": "fastcolor.gamut",
+    "Q": "fastcolor.gamut",
+    **{name: "fastcolor.ops" for name in (
+        "AnnealedMeanDecoder", "PriorAccumulator", "RebalancedCrossEntropyLoss", "SoftLabels", "annealed_mean",
+        "image_mask_nongray", "nearest_bin", "rarity_weights", "rebalanced_cross_entropy", "soft_encode")},
+}
+
+#: The public submodules, also reachable as attributes after a bare ``import fastcolor``.
+_SUBMODULES = ("backends", "color", "colorize", "data", "export", "gamut", "io", "metrics", "models", "monitor",
+               "ops", "recipes", "reference", "train")
 
 __all__ = [
     "__version__", "build_info", "BackendUnavailable", "AB_BINS", "Q",
@@ -27,6 +32,38 @@ __all__ = [
     "annealed_mean", "image_mask_nongray", "nearest_bin", "rarity_weights",
     "rebalanced_cross_entropy", "soft_encode", "load_model",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from fastcolor._ext import build_info
+    from fastcolor.backends import BackendUnavailable
+    from fastcolor.gamut import AB_BINS, Q
+    from fastcolor.ops import (
+        AnnealedMeanDecoder,
+        PriorAccumulator,
+        RebalancedCrossEntropyLoss,
+        SoftLabels,
+        annealed_mean,
+        image_mask_nongray,
+        nearest_bin,
+        rarity_weights,
+        rebalanced_cross_entropy,
+        soft_encode,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"fastcolor.{name}")
+    else:
+        raise AttributeError(f"module 'fastcolor' has no attribute {name!r}")
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})
 
 
 def load_model(path, device="cpu", **overrides):

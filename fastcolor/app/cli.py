@@ -27,15 +27,13 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from fastcolor import __version__
-from fastcolor.app import bench
-from fastcolor.app.colorize_files import colorize_files, plan_colorize
-from fastcolor.app.demo import PHOTOS, run_demo
+# Only what building the parser needs is imported here, none of it importing torch: `fastcolor --help`
+# and `--version` answer without torch (tests/test_import.py), and each command imports its own.
+from fastcolor._version import __version__
+from fastcolor.app.choices import MODELS, PHOTOS
 from fastcolor.app.export import cmd_export
-from fastcolor.app.info import info_dict
 from fastcolor.app.messages import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -49,17 +47,11 @@ from fastcolor.app.messages import (
     warn,
 )
 from fastcolor.app.threads import idle_cpu_threads
-from fastcolor.app.weights import MODELS, load_weights, resolve_weights, split_matches_data
-from fastcolor.backends import BackendUnavailable
-from fastcolor.colorize import MemoryLimitError, decode_temperature, is_out_of_memory
-from fastcolor.data import TARGET_REDUCTIONS, NoReadableImagesError, UnreadableImageError
-from fastcolor.export import DEFAULT_OPSET, MIN_OPSET
-from fastcolor.io import DirectoryLockedError, DiskFullError, atomic_write_json, atomic_write_text, check_unlocked
-from fastcolor.metrics import evaluate, study_rows, study_table
-from fastcolor.models import PRESETS
-from fastcolor.monitor import MissingExtraError
 from fastcolor.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES, recipe_values
-from fastcolor.train import RUN_FILES, CheckpointError, TrainConfig, check_device, checkpoint_meta, train
+
+if TYPE_CHECKING:
+    from fastcolor.data import NoReadableImagesError
+    from fastcolor.train import CheckpointError, TrainConfig
 
 # ----------------------------------------------------------------------------- argparse
 
@@ -306,7 +298,7 @@ then:
     h.add_argument("--prior-sigma", type=_positive_float, metavar="SIGMA", help="Gaussian smoothing of the prior")
     h.add_argument("--nongray", action=argparse.BooleanOptionalAction,
                    help="no loss for grey images (|a|, |b| <= 5 everywhere), as the authors trained")
-    h.add_argument("--target-reduction", choices=list(TARGET_REDUCTIONS),
+    h.add_argument("--target-reduction", choices=["subsample", "area"],  # fastcolor.data.TARGET_REDUCTIONS
                    help="the ab target at the output's resolution: subsample (top-left pixel of each block, the "
                         "authors') or area (block means, fastcolor v1)")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
@@ -330,6 +322,39 @@ then:
     p.add_argument("--backbone-weights", metavar="FILE", help="fusion: local weights file for the backbone")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    # -- shard ----------------------------------------------------------------------------------
+    p = _sub(subs, "shard", "write a data folder as tar shards (WebDataset format) for training on many machines",
+             """\
+Write the images of DATA as tar shards in the WebDataset format, for training on machines
+without a shared file system (copy OUT to each machine, or serve it over HTTP).
+
+DATA is split as 'fastcolor train' splits a folder (80/10/10 per class, seeded: --seed,
+--split) and each split becomes its own shard set: OUT/train-000000.tar ..., OUT/val-000000.tar
+..., OUT/test-000000.tar .... Each image is stored as its file's own bytes (no recompression)
+with its class; the training images are shuffled first, so each shard mixes the classes.
+OUT/shards.json lists the classes and, per shard, its images per class. Each shard is written
+under a temporary name and renamed when complete, and the index last, so an interrupted run
+leaves no partial shard. OUT must be new or empty. Unreadable files are skipped with a warning.
+
+Train on it with 'fastcolor train OUT ...' (or a brace pattern of the training shards); reading
+shards needs pip install 'fastcolor[shards]' (webdataset), writing them does not.""",
+             """\
+examples:
+  fastcolor shard imagenet/train shards/ --images-per-shard 1000   # about 110 MB per shard
+  fastcolor train shards/ --recipe zhang2016 --out runs/eccv16
+  fastcolor train 'shards/train-{000000..001023}.tar' --recipe zhang2016 --out runs/eccv16""")
+    p.add_argument("data", metavar="DATA", help="folder of images, or of one subfolder per class")
+    p.add_argument("out", metavar="OUT", help="new or empty folder for the shards and shards.json")
+    p.add_argument("--images-per-shard", type=_positive_int, default=1000, metavar="N",
+                   help="images per shard (default: %(default)s; a shard is built in memory)")
+    p.add_argument("--split", type=_positive_float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the split, per class (default: 0.8 0.1 0.1)")
+    p.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                   help="only this class subfolder (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="the split's and the shuffle's seed (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard)
 
     # -- eval -----------------------------------------------------------------------------------
     p = _sub(subs, "eval", "metrics tables of a trained model",
@@ -461,8 +486,8 @@ examples:
                         "1 for the authors' released weights)")
     p.add_argument("--size", type=_size, metavar="N", help="square input size of the graph, a multiple of 8 "
                    "(default: the model's training size)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="K",
-                   help=f"ONNX opset to write, {MIN_OPSET} or newer (default: %(default)s)")
+    p.add_argument("--opset", type=int, metavar="K",  # fastcolor.export's MIN_OPSET and DEFAULT_OPSET
+                   help="ONNX opset to write, 16 or newer (default: 18)")
     p.add_argument("--model", choices=sorted(MODELS), help="with a folder of several runs: which kind to pick")
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="fusion: local weights file for the backbone (a path stored in a weights file is never read)")
@@ -537,6 +562,11 @@ def _describe(exc: BaseException) -> tuple[int, str]:
     """(exit status, message) for an exception that reached :func:`main`."""
     if isinstance(exc, CLIError):
         return exc.code, str(exc)
+    from fastcolor.backends import BackendUnavailable
+    from fastcolor.colorize import MemoryLimitError, is_out_of_memory
+    from fastcolor.data import UnreadableImageError
+    from fastcolor.io import DirectoryLockedError, DiskFullError
+
     if isinstance(exc, DirectoryLockedError):  # names the directory and the owner's pid
         return EXIT_USAGE, str(exc)
     if isinstance(exc, DiskFullError):  # names the file, the space needed and the space free
@@ -555,6 +585,8 @@ def _describe(exc: BaseException) -> tuple[int, str]:
 
 def _device(choice: str) -> str:
     """``--device``: auto picks cuda when there is a GPU; asking for cuda without one is an error."""
+    import torch
+
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice.startswith("cuda") and not torch.cuda.is_available():
@@ -567,6 +599,10 @@ def _device(choice: str) -> str:
 
 
 def cmd_colorize(args) -> int:
+    from fastcolor.app.colorize_files import colorize_files, plan_colorize
+    from fastcolor.app.weights import load_weights, resolve_weights
+    from fastcolor.colorize import decode_temperature
+
     t0 = time.perf_counter()
     weights = resolve_weights(args.weights, args.model)  # before any work: no weights, no point
     jobs, skipped, existing = plan_colorize(args.inputs, args.output, args.overwrite, args.skip_existing)
@@ -648,6 +684,9 @@ def _silent(msg: str = "") -> None:
 def _train_config(args, data: Path, run: Path) -> tuple[TrainConfig, str]:
     """The TrainConfig of ``fastcolor train``: the recipe's values, each flag given on top; and the
     CLI name of the model."""
+    from fastcolor.models import PRESETS
+    from fastcolor.train import TrainConfig
+
     values = recipe_values(args.recipe)
     names = {v: k for k, v in MODELS.items()}
     model_name = args.model or names.get(values["model"], values["model"])
@@ -690,6 +729,13 @@ def _describe_config(cfg: TrainConfig) -> str:
 
 
 def cmd_train(args) -> int:
+    import torch
+
+    from fastcolor.data import NoReadableImagesError
+    from fastcolor.io import DiskFullError, check_unlocked
+    from fastcolor.monitor import MissingExtraError
+    from fastcolor.train import RUN_FILES, CheckpointError, check_device, checkpoint_meta, train
+
     main_rank = _rank() == 0
     say_, note_ = (say, note) if main_rank else (_silent, _silent)  # under torchrun only rank 0 speaks
     data, run = Path(args.data), Path(args.out)
@@ -783,6 +829,10 @@ def cmd_train(args) -> int:
 
 def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
     """:func:`fastcolor.metrics.evaluate` of one run as the options say (its own split where DATA is its data)."""
+    from fastcolor.app.weights import resolve_weights, split_matches_data
+    from fastcolor.data import NoReadableImagesError
+    from fastcolor.metrics import evaluate
+
     if not Path(weights).exists():
         raise CLIError(f"no such run directory or weights file: {weights}")
     model_file = resolve_weights(weights)
@@ -805,6 +855,10 @@ def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
 
 def _eval_runs(args, data: Path) -> int:
     """Several runs: each evaluated on its own split, their rows joined into one study table per kind of model."""
+    from fastcolor.app.weights import resolve_weights
+    from fastcolor.io import atomic_write_json, atomic_write_text
+    from fastcolor.metrics import study_rows, study_table
+
     if args.compare:
         raise CLIError("--compare takes one run beside one RUN_DIR; with several runs, list them all (the Zhang and "
                        "the fusion runs): their study tables are joined per kind of model")
@@ -850,6 +904,23 @@ def _eval_runs(args, data: Path) -> int:
     return EXIT_OK
 
 
+def cmd_shard(args) -> int:
+    from fastcolor.data.shards import SHARD_INDEX, write_shards
+
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_dir():
+        raise CLIError(f"DATA must be a folder of images, got {args.data!r} "
+                       f"({'not a folder' if data.exists() else 'no such folder'})")
+    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
+        raise CLIError(f"OUT {args.out} is inside DATA {args.data}; choose a folder outside the data")
+    index = write_shards(data, out, args.images_per_shard, seed=args.seed, fractions=tuple(args.split),
+                         classes=args.classes, progress=not args.quiet)
+    counts = {k: (len(v), sum(e["images"] for e in v)) for k, v in index["splits"].items()}
+    note(f"wrote {', '.join(f'{n} {k} shard(s) ({i} images)' for k, (n, i) in counts.items())} and "
+         f"{out / SHARD_INDEX}, {len(index['classes'])} class(es)")
+    return EXIT_OK
+
+
 def cmd_eval(args) -> int:
     data = Path(args.data)
     if not data.is_dir():
@@ -869,6 +940,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args, extra: Sequence[str] = ()) -> int:
+    from fastcolor.app import bench
+
     device = _device(args.device)
     argv = ["--device", device, *(["--train-step"] if args.train_step else []), *extra]
     if not args.json:
@@ -883,12 +956,16 @@ def cmd_bench(args, extra: Sequence[str] = ()) -> int:
 
 
 def cmd_demo(args) -> int:
+    from fastcolor.app.demo import run_demo
+
     device = _device(args.device)
     run_demo(args.out, quick=args.quick, device=device, seed=args.seed, held_out=args.hold_out)
     return EXIT_OK
 
 
 def cmd_info(args) -> int:
+    from fastcolor.app.info import info_dict
+
     info = info_dict()
     if args.json:
         say(json.dumps(info, indent=2, sort_keys=True, default=str))

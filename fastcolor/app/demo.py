@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from fastcolor.app.bench.timing import time_op
+from fastcolor.app.choices import HELD_OUT, PHOTOS
 from fastcolor.app.colorize_files import Job, colorize_files
 from fastcolor.app.threads import idle_cpu_threads
 from fastcolor.backends import available
@@ -46,12 +47,6 @@ from fastcolor.models.serialization import load_model
 from fastcolor.train import TrainConfig, train
 
 __all__ = ["DemoSettings", "FULL", "QUICK", "PHOTOS", "HELD_OUT", "demo_photos", "make_crops", "run_demo"]
-
-#: The skimage.data colour photos (``cat`` is ``chelsea`` again, so it is left out).
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "motorcycle")
-#: The default photo kept back for evaluation and the full-resolution colorization.
-HELD_OUT = "coffee"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 
-import torch
-
 from fastcolor.app.messages import note
 
 
 def cpu_threads(reserve: int = 0) -> tuple[int, float | None]:
     """(torch CPU threads to use, 1-minute load average): the idle cores, less ``reserve``."""
+    import torch
+
     n = torch.get_num_threads()
     try:
         load = os.getloadavg()[0]
@@ -33,6 +33,8 @@ def idle_cpu_threads(device: str, log: Callable[[str], None] | None = note, rese
     if not str(device).startswith("cpu"):
         yield
         return
+    import torch
+
     default = torch.get_num_threads()
     n, load = cpu_threads(reserve)
     if n < default and log is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fastcolor.app.choices import MODELS  # CLI model names -> fastcolor.models.PRESETS keys
 from fastcolor.app.messages import CLIError, note
 from fastcolor.data import load_split
 from fastcolor.io import read_checkpoint_meta, tensor_shapes
@@ -15,12 +16,6 @@ from fastcolor.models.released import EXPECTED, looks_like_torch_file, released_
 from fastcolor.models.serialization import load_model
 
 __all__ = ["MODELS", "no_weights_message", "resolve_weights", "load_weights", "split_matches_data"]
-
-#: CLI model names -> :data:`fastcolor.models.PRESETS` keys.
-MODELS = {
-    "zhang": "zhang", "zhang-small": "zhang_small", "zhang-tiny": "zhang_tiny",
-    "fusion": "fusion", "fusion-small": "fusion_small", "fusion-tiny": "fusion_tiny",
-}
 
 
 def _find_runs(folder: Path, depth: int = 2) -> list[Path]:

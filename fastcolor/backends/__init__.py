@@ -8,7 +8,11 @@ the typed contract written down in :mod:`fastcolor.backends.contract`. The publi
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 
@@ -63,12 +67,51 @@ def available(device_type: str) -> list[str]:
     return [n for n in AUTO_ORDER.get(device_type, ("torch",)) if unavailable_reason(n, device_type) is None]
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``then()`` once the module ``name`` has been imported (by anyone), then leaves
+    ``sys.meta_path``: it finds nothing itself, it only wraps the loader the other finders give."""
+
+    def __init__(self, name: str, then: Callable[[], object]):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, then = spec.loader, self.then
+
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                module.__loader__ = module.__spec__.loader = loader  # as if this hook were not there
+                loader.exec_module(module)
+                then()
+
+        spec.loader = Loader()
+        return spec
+
+
 def _assume_constant(fn):
     # The backend chosen for a device is fixed for the life of a compiled graph: dynamo calls
-    # resolve() while tracing and bakes its answer in, instead of tracing imports.
-    import torch
+    # resolve() while tracing and bakes its answer in, instead of tracing imports. Marking fn needs
+    # torch._dynamo, whose import took 1.5 s of `import fastcolor`'s 1.56 s (and an inductor cache
+    # folder: issue 23.12), so it is marked when dynamo is imported: torch.compile imports it before
+    # it traces anything (tests/test_import.py compiles with fullgraph after a plain import).
+    def mark() -> None:
+        import torch
 
-    return torch.compiler.assume_constant_result(fn)
+        torch.compiler.assume_constant_result(fn)
+
+    if "torch._dynamo" in sys.modules:
+        mark()
+    else:
+        sys.meta_path.insert(0, _AfterImport("torch._dynamo", mark))
+    return fn
 
 
 @_assume_constant
