@@ -24,7 +24,9 @@ Modules (everything public is re-exported here):
 - :mod:`fastcolor.data.decode`: a batch of files' bytes -> uint8 squares on the device (nvjpeg
   on CUDA, PIL for what it refuses), for ``decode="gpu"``;
 - :mod:`fastcolor.data.device`: :class:`DeviceStage`, the batched device half (crop, mirror,
-  augmentation, Lab, target) of the uint8 worker path.
+  augmentation, Lab, target) of the uint8 worker path;
+- :mod:`fastcolor.data.shards`: tar shards in the WebDataset format: :func:`write_shards`, and
+  :class:`ShardDataset`, split by rank and worker (reading needs the ``shards`` extra).
 """
 from fastcolor.data.dataset import OUTPUTS, ColorizationDataset
 from fastcolor.data.decode import DECODES, collate_bytes, decode_batch, read_bytes, resolve_decode
@@ -53,6 +55,17 @@ from fastcolor.data.images import (
     load_square,
     open_image,
 )
+from fastcolor.data.shards import (
+    SHARD_INDEX,
+    Shard,
+    ShardDataset,
+    ShardError,
+    is_shard_source,
+    read_shard_index,
+    resolve_shards,
+    sample_shards,
+    write_shards,
+)
 from fastcolor.data.transforms import FILL_MODES, TARGET_REDUCTIONS, Augmentation, augmentation, reduce_target
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableImagesError", "check_pixel_limit",
@@ -60,4 +73,5 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableI
            "save_split", "load_split", "files_fingerprint", "split_source", "split_change", "ColorizationDataset",
            "augmentation", "Augmentation", "FILL_MODES", "load_square", "TARGET_REDUCTIONS", "reduce_target",
            "draft_jpeg", "OUTPUTS", "DECODES", "read_bytes", "resolve_decode", "collate_bytes", "decode_batch",
-           "lab_batch", "CropMirror", "DeviceStage"]
+           "lab_batch", "CropMirror", "DeviceStage", "SHARD_INDEX", "Shard", "ShardError", "ShardDataset",
+           "write_shards", "read_shard_index", "resolve_shards", "is_shard_source", "sample_shards"]

@@ -1,0 +1,266 @@
+"""Sharded datasets (issue 20.5): written and read back, split by rank and worker, damaged and missing shards."""
+import errno
+import json
+import sys
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fastcolor.data import ColorizationDataset, index_images, split_items
+from fastcolor.data.shards import (
+    SHARD_INDEX,
+    ShardDataset,
+    ShardError,
+    is_shard_source,
+    read_shard_index,
+    resolve_shards,
+    sample_shards,
+    write_shards,
+)
+from fastcolor.io import DiskFullError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import make_photo_folder, one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
+
+pytest.importorskip("webdataset")
+
+PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """5 classes x 6 photos (PNG) and one JPEG per class: 35 images, 25 of them for training."""
+    root = make_photo_folder(tmp_path_factory.mktemp("photos"), per_photo=6, size=32, classes=True)
+    from PIL import Image
+
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        Image.open(next(d.glob("*.png"))).convert("RGB").save(d / "extra.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "out"
+    write_shards(photos, out, PER_SHARD, seed=3, progress=False)
+    return out
+
+
+def _indices(batches) -> list[int]:
+    return [int(i) for b in batches for i in b["index"]]
+
+
+def test_written_as_the_folder_split_with_the_files_own_bytes(photos, shards):
+    index = read_shard_index(shards)
+    items = index_images(photos)
+    split = split_items(items, seed=3)
+    assert index["classes"] == sorted({it.label for it in items}) and index["seed"] == 3
+    names = sorted(p.name for p in shards.iterdir())
+    assert SHARD_INDEX in names and not [n for n in names if n.endswith(".tmp")]
+    for name in ("train", "val", "test"):
+        entries = index["splits"][name]
+        assert [e["name"] for e in entries] == [f"{name}-{i:06d}.tar" for i in range(len(entries))]
+        assert [e["images"] for e in entries[:-1]] == [PER_SHARD] * (len(entries) - 1)
+        stored = {}
+        for e in entries:
+            with tarfile.open(shards / e["name"]) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            got = [json.loads(v) for k, v in members.items() if k.endswith(".json")]
+            assert len(got) == e["images"] and sum(e["classes"].values()) == e["images"]
+            assert {c: sum(g["label"] == c for g in got) for c in e["classes"]} == e["classes"]
+            for k, v in members.items():
+                if k.endswith((".png", ".jpg")):
+                    meta = json.loads(members[k.rsplit(".", 1)[0] + ".json"])
+                    stored[meta["path"]] = v
+                    assert members[k.rsplit(".", 1)[0] + ".cls"] == str(index["classes"].index(meta["label"])).encode()
+        # the same split as a folder run with this seed, every file's bytes as they are on disk
+        assert sorted(stored) == sorted(it.path for it in split[name])
+        assert all(v == (photos / p).read_bytes() for p, v in stored.items())
+
+
+def test_samples_equal_the_folder_datasets(photos, shards):
+    """Each image decodes from its shard's bytes to exactly the folder dataset's sample."""
+    index = read_shard_index(shards)
+    sh, _ = resolve_shards(shards, "val")
+    got = {}
+    for b in DataLoader(ShardDataset(sh, 32, 4, shuffle=False), batch_size=4):
+        for i, L, ab in zip(b["index"], b["L"], b["ab"], strict=True):
+            got[int(i)] = (L, ab)
+    paths = {}
+    for e in index["splits"]["val"]:
+        with tarfile.open(shards / e["name"]) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    paths[int(m.name.split("-")[1].split(".")[0])] = json.loads(tar.extractfile(m).read())["path"]
+    assert sorted(got) == sorted(paths) == list(range(len(paths)))
+    from fastcolor.data import ImageItem
+
+    folder = ColorizationDataset(photos, [ImageItem(paths[i], "") for i in sorted(paths)], 32, 4)
+    for i in sorted(paths):
+        assert torch.equal(got[i][0], folder[i]["L"]) and torch.equal(got[i][1], folder[i]["ab"])
+
+
+def test_every_image_once_per_epoch_across_two_ranks_and_two_workers(shards):
+    sh, index = resolve_shards(shards)
+    total = sum(e["images"] for e in index["splits"]["train"])
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        per_rank = []
+        for rank in (0, 1):
+            ds = ShardDataset(sh, 16, 4, rank=rank, world=2, seed=5, shuffle_buffer=4)
+            ds.set_epoch(epoch)
+            # each worker of each rank reads its own shards (round-robin of a permutation shared by the ranks)
+            mine = [s.url for w in (0, 1) for s, _ in ds.assigned(rank, w, 2)]
+            per_rank.append(set(mine))
+            got = _indices(DataLoader(ds, batch_size=2, num_workers=2))
+            assert len(got) == ds.rank_images() == len(ds)
+            seen += got
+        assert not per_rank[0] & per_rank[1] and per_rank[0] | per_rank[1] == {s.url for s in sh}
+        assert sorted(seen) == list(range(total)), "lost or repeated images"
+        orders.append(seen)
+    assert orders[0] != orders[1], "the shard order and the buffer shuffle change with the epoch"
+
+
+def test_repeat_gives_an_endless_stream_of_this_ranks_images(shards):
+    sh, _ = resolve_shards(shards)
+    ds = ShardDataset(sh, 16, 4, rank=1, world=2, repeat=True, shuffle_buffer=2)
+    it = iter(ds)
+    got = [next(it)["index"] for _ in range(2 * ds.images)]
+    assert len(got) == 2 * ds.images and len(set(got)) <= ds.images
+
+
+def test_missing_shard_is_a_one_line_error_naming_it(shards, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    (copy / "train-000002.tar").unlink()
+    for spec in (copy, f"{copy}/train-{{000000..000003}}.tar"):
+        with pytest.raises(ShardError) as e:
+            resolve_shards(spec)
+        assert "missing shard" in str(e.value) and "train-000002.tar" in str(e.value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ShardError, match="not in the index"):
+        resolve_shards(f"{copy}/train-{{000000..000999}}.tar")
+    (copy / SHARD_INDEX).unlink()
+    with pytest.raises(ShardError, match="no index"):
+        resolve_shards(copy)
+
+
+@pytest.mark.parametrize("cut", ["mid-image", "member boundary", "empty"])
+def test_damaged_shard_is_skipped_and_counted_or_raises(shards, tmp_path, cut):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    victim = copy / "train-000001.tar"
+    data = victim.read_bytes()
+    with tarfile.open(victim) as tar:
+        members = tar.getmembers()
+    # the second image's data (mid-image), the header of the second image (boundary), nothing at all
+    at = {"mid-image": members[3].offset_data + 10, "member boundary": members[3].offset, "empty": 0}[cut]
+    victim.write_bytes(data[:at])
+    sh, _ = resolve_shards(copy)
+    ds = ShardDataset(sh, 16, 4, shuffle=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = _indices(DataLoader(ds, batch_size=4))
+    msgs = [str(x.message) for x in w if "damaged shard" in str(x.message)]
+    assert len(msgs) == 1 and str(victim) in msgs[0] and "1 damaged shard(s) skipped" in msgs[0], msgs
+    read = 1 if cut != "empty" else 0
+    assert f"{read} of the {PER_SHARD} image(s)" in msgs[0]
+    # everything else is there, once
+    assert sorted(got) == [i for i in range(ds.images) if not PER_SHARD + read <= i < 2 * PER_SHARD]
+    assert ds.damaged and str(victim) in ds.damaged[0]
+    with pytest.raises(ShardError) as e:
+        list(ShardDataset(sh, 16, 4, shuffle=False, on_damaged="raise"))
+    assert "damaged shard" in str(e.value) and str(victim) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_worker_whose_shards_all_fail_says_so(shards, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes() if p.suffix != ".tar" else b"not a tar" * 100)
+    sh, _ = resolve_shards(copy, "val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ShardError, match="none of the .* shard"):
+            list(ShardDataset(sh, 16, 4))
+
+
+def test_write_is_atomic_no_partial_tar_on_failure(photos, tmp_path, monkeypatch):
+    import os
+
+    import fastcolor.io
+
+    out = tmp_path / "out"
+    calls = []
+    real = os.fsync
+
+    def full_after_two(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # after the first shard (its file and its directory): the second shard's file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(fastcolor.io.os, "fsync", full_after_two)
+    with pytest.raises(DiskFullError, match="train-000001.tar"):
+        write_shards(photos, out, PER_SHARD, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]  # no partial shard, no index
+    with tarfile.open(out / "train-000000.tar") as tar:
+        assert len(tar.getmembers()) == 3 * PER_SHARD
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="out_dir: expected a new or empty directory"):
+        write_shards(photos, out, PER_SHARD, progress=False)
+
+
+def test_prior_sample_takes_n_images_from_a_few_shards(shards):
+    sh, _ = resolve_shards(shards)
+    picked = sample_shards(sh, 7, seed=1)
+    assert sum(n for _, n in picked) == 7 and len(picked) == 3 and picked[-1][1] == 1
+    assert picked == sample_shards(sh, 7, seed=1) and picked != sample_shards(sh, 7, seed=2)
+    ds = ShardDataset(picked, 16, 4, shuffle=False)
+    got = _indices(DataLoader(ds, batch_size=3, num_workers=2))
+    assert len(got) == len(set(got)) == 7 == ds.images
+    assert sum(n for _, n in sample_shards(sh, 10_000)) == sum(s.images for s in sh)
+
+
+def test_other_outputs_match_the_folder_datasets(shards):
+    sh, _ = resolve_shards(shards, "val")
+    rgb = next(iter(ShardDataset(sh, 16, 4, output="rgb", shuffle=False)))
+    raw = next(iter(ShardDataset(sh, 16, 4, output="bytes", shuffle=False)))
+    assert rgb["rgb"].dtype == torch.uint8 and rgb["rgb"].shape == (3, 16, 16) and rgb["index"] == raw["index"] == 0
+    from fastcolor.data.images import load_square
+
+    assert torch.equal(load_square(raw["path"], 16, data=raw["data"].numpy().tobytes()), rgb["rgb"])
+
+
+def test_is_shard_source(shards, photos):
+    assert is_shard_source(shards) and is_shard_source(f"{shards}/train-{{000000..000001}}.tar")
+    assert is_shard_source("https://host/x/train-000000.tar")
+    assert not is_shard_source(photos)
+
+
+def test_reading_without_webdataset_names_the_extra(shards, monkeypatch):
+    sh, _ = resolve_shards(shards, "val")
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    with pytest.raises(ImportError, match=r"pip install 'fastcolor\[shards\]'"):
+        next(iter(ShardDataset(sh, 16, 4)))
+
+
+def test_shard_command(photos, tmp_path, capsys):
+    from fastcolor.app.cli import main
+
+    out = tmp_path / "out"
+    assert main(["shard", str(photos), str(out), "--images-per-shard", "4", "--seed", "3", "-q"]) == 0
+    index = read_shard_index(out)
+    assert [e["images"] for e in index["splits"]["train"]] == [4] * 6 + [1] and index["seed"] == 3
+    assert "7 train shard(s) (25 images)" in capsys.readouterr().err
+    assert main(["shard", str(photos), str(out)]) == 2  # not empty
+    assert "expected a new or empty directory" in capsys.readouterr().err
+    assert main(["shard", str(photos), str(photos / "shards")]) == 2  # inside DATA
