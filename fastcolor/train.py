@@ -42,6 +42,13 @@ and at the end of each epoch (the progress bar moves then); a non-finite loss is
 device and raises :class:`FloatingPointError` at the next read, naming the epoch and step, with
 ``last.safetensors`` left at the last completed epoch.
 
+Layout: this module is the loop (:class:`_Trainer`: steps, validation, the epoch loop, early
+stopping); the rest of a run lives in :mod:`fastcolor.training`: the settings
+(:mod:`~fastcolor.training.config`), the data source that gives the loop its batches
+(:mod:`~fastcolor.training.source`), the class prior file (:mod:`~fastcolor.training.class_prior`),
+checkpoints (:mod:`~fastcolor.training.checkpoints`) and the process group
+(:mod:`~fastcolor.training.distributed`). Their public names are re-exported here.
+
 Distributed: launch with ``torchrun --nproc_per_node=K`` (the environment variables decide);
 nccl on GPU, gloo on CPU. Rank 0 writes the files (the others read the split and prior from the
 run directory); all ranks end with identical weights: BatchNorm statistics are rank 0's after
@@ -57,171 +64,42 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.transforms import v2
 
 from fastcolor.colorize import activation_bytes, check_memory, memory_guard
-from fastcolor.data import (
-    TARGET_REDUCTIONS,
-    ColorizationDataset,
-    augmentation,
-    files_fingerprint,
-    index_images,
-    list_images,
-    load_l,
-    load_split,
-    save_split,
-    split_change,
-    split_items,
-    split_source,
-)
+from fastcolor.data.prior import compute_class_prior
 from fastcolor.io import (
     append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
-    load_tensors,
     lock_directory,
-    read_checkpoint_meta,
     save_checkpoint,
-    save_tensors,
 )
-from fastcolor.models import PRESETS, EmbeddingCache, build_model, load_model_state, model_state
-from fastcolor.models.serialization import check_stored_config, save_model
-from fastcolor.ops import PriorAccumulator, rarity_weights, rebalanced_cross_entropy
-from fastcolor.recipes import RECIPES, recipe_values
+from fastcolor.models import PRESETS, build_model, load_model_state, model_state
+from fastcolor.models.serialization import save_model
+from fastcolor.ops import rebalanced_cross_entropy
+from fastcolor.training.checkpoints import (
+    CheckpointError,
+    checkpoint_meta,
+    load_resume_checkpoint,
+    repair_best,
+    resume_model_config,
+)
+from fastcolor.training.class_prior import ClassPrior
+from fastcolor.training.config import LOSSES, RUN_FILES, TrainConfig, _is_int, check_device
+from fastcolor.training.distributed import Dist, resolve_device, setup_distributed
+from fastcolor.training.source import FolderSource, epoch_seed
 
 __all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve",
-           "CheckpointError", "checkpoint_meta", "check_device", "RUN_FILES"]
+           "CheckpointError", "checkpoint_meta", "check_device", "RUN_FILES", "LOSSES"]
 
-#: The files of a run that ``restart=True`` removes (other files in the directory are left alone,
-#: the content-keyed embedding cache too).
-RUN_FILES = ("last.safetensors", "best.safetensors", "model.safetensors", "model.json", "split.json",
-             "prior.safetensors", "metrics.jsonl", "loss_curve.png", "result.json", "train_config.json")
-
-LOSSES = ("rebalanced", "ce", "mse")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as ``train_config.json`` in the run directory.
-
-    The hyper-parameters (:data:`fastcolor.recipes.HYPERPARAMETERS`) can come from a named recipe:
-    ``TrainConfig.from_recipe("zhang2016", data_dir=..., run_dir=..., lr=1e-5)`` (any field given
-    beats the recipe's value; ``recipe`` records the name). The field defaults here are fastcolor
-    v1's (the ``default`` recipe but for ``batch_size``), so configs written before recipes
-    existed mean what they meant.
-
-    Example::
-
-        cfg = TrainConfig.from_recipe("study", data_dir="photos", run_dir="runs/study", epochs=10)
-        train(cfg)
-    """
-
-    data_dir: str
-    run_dir: str
-    model: str | dict = "zhang_small"  #: a :data:`fastcolor.models.PRESETS` name or a model config dict
-    loss: str = "rebalanced"  #: "rebalanced" | "ce" (Zhang) | "mse" (fusion)
-    classes: list[str] | None = None  #: train on these class subfolders only (None: all)
-    image_size: int | None = None  #: images are resized to this square side; default: the model's ``input_size``
-    crop_size: int | None = None  #: train on random crop_size x crop_size crops of them (validation: centre crop)
-    mirror: bool = False  #: random horizontal mirroring (besides ``augment``)
-    batch_size: int = 100
-    epochs: int | None = 40  #: None: no epoch limit (then ``max_steps`` must be set)
-    max_steps: int | None = None  #: stop after this many optimiser steps in all (resumed ones included)
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0  #: Adam's L2 term added to the gradient (as Caffe's Adam does; not AdamW)
-    lr_milestones: tuple[int, ...] = ()  #: the learning rate is multiplied by ``lr_gamma`` at each of these steps
-    lr_gamma: float = 0.1
-    patience: int | None = 7  #: early stopping: epochs without a validation improvement >= min_delta (None: never)
-    min_delta: float = 1e-3
-    keep_best: bool = True  #: model.safetensors = the best epoch by validation loss (False: the final weights)
-    seed: int = 0
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    augment: bool = True  #: random zoom, rotation, shear and flip (:func:`fastcolor.data.augmentation`)
-    workers: int = 2
-    prior_lam: float = 0.5
-    prior_sigma: float = 5.0
-    nongray: bool = False  #: Zhang losses: no loss for grey images (|a|, |b| <= 5 everywhere), as the authors trained
-    target_reduction: str = "area"  #: ab target at the logits' resolution: "area" (block means) or "subsample"
-    recipe: str | None = None  #: the :mod:`fastcolor.recipes` name the values came from (recorded only)
-    resume: bool = True  #: continue from ``last.safetensors`` when there is one
-    restart: bool = False  #: start afresh: remove the files of an earlier run (:data:`RUN_FILES`) first
-    device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  #: "fp32" or "bf16" (autocast of forward and loss; weights stay fp32)
-    sync_bn: bool = False  #: distributed: SyncBatchNorm (CUDA only); else BatchNorm statistics come from rank 0
-    backbone_weights: str | None = None  #: fusion: local weights file for the backbone
-    embedding_cache: str | None = None  #: fusion: cache directory (default ``<run_dir>/embeddings``)
-    max_steps_per_epoch: int | None = None  #: cut epochs short (smoke tests, demos)
-    log_every: int = 50  #: read the loss (and check it is finite) every this many steps, and at epoch end
-    tensorboard: str | None = None  #: write TensorBoard events to this folder (rank 0)
-    progress: bool = True  #: tqdm bar on rank 0
-    plot: bool = True  #: loss_curve.png at the end (and after each epoch that took >= 5 s)
-
-    @classmethod
-    def from_recipe(cls, recipe: str, **fields: Any) -> TrainConfig:
-        """The config of recipe ``recipe`` (:data:`fastcolor.recipes.RECIPES`) with ``fields``
-        (``data_dir``, ``run_dir`` and any overrides) on top; a fusion ``model`` gets the
-        recipe's fusion values (the MSE loss) unless ``loss`` is given."""
-        values = recipe_values(recipe, fields.get("model"))
-        values.update(fields)
-        values["recipe"] = recipe
-        return cls(**values)
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("batch_size", "log_every"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("epochs", "patience", "max_steps", "crop_size", "image_size", "max_steps_per_epoch"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("epochs: None (no epoch limit) needs max_steps, got max_steps=None too")
-        if self.crop_size is not None and self.crop_size % 8:
-            raise ValueError(f"crop_size must be a multiple of 8 (the networks downsample by 8), got {self.crop_size}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.lr_gamma, (int, float)) and self.lr_gamma > 0):
-            raise ValueError(f"lr_gamma must be a positive number, got {self.lr_gamma!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.min_delta, (int, float)) and math.isfinite(self.min_delta)):
-            raise ValueError(f"min_delta must be a finite number, got {self.min_delta!r}")
-        ms = tuple(self.lr_milestones)
-        if not all(_is_int(m) and m >= 1 for m in ms) or list(ms) != sorted(set(ms)):
-            raise ValueError(f"lr_milestones must be increasing positive step counts, got {self.lr_milestones!r}")
-        for name in ("nongray", "mirror", "keep_best", "sync_bn", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.target_reduction not in TARGET_REDUCTIONS:
-            raise ValueError(f"target_reduction must be one of {TARGET_REDUCTIONS}, got {self.target_reduction!r}")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {tuple(RECIPES)} or None, got {self.recipe!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
-        check_device(self.device, available=False)
-        self.betas = tuple(self.betas)
-        self.split = tuple(self.split)
-        self.lr_milestones = ms
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_Dist = Dist  # the name tests and older callers use
 
 
 @dataclass
@@ -240,111 +118,6 @@ class RunResult:
         return self.run_dir / "model.safetensors"
 
 
-def check_device(device: str, available: bool = True) -> None:
-    """Refuse (ValueError) a ``device`` that training cannot use: not ``"auto"``, a ``cpu`` or a
-    ``cuda[:N]`` device (``meta`` holds no data; ``mps`` and the rest have no fastcolor kernels);
-    with ``available``, also a CUDA device that this machine does not have."""
-    what = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
-    if not isinstance(device, str):
-        raise ValueError(f"device: {what}, got {device!r}")
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device: {what}, got {device!r} (not a device name)") from None
-    if dev.type == "meta":
-        raise ValueError(f"device: {what}, got {device!r}: meta tensors hold no data, nothing can be trained on them")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: {what}, got {device!r}: fastcolor's kernels run on cpu and cuda only")
-    if available and dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"device: {device!r} asked for, but no CUDA device is available here (torch "
-                             f"{torch.__version__}, built with CUDA {torch.version.cuda}); use 'cpu'")
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device: {device!r} asked for, but this machine has {n} CUDA device(s) "
-                             f"(cuda:0..cuda:{n - 1})")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from. ``path``: the file; ``reason``: what is wrong
-    with it; ``best``/``best_epoch``: an intact ``best.safetensors`` beside it (else None)."""
-
-    def __init__(self, path: Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        self.best, self.best_epoch = None, None
-        best = self.path.parent / "best.safetensors"
-        if self.path.name != best.name and best.is_file():
-            try:
-                self.best_epoch = _valid_meta(best, read_checkpoint_meta(best).get("meta"))["epoch"]
-                self.best = best
-            except ValueError:
-                pass
-        hint = (f"{self.best} (epoch {self.best_epoch}) is intact and usable as weights; " if self.best else "")
-        super().__init__(f"cannot resume from {self.path}: {reason}; {hint}start a new run in {self.path.parent} "
-                         f"with restart=True (fastcolor train --restart), or move the file away")
-
-
-_META_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "history": (list,), "best_val_loss": (int, float),
-                                            "best_epoch": (int,), "bad_epochs": (int,), "stopped_early": (bool,)}
-
-
-def _valid_meta(path: Path, meta: Any) -> dict[str, Any]:
-    """The training state of a checkpoint, checked field by field (CheckpointError if damaged)."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(path, f"its training state ('meta') is {type(meta).__name__}, expected a JSON object")
-    bad = []
-    for key, types in _META_TYPES.items():
-        v = meta.get(key)
-        if key not in meta:
-            bad.append(f"{key!r} is missing")
-        elif not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            bad.append(f"{key!r} is {json.dumps(v)[:40]}, expected {' or '.join(t.__name__ for t in types)}")
-    if not bad:
-        if meta["epoch"] < 0 or not -1 <= meta["best_epoch"] <= meta["epoch"] or meta["bad_epochs"] < 0:
-            bad.append(f"epoch {meta['epoch']}, best_epoch {meta['best_epoch']}, bad_epochs {meta['bad_epochs']} "
-                       f"do not fit together")
-        for h in meta["history"]:
-            if not (isinstance(h, dict) and isinstance(h.get("epoch"), int) and not isinstance(h.get("epoch"), bool)
-                    and all(isinstance(h.get(k), (int, float)) for k in ("train_loss", "val_loss"))):
-                bad.append(f"a 'history' entry is {json.dumps(h)[:60]}, expected {{'epoch': int, 'train_loss': "
-                           f"number, 'val_loss': number, ...}}")
-                break
-    if bad:
-        raise CheckpointError(path, "damaged training state in its metadata: " + "; ".join(bad))
-    return meta
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The training state (``meta``: epoch, history, ...) of a checkpoint, read from its header
-    only (no tensor is loaded) and checked: an empty, truncated or foreign file or damaged
-    metadata raises :class:`CheckpointError` saying what is wrong and what to do."""
-    path = Path(path)
-    try:
-        metadata = read_checkpoint_meta(path)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc).removeprefix(f"path: cannot read {path}: ")) from exc
-    if metadata.get("format") != "fastcolor-checkpoint-1":
-        raise CheckpointError(path, f"not a fastcolor checkpoint (format {metadata.get('format')!r})")
-    if not isinstance(metadata.get("model_config"), dict):
-        raise CheckpointError(path, "damaged metadata: its model_config is not a JSON object")
-    return _valid_meta(path, metadata.get("meta"))
-
-
-def _load_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """load_checkpoint, every failure a CheckpointError naming the file and what is wrong."""
-    checkpoint_meta(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc).removeprefix("path: ").removeprefix(f"cannot read {path}: ")) from exc
-    if ckpt["optimizer_state"] is None:
-        raise CheckpointError(path, "it holds no optimizer state (a best.safetensors or model file, not a last "
-                                    "checkpoint)")
-    return ckpt
-
-
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Deep Koalarization loss: per image ``1/(2HW) sum (pred - target)^2``, averaged over the batch
     (``"mean"``) or per image (``"none"``). Spec: :func:`fastcolor.reference.regression_loss`."""
@@ -357,61 +130,6 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "
     if reduction == "mean":
         return per_image.mean()
     raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _setup_distributed(device: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns)
-
-
-def _device(pref: str, d: _Dist) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(pref)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{d.local_rank}")
-    return dev
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def compute_class_prior(dataset: ColorizationDataset, batch_size: int = 100, workers: int = 0,
-                        smooth_sigma: float = 5.0) -> np.ndarray:
-    """Smoothed empirical prior (313,) of the dataset's ab targets, streamed batch by batch."""
-    acc = PriorAccumulator()
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        acc.update(batch["ab"])
-    return acc.prior(smooth_sigma=smooth_sigma)
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -437,10 +155,6 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | os.PathLike, titl
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
 
 
 @dataclass
@@ -477,7 +191,7 @@ class _LossMeter:
         self.bad_value = torch.where(first, value, self.bad_value)
         self.images += n
 
-    def read(self, d: _Dist) -> _Reading:
+    def read(self, d: Dist) -> _Reading:
         packed = torch.stack([self.total, self.total.new_full((), self.images), self.bad, self.bad_step,
                               self.bad_value])
         if d.world > 1:
@@ -487,49 +201,17 @@ class _LossMeter:
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, d: _Dist):
+    """The training loop of one run: the model, its loss, one step, one epoch, validation. Its
+    batches come from ``source`` (:class:`fastcolor.training.source.FolderSource`)."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist):
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.run_dir)
-        self.device = _device(cfg.device, d)
+        self.device = resolve_device(cfg.device, d)
+        self.source = FolderSource(cfg, self.run_dir, d, self.device)
         self.step = 0  #: optimiser steps done in the run (resumed ones included)
 
     # -- setup -----------------------------------------------------------------------------
-    def prepare_split(self, resuming_from: Path | None = None):
-        """The split: reused if it was made from the data as it is now, else made anew (without a
-        checkpoint) or refused (resuming: the checkpoint was trained on the old split)."""
-        split_path = self.run_dir / "split.json"
-        cfg = self.cfg
-        if self.d.main:
-            change = None
-            if split_path.is_file():
-                try:
-                    change = split_change(split_path, list_images(cfg.data_dir, cfg.classes), cfg.seed, cfg.classes,
-                                          cfg.split)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json/structure damage
-                    change = f"it does not parse ({type(exc).__name__}: {exc})"
-                legacy = change is not None and "older fastcolor" in change
-                if change is not None and resuming_from is not None and not legacy:
-                    raise ValueError(f"data_dir: {split_path} was made from other data than {cfg.data_dir} holds now "
-                                     f"({change}), and {resuming_from} was trained on that split: resume with the "
-                                     f"data as it was, or start a new run with restart=True (fastcolor train "
-                                     f"--restart)")
-                if legacy and resuming_from is not None:
-                    change = None  # cannot tell: keep the split the checkpoint was trained on
-                if change is not None:
-                    warnings.warn(f"{split_path} is out of date ({change}): making a new split (and class prior) "
-                                  f"of {cfg.data_dir}", stacklevel=3)
-            if change is not None or not split_path.is_file():
-                listed = list_images(cfg.data_dir, cfg.classes)
-                items = index_images(cfg.data_dir, cfg.classes)  # warns about (and skips) unreadable files
-                readable = set(items)
-                source = split_source(listed, [it for it in listed if it not in readable], cfg.classes, cfg.split)
-                save_split(split_path, split_items(items, cfg.seed, cfg.split), seed=cfg.seed, source=source)
-        self.d.barrier()
-        self.split = load_split(split_path)
-        if not self.split["train"] or not self.split["val"]:
-            raise ValueError(f"data_dir: need at least one training and one validation image, got "
-                             f"{len(self.split['train'])} and {len(self.split['val'])} ({self.cfg.data_dir})")
-
     def build(self, model_config):
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         if isinstance(model_config, str):
@@ -553,103 +235,15 @@ class _Trainer:
                                  f"sync_bn every rank takes rank 0's BatchNorm statistics after each epoch")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
-    def datasets(self):
-        # Fusion: the embedding comes from exactly the L the network sees (FusionNet.embed). The
-        # cache holds un-augmented embeddings, computed from the dataset's own L (load_l at
-        # self.size): it serves the splits without augmentation; augmented training batches are
-        # embedded per batch in loss().
-        cache = None
-        if self.model.config["arch"] == "fusion":
-            cache_dir = self.cfg.embedding_cache or self.run_dir / "embeddings"
-            cache = EmbeddingCache(cache_dir, self.model.embedder, image_size=self.size)
-            cached = ("val", "test") if self.cfg.augment else ("train", "val", "test")
-            if self.cfg.augment and self.d.main:
-                warnings.warn("fusion: augmentation is on, so the embedding cache is not used for training: each "
-                              "batch is embedded from its augmented L (the cache serves validation)", stacklevel=3)
-            if self.d.main:
-                root = Path(self.cfg.data_dir)
-                paths = [root / it.path for k in cached for it in self.split[k]]
-                cache.precompute(paths, lambda p: load_l(p, self.size), device=self.device)
-            self.d.barrier()
-        mk = lambda items, aug: ColorizationDataset(self.cfg.data_dir, items, self.size, self.stride, aug,  # noqa: E731
-                                                    None if aug else cache, target_reduction=self.cfg.target_reduction)
-        train_aug, val_aug = self.transforms()
-        self.train_ds = mk(self.split["train"], train_aug)
-        self.val_ds = mk(self.split["val"], val_aug)
-        self.prior_ds = mk(self.split["train"], False)
-
-    def transforms(self) -> tuple[bool | v2.Transform, bool | v2.Transform]:
-        """The ``augment=`` of the training and validation datasets: ``augment`` (zoom, rotation,
-        shear, flip), then a random ``crop_size`` crop and a random horizontal mirror (the authors'
-        data layer); validation sees the centre crop (what Caffe's data layer does in its TEST phase)."""
-        cfg = self.cfg
-        if cfg.crop_size is None and not cfg.mirror:
-            return cfg.augment, False
-        ts: list[v2.Transform] = [augmentation()] if cfg.augment else []
-        if cfg.crop_size is not None:
-            ts.append(v2.RandomCrop(cfg.crop_size))
-        if cfg.mirror:
-            ts.append(v2.RandomHorizontalFlip())
-        return v2.Compose(ts), (v2.CenterCrop(cfg.crop_size) if cfg.crop_size is not None else False)
-
-    def class_weights(self, resuming_from: Path | None = None) -> torch.Tensor | None:
-        """The rarity weights of ``prior.safetensors``: reused if computed from this split, image
-        size and parameters, else computed anew (without a checkpoint) or refused (resuming)."""
-        if self.model.config["arch"] != "zhang":
-            return None
-        path = self.run_dir / "prior.safetensors"
-        want = {"lam": self.cfg.prior_lam, "smooth_sigma": self.cfg.prior_sigma,
-                "split": files_fingerprint(self.split["train"]), "size": self.size, "stride": self.stride,
-                "target_reduction": self.cfg.target_reduction}
-        if self.d.main:
-            stale = "missing"
-            if path.is_file():
-                try:
-                    tensors, meta = load_tensors(path)
-                    ok = tensors["prior"].shape == (313,) and tensors["weights"].shape == (313,)
-                    stale = None if ok else "damaged"
-                except (ValueError, KeyError) as exc:
-                    meta, stale = {}, f"damaged ({exc})"
-                if stale is None and "split" not in meta:
-                    stale = None if resuming_from is not None else "it does not record its split (older fastcolor)"
-                elif stale is None:
-                    # a prior written before target_reduction was recorded was made from block means
-                    got = {k: meta.get(k, "area" if k == "target_reduction" else None) for k in want}
-                    diff = [f"{k} {got[k]!r} -> {v!r}" for k, v in want.items() if got[k] != v]
-                    stale = "; ".join(diff) or None
-                    if stale and resuming_from is not None:
-                        raise ValueError(f"{path} was computed for another setting ({stale}) than this resumed run, "
-                                         f"and {resuming_from} was trained with it: resume with the same settings "
-                                         f"(e.g. --size), or start a new run with restart=True (fastcolor train "
-                                         f"--restart)")
-                if stale:
-                    warnings.warn(f"{path} is out of date ({stale}): computing the class prior again", stacklevel=3)
-            if stale:
-                prior = compute_class_prior(self.prior_ds, self.cfg.batch_size, self.cfg.workers, self.cfg.prior_sigma)
-                w = rarity_weights(prior, lam=self.cfg.prior_lam)
-                save_tensors(path, {"prior": torch.from_numpy(prior), "weights": torch.from_numpy(np.asarray(w))}, want)
-        self.d.barrier()
-        tensors, _ = load_tensors(path)
-        return tensors["weights"].to(self.device, torch.float32) if self.cfg.loss == "rebalanced" else None
-
     def loss(self, model, batch, weights):
-        L = batch["L"].to(self.device, non_blocking=True)
-        ab = batch["ab"].to(self.device, non_blocking=True)
+        """The loss of a batch on the device (``L``, ``ab``, maybe ``embedding``: :meth:`FolderSource.to_device`)."""
+        L, ab = batch["L"], batch["ab"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             if self.model.config["arch"] == "fusion":  # cached, or from this (augmented) L: FusionNet.embed
                 emb = batch.get("embedding")
-                emb = self.model.embed(L) if emb is None else emb.to(self.device, non_blocking=True)
+                emb = self.model.embed(L) if emb is None else emb
                 return regression_loss(model(L, emb), ab / 128.0)
             return rebalanced_cross_entropy(model(L), ab, weights=weights, nongray=self.cfg.nongray)
-
-    def loader(self, ds, epoch: int, shuffle: bool) -> DataLoader:
-        sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,
-                                     seed=self.cfg.seed, drop_last=False)
-        sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        return DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers,
-                          generator=g, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
 
     # -- one epoch -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -663,7 +257,7 @@ class _Trainer:
         lr = self.lr_at(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = self.loss(model, batch, weights)
+        loss = self.loss(model, self.source.to_device(batch), weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -680,9 +274,9 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.d.rank))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, self.d.rank))
         model.train()
-        loader = self.loader(self.train_ds, epoch, shuffle=True)
+        loader = self.source.train_loader(epoch)
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         if self.steps_left() is not None:
             steps = min(steps, self.steps_left())
@@ -724,8 +318,8 @@ class _Trainer:
         """The mean validation loss (NaN when it is not finite): one host read, at the end."""
         model.eval()
         meter = _LossMeter(self.device)
-        for i, batch in enumerate(self.loader(self.val_ds, 0, shuffle=False)):
-            meter.add(self.loss(model, batch, weights), batch["L"].shape[0], i)
+        for i, batch in enumerate(self.source.val_loader()):
+            meter.add(self.loss(model, self.source.to_device(batch), weights), batch["L"].shape[0], i)
         return meter.read(self.d).mean
 
     def _sync_buffers(self):
@@ -743,7 +337,7 @@ def train(config: TrainConfig | dict) -> RunResult:
         raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
     cfg = config
     check_device(cfg.device)  # before anything is written
-    d = _setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device)
     try:
         return _train(cfg, d)
     finally:
@@ -751,22 +345,10 @@ def train(config: TrainConfig | dict) -> RunResult:
             dist.destroy_process_group()
 
 
-def _repair_best(best_path: Path, ckpt: dict[str, Any]) -> None:
-    """When the run was killed after writing last.safetensors of an improving epoch but before
-    best.safetensors, that epoch's weights are in last: write best from them."""
-    meta = ckpt["meta"]
-    try:
-        on_disk = read_checkpoint_meta(best_path)["meta"]["epoch"] if best_path.is_file() else None
-    except (ValueError, KeyError, TypeError):
-        on_disk = None  # damaged: rewrite it if we can
-    if on_disk != meta["best_epoch"] and meta["best_epoch"] == meta["epoch"]:
-        save_checkpoint(best_path, ckpt["model_state"], ckpt["model_config"], None, **meta)
-
-
 def _check_training_memory(t: _Trainer, model: torch.nn.Module) -> int:
     """Refuse (MemoryLimitError) a batch whose activations, gradients and Adam state would not
     fit in the device's available memory; returns the largest batch a rank will see."""
-    batch = min(t.cfg.batch_size, max(1, math.ceil(len(t.train_ds) / t.d.world)))
+    batch = min(t.cfg.batch_size, max(1, math.ceil(t.source.train_images / t.d.world)))
     acts = activation_bytes(model, batch, t.size, training=True)
     if acts is not None:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -791,9 +373,7 @@ class _Monitor:
 
     def pick_samples(self, t: _Trainer) -> None:
         """The first few validation images, at the training size with full-resolution ab."""
-        ds = ColorizationDataset(t.cfg.data_dir, t.split["val"][: self.SAMPLES], t.size, 1, False)
-        batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
-        self.samples = {"L": batch["L"].to(t.device), "ab": batch["ab"].to(t.device)}
+        self.samples = t.source.samples(self.SAMPLES)
 
     def log(self, epoch: int, h: dict[str, Any], model: torch.nn.Module) -> None:
         scalars = {"loss/train": h["train_loss"], "loss/val": h["val_loss"], "lr": h["lr"], "step": h["step"],
@@ -804,29 +384,14 @@ class _Monitor:
         self.tb.close()
 
 
-def _train(cfg: TrainConfig, d: _Dist) -> RunResult:
+def _train(cfg: TrainConfig, d: Dist) -> RunResult:
     t = _Trainer(cfg, d)
     # rank 0 owns the run directory (the lock is taken before anything in it is touched)
     with lock_directory(t.run_dir, "training run") if d.main else contextlib.nullcontext():
         return _train_locked(t, cfg, d)
 
 
-def _resume_model_config(last_path: Path, ckpt: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    """The checkpoint's model config, checked like a model file's before anything is built."""
-    config = ckpt["model_config"]
-    try:
-        check_stored_config(last_path, config, {k: tuple(v.shape) for k, v in ckpt["model_state"].items()})
-    except ValueError as exc:
-        raise CheckpointError(last_path, str(exc).removeprefix("path: ")) from exc
-    stored = config.get("backbone_weights") if config.get("arch") == "fusion" else None
-    if stored and not cfg.backbone_weights:
-        raise ValueError(f"backbone_weights: {last_path} was trained with the backbone weights {stored!r}, but a "
-                         f"path stored in a checkpoint is never read: pass backbone_weights= (--backbone-weights) "
-                         f"again to resume")
-    return config
-
-
-def _train_locked(t: _Trainer, cfg: TrainConfig, d: _Dist) -> RunResult:
+def _train_locked(t: _Trainer, cfg: TrainConfig, d: Dist) -> RunResult:
     # first, so that a missing tensorboard package is said before anything is done
     monitor = _Monitor(cfg.tensorboard) if d.main and cfg.tensorboard else None
     try:
@@ -836,7 +401,7 @@ def _train_locked(t: _Trainer, cfg: TrainConfig, d: _Dist) -> RunResult:
             monitor.close()
 
 
-def _train_monitored(t: _Trainer, cfg: TrainConfig, d: _Dist, monitor: _Monitor | None) -> RunResult:
+def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor | None) -> RunResult:
     run_dir = t.run_dir
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -848,15 +413,20 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: _Dist, monitor: _Monitor 
     d.barrier()
 
     last_path, best_path = run_dir / "last.safetensors", run_dir / "best.safetensors"
-    ckpt = _load_resume_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
+    ckpt = load_resume_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
     resuming_from = last_path if ckpt is not None else None
-    t.prepare_split(resuming_from)
-    t.build(_resume_model_config(last_path, ckpt, cfg) if ckpt else cfg.model)
+    t.source.prepare(resuming_from)
+    t.build(resume_model_config(last_path, ckpt, cfg.backbone_weights) if ckpt else cfg.model)
     if d.main:
         atomic_write_json(run_dir / "train_config.json", {**asdict(cfg), "restart": False})  # replayable
-    t.datasets()
+    t.source.attach(t.model, t.size, t.stride)
     batch = _check_training_memory(t, t.model)  # before the prior pass reads every image at this size
-    weights = t.class_weights(resuming_from)
+    weights = None
+    if t.model.config["arch"] == "zhang":
+        prior = ClassPrior(cfg, run_dir, d)
+        prior.check(prior.record(t.source, t.size, t.stride), resuming_from)
+        weights = prior.weights(t.source)
+    weights = weights if cfg.loss == "rebalanced" else None
     model = t.model
     # fused: one kernel per step, and no host read of the step count (the for-loop and foreach
     # versions read it with .item() every step)
@@ -882,7 +452,7 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: _Dist, monitor: _Monitor 
         counts = [st["step"] for st in opt.state.values() if "step" in st]
         t.step = meta["step"] if _is_int(meta.get("step")) else (int(counts[0]) if counts else 0)
         if d.main:
-            _repair_best(best_path, ckpt)
+            repair_best(best_path, ckpt)
         del ckpt
 
     ddp_model = model

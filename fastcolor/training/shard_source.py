@@ -1,0 +1,115 @@
+"""The data source of a run on tar shards (:mod:`fastcolor.data.shards`, written by ``fastcolor shard``).
+
+``data_dir`` is a shard folder (its ``shards.json`` and shards) or a brace pattern of training
+shards (``shards/train-{000000..000099}.tar``, whose index lies beside them). The split was made
+when the shards were written: training reads the ``train`` set (or the pattern's shards),
+validation the folder's ``val`` set. Each rank reads its own shards and each of its DataLoader
+workers its own share of them (:class:`~fastcolor.data.shards.ShardDataset`), through a shuffle
+buffer; an epoch is the same number of full batches on every rank, ``ceil(images / (ranks x
+batch))``, so distributed ranks never wait for each other: a rank whose shards run out first
+goes on with its shards of the next pass. The class prior is computed from the training shards
+(all of them, or a few drawn at random for ``sample:N``). A fusion model embeds each batch's
+``L`` (no embedding cache: the cache is keyed by file). Everything else is
+:class:`~fastcolor.training.source.FolderSource`'s.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fastcolor.data.shards import ShardDataset, resolve_shards, sample_shards
+from fastcolor.training.source import FolderSource, epoch_seed
+
+__all__ = ["ShardSource"]
+
+
+class _Batches:
+    """The first ``steps`` batches of an endless loader, with that length (what the trainer counts)."""
+
+    def __init__(self, loader: DataLoader, steps: int):
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i, batch in enumerate(self.loader):
+            if i >= self.steps:
+                return
+            yield batch
+
+
+class ShardSource(FolderSource):
+    """The batches of a run on shards (see the module docstring); the trainer's view is
+    :class:`~fastcolor.training.source.FolderSource`'s."""
+
+    def prepare(self, resuming_from: Path | None = None) -> None:
+        """The training and validation shards; a missing one is refused here, before training."""
+        cfg = self.cfg
+        if cfg.classes is not None:
+            raise ValueError(f"classes: the classes of shards are chosen when they are written (fastcolor shard "
+                             f"--class), got {cfg.classes!r} for the shards {cfg.data_dir}")
+        self.train_shards, self.index = resolve_shards(cfg.data_dir, "train")
+        self.val_shards, _ = resolve_shards(cfg.data_dir, "val")
+        self.split = {}  # made when the shards were written: shards.json records it
+
+    @property
+    def train_fingerprint(self) -> str:
+        """A hash of the training shards' names and image counts, for the prior's record."""
+        names = sorted((Path(s.url).name, s.images) for s in self.train_shards)
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+
+    def attach(self, model: torch.nn.Module, size: int, stride: int) -> None:
+        self.size, self.stride = size, stride
+        cfg, d = self.cfg, self.d
+        if model.config["arch"] == "fusion" and d.main:
+            warnings.warn("fusion on shards: each batch is embedded from its L (the embedding cache is keyed by "
+                          "file, and shards have none)", stacklevel=4)
+        train_aug, val_aug = self.transforms()
+        common = {"size": size, "target_stride": stride, "target_reduction": cfg.target_reduction, "seed": cfg.seed}
+        self.train_ds = ShardDataset(self.train_shards, augment=train_aug, rank=d.rank, world=d.world, repeat=True,
+                                     **common)
+        self.val_ds = ShardDataset(self.val_shards, augment=val_aug, rank=d.rank, world=d.world, shuffle=False,
+                                   **common)
+        prior = str(getattr(cfg, "prior", "data"))  # "data" or "sample:N" (rank 0 computes the prior)
+        shards = (sample_shards(self.train_shards, int(prior.split(":", 1)[1]), cfg.seed)
+                  if prior.startswith("sample:") else self.train_shards)
+        self.prior_ds = ShardDataset(shards, shuffle=False, **common)
+
+    @property
+    def train_images(self) -> int:
+        """How many images an epoch trains on (all ranks together, as the index counts them)."""
+        return self.train_ds.images
+
+    def _shard_loader(self, ds: ShardDataset, generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers, generator=generator,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def train_loader(self, epoch: int) -> _Batches:
+        """This rank's ``ceil(images / (ranks x batch_size))`` training batches of ``epoch``."""
+        self.train_ds.set_epoch(epoch)
+        steps = max(1, math.ceil(self.train_ds.images / (self.d.world * self.cfg.batch_size)))
+        g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
+        return _Batches(self._shard_loader(self.train_ds, g), steps)
+
+    def val_loader(self) -> DataLoader:
+        """This rank's validation batches: its share of the validation shards, in order."""
+        return self._shard_loader(self.val_ds)
+
+    def prior_loader(self) -> DataLoader:
+        """Batches of the training images the class prior is computed from (un-augmented)."""
+        return self._shard_loader(self.prior_ds)
+
+    def samples(self, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` validation images at the training size, with full-resolution ab, on the device."""
+        ds = ShardDataset(sample_shards(self.val_shards, n), self.size, 1, shuffle=False)
+        batch = torch.utils.data.default_collate(list(ds))
+        return {"L": batch["L"].to(self.device), "ab": batch["ab"].to(self.device)}
