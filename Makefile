@@ -16,7 +16,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 # Keep in sync with [build-system].requires in pyproject.toml; installed into
 # the venv so builds can run --no-build-isolation (fast, incremental).
-BUILD_REQS  ?= "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+BUILD_REQS  ?= "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 PYTEST_ARGS ?=
 
 TORCH_STAMP := $(VENV)/.stamp-torch

@@ -3,6 +3,12 @@
 The in-gamut ab plane is quantised on a grid of spacing 10. For each value of
 ``a`` the bins cover an inclusive range of ``b``; the table below is the whole
 definition (bins are ordered lexicographically by (a, b), index q = 0..312).
+
+Source: the bin centres the authors published with their code, ``pts_in_hull.npy`` under
+``resources/`` of richzhang/colorization (its Caffe release, now the ``caffe`` branch), a
+repository under the BSD 2-Clause licence (copyright 2016 Richard Zhang, Phillip Isola, Alexei A.
+Efros). The numbers are restated here as ranges, in the same order; fastcolor's own code is
+BSD 3-Clause (the LICENSE file).
 """
 from __future__ import annotations
 

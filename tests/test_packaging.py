@@ -52,17 +52,27 @@ def test_description_readme_classifiers_urls(meta):
     assert meta["Requires-Python"] == ">=3.11"
 
 
-def test_licence_metadata_matches_the_repository(meta):
-    # The repository has no LICENSE file yet (the maintainers choose one): the metadata must then
-    # claim none; once a LICENSE file is added, pyproject.toml must name it and its SPDX expression.
-    licence_files = sorted(p.name for p in ROOT.glob("LICEN[CS]E*"))
-    claimed = [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
-    if licence_files:
-        assert meta["License-Expression"], "a LICENSE file exists but the metadata has no License-Expression"
-        assert set(licence_files) <= set(meta.get_all("License-File") or [])
-    else:
-        assert not meta["License-Expression"] and not meta["License"] and not claimed, \
-            "the metadata claims a licence but the repository has no LICENSE file"
+def test_licence_is_bsd_3_clause_in_the_file_and_the_metadata(meta):
+    """Issue 22.1: BSD-3-Clause (the owners' choice), in LICENSE and the metadata (PEP 639)."""
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License")
+    assert re.search(r"Copyright \(c\) \d{4}, the fastcolor authors", text)
+    assert "3. Neither the name of the copyright holder" in text  # the third clause
+    assert meta["License-Expression"] == "BSD-3-Clause"
+    assert "LICENSE" in (meta.get_all("License-File") or [])
+    # PEP 639: a License-Expression excludes the legacy field and "License ::" classifiers.
+    assert not meta["License"]
+    assert not [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    readme = (ROOT / "README.md").read_text()
+    assert "## Licence" in readme and "BSD 3-Clause" in readme and "BSD 2-Clause" in readme
+
+
+def test_published_tables_say_where_they_come_from():
+    """The authors' bin table names its source and that source's licence."""
+    import fastcolor.gamut
+
+    doc = fastcolor.gamut.__doc__
+    assert "pts_in_hull.npy" in doc and "richzhang/colorization" in doc and "BSD 2-Clause" in doc
 
 
 def test_extras(meta):
