@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
-    "open_weights_file", "weights_format", "MAX_SAFETENSORS_HEADER",
+    "open_weights_file", "weights_format", "MAX_SAFETENSORS_HEADER", "check_weight_values", "MAX_WEIGHT_MAGNITUDE",
+    "check_torch_zip", "MAX_ZIP_EXPANSION", "ZIP_SLACK",
 ]
 
 
@@ -498,6 +500,45 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+#: The largest magnitude a model file's float tensor may hold. Trained weights and BatchNorm
+#: statistics are many orders smaller; past it a float32 forward pass overflows within a few
+#: layers (a weight scaled by 1e30 gives Inf/NaN colours), so the file is refused as broken.
+MAX_WEIGHT_MAGNITUDE = 1e10
+
+
+def check_weight_values(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse (``ValueError`` naming ``source`` and each bad tensor, up to three) a model's weights
+    that cannot give finite colours: NaN or Inf values, magnitudes past :data:`MAX_WEIGHT_MAGNITUDE`,
+    or a negative BatchNorm ``running_var`` (its square root is NaN). Integer tensors (counters)
+    are not judged. A file with such weights would load silently and colorize black.
+
+    Example:
+        >>> import torch
+        >>> check_weight_values({"conv.weight": torch.ones(3)}, "m.safetensors")   # fine: None
+        >>> check_weight_values({"bn.running_var": torch.tensor([1.0, -2.0])}, "m.safetensors")
+        Traceback (most recent call last):
+        ...
+        ValueError: path: m.safetensors holds broken weights: bn.running_var has 1 negative variance(s) of 2
+    """
+    problems = []
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t)
+        bad = t.numel() - int(finite.sum())
+        if bad:
+            problems.append(f"{name} has {bad} NaN/Inf value(s) of {t.numel()}")
+            continue
+        top = float(t.detach().abs().max())
+        if top > MAX_WEIGHT_MAGNITUDE:
+            problems.append(f"{name} has values up to {top:.3g} in magnitude, past {MAX_WEIGHT_MAGNITUDE:g}")
+        elif name.endswith("running_var") and bool((t < 0).any()):
+            problems.append(f"{name} has {int((t < 0).sum())} negative variance(s) of {t.numel()}")
+    if problems:
+        more = f" (and {len(problems) - 3} more tensors)" if len(problems) > 3 else ""
+        raise ValueError(f"path: {source} holds broken weights: {'; '.join(problems[:3])}{more}")
+
+
 def _load_failure_cause(exc: BaseException) -> str:
     """The line of a torch.load error that says what was refused (torch's message opens with
     advice to retry with weights_only=False, which is exactly what must not be done)."""
@@ -508,9 +549,52 @@ def _load_failure_cause(exc: BaseException) -> str:
     return next((ln for ln in rest if "global" in ln.lower()), rest[0] if rest else lines[0])
 
 
+#: How far a torch file's zip entries may expand: together they may declare at most this many
+#: times the file's own size (plus :data:`ZIP_SLACK`). ``torch.save`` stores its entries
+#: uncompressed (1x) and weights hardly compress (float noise); a zip bomb's entries expand
+#: a thousandfold (a 4 MB file declaring 4.8 GB).
+MAX_ZIP_EXPANSION = 10
+#: Bytes of expansion allowed besides :data:`MAX_ZIP_EXPANSION` (small files' few small entries).
+ZIP_SLACK = 1 << 20
+
+
+def check_torch_zip(path: str | os.PathLike) -> None:
+    """Judge a ``torch.save`` zip file from its central directory, before any entry is read or
+    decompressed: every entry under one folder that holds ``data.pkl`` (torch's layout), and the
+    entries' declared sizes summing to at most :data:`MAX_ZIP_EXPANSION` x the file's size +
+    :data:`ZIP_SLACK` (torch allocates each entry at its declared size: a zip bomb would take
+    gigabytes and seconds before being refused). ``ValueError`` naming the file otherwise.
+
+    Example::
+
+        check_torch_zip("colorization_release_v2-9b330a0b.pth")   # None: entries stored, 1x
+    """
+    path = Path(path)
+    with open_weights_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            infos = zipfile.ZipFile(f).infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+            raise ValueError(f"path: cannot read {path}: a damaged zip archive ({exc})") from None
+    tops = {info.filename.split("/", 1)[0] for info in infos}
+    top = next(iter(tops)) if len(tops) == 1 else None
+    if top is None or not any(info.filename == f"{top}/data.pkl" for info in infos):
+        names = [info.filename for info in infos[:3]]
+        raise ValueError(f"path: {path} is a zip archive but not a torch.save file (expected every entry under one "
+                         f"folder holding data.pkl; got {len(infos)} entries, e.g. {names})")
+    declared = sum(info.file_size for info in infos)
+    if declared > MAX_ZIP_EXPANSION * size + ZIP_SLACK:
+        biggest = max(infos, key=lambda info: info.file_size)
+        raise ValueError(f"path: refused {path}: its zip entries declare {_size(declared)} from a {_size(size)} file "
+                         f"(e.g. {biggest.filename}: {_size(biggest.file_size)} from {_size(biggest.compress_size)}), "
+                         f"more than {MAX_ZIP_EXPANSION}x its size + {_size(ZIP_SLACK)}: a zip bomb, not weights "
+                         f"(torch.save stores entries uncompressed); nothing of it was decompressed")
+
+
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True``
-    (never unpickles code).
+    (never unpickles code). A torch zip file is first judged from its directory
+    (:func:`check_torch_zip`: at most :data:`MAX_ZIP_EXPANSION` x its size once decompressed).
 
     Example::
 
@@ -523,6 +607,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - SafetensorError etc.
             raise _not_safetensors(path, exc) from exc
+    if kind == "zip":
+        check_torch_zip(path)  # from its directory, before torch decompresses anything
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors...

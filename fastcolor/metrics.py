@@ -702,6 +702,10 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
                 Lm = L if model.config["input_size"] == size else F.interpolate(
                     L, size=model.config["input_size"], mode="bilinear", antialias=True)
                 pab, logits = _predict(model, Lm, T)
+                if not bool(torch.isfinite(pab).all()):  # finite L from the loader: the model is broken
+                    raise ValueError(f"{src if key == 'model' else compare}: the model predicts NaN/Inf colours for "
+                                     f"finite inputs ({int((~torch.isfinite(pab)).sum())} of {pab.numel()} ab values "
+                                     f"in this batch): its weights are broken; nothing was evaluated")
                 if pab.shape[-2:] != L.shape[-2:]:
                     pab = F.interpolate(pab, size=L.shape[-2:], mode="bilinear", align_corners=False)
                 pred_rgb = l_ab_to_rgb(L, pab)

@@ -1,10 +1,12 @@
 """Reliability, third pass (issue 23): weights files told apart by what they hold, files that are
 not regular files, colorize_image's input ranges and non-finite pixels, broken weights refused at
 load, zip bombs, long output names, class weights past float32. Each test failed before its fix."""
+import copy
 import io
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from fastcolor.colorize import colorize_image, colorize_tensor, to_l_tensor
 from fastcolor.io import load_state_file, weights_format
 from fastcolor.models import build_model, model_state
 from fastcolor.models.released import looks_like_torch_file
-from fastcolor.models.serialization import load_model
+from fastcolor.models.serialization import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
@@ -187,3 +189,108 @@ def test_a_pil_image_is_read_as_its_file_is(tiny, tmp_path):
     L = to_l_tensor(Image.fromarray(rgba, "RGBA"))
     assert torch.equal(L, to_l_tensor(tmp_path / "alpha.png"))
     assert L[0, :, 10:].min() > 99.9 and L[0, :, :10].max() < 0.1
+
+
+# ----------------------------------------------------------------------------- 23.6: broken weights
+
+
+def _broken(net, how: str):
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        if how == "nan":
+            net.classifier.weight[3, 2, 0, 0] = float("nan")
+        elif how == "inf":
+            net.encoder[1][0].bias[0] = float("-inf")
+        elif how == "x1e30":
+            for p in net.parameters():
+                p.mul_(1e30)
+        elif how == "negative-var":
+            net.encoder[0][4].running_var[2] = -0.5
+        elif how == "x1e9":  # under the load bound, yet the forward pass overflows
+            for p in net.parameters():
+                p.mul_(1e9)
+    return net
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("nan", r"classifier.weight has 1 NaN/Inf value\(s\) of"),
+    ("inf", r"encoder.1.0.bias has 1 NaN/Inf value\(s\) of 16"),
+    ("x1e30", r"classifier.bias has values up to .*e\+29 in magnitude, past 1e\+10; .*\(and 29 more tensors\)"),
+    ("negative-var", r"encoder.0.4.running_var has 1 negative variance\(s\) of 8"),
+])
+def test_broken_weights_are_refused_at_load_naming_the_tensor(tiny, tmp_path, how, words):
+    """Before: they loaded silently and colorize_image returned black."""
+    path = save_model(tmp_path / "model.safetensors", _broken(tiny, how))
+    with pytest.raises(ValueError, match=f"{tmp_path}/model.safetensors holds broken weights: {words}"):
+        load_model(path)
+    with pytest.raises(ValueError, match="holds broken weights"):
+        load_model(tmp_path)  # the run directory
+
+
+def test_broken_weights_in_a_torch_file_are_refused_too(tmp_path):
+    torch.save({"model1.0.weight": torch.full((64, 1, 3, 3), float("nan"))}, tmp_path / "eccv16.pth")
+    with pytest.raises(ValueError, match=r"holds broken weights: model1.0.weight has 576 NaN/Inf"):
+        load_model(tmp_path / "eccv16.pth")
+
+
+def test_a_model_that_overflows_is_named_not_a_black_image(tiny):
+    with pytest.raises(ValueError, match="predicted ab values are NaN/Inf .its weights are broken"):
+        colorize_image(_broken(tiny, "x1e9"), _gradient_u8())
+
+
+def test_export_of_nan_weights_fails_and_writes_nothing(tiny, tmp_path, capsys):
+    """Before: 'fastcolor export' wrote a NaN ONNX model and exited 0."""
+    from fastcolor.app.cli import main
+
+    path = save_model(tmp_path / "model.safetensors", _broken(tiny, "nan"))
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.weight has 1 NaN/Inf" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_eval_of_a_model_that_overflows_names_it(tiny, tmp_path):
+    """Before: eval ended in a torch.bincount error."""
+    from fastcolor.metrics import evaluate
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(_gradient_u8(32, 32)[:, ::-1 if i else 1]).save(data / f"p{i}.png")
+    path = save_model(tmp_path / "run" / "model.safetensors", _broken(tiny, "x1e9"))
+    with pytest.raises(ValueError, match="model.safetensors: the model predicts NaN/Inf colours for finite inputs"):
+        evaluate(path, data, out_dir=tmp_path / "eval")
+
+
+# ----------------------------------------------------------------------------- 23.14: zip bombs
+
+
+def _rezip(src: Path, dst: Path, compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", compression) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info.filename))
+    return dst
+
+
+@pytest.mark.timeout(60)
+def test_a_zip_bomb_torch_file_is_refused_from_its_directory(tmp_path):
+    """Before: torch.load decompressed it (a 4 MB file: 4.8 GB and 17 s) before anything refused it."""
+    torch.save({"model1.0.weight": torch.zeros(25_000_000)}, tmp_path / "plain.pth")  # 100 MB stored
+    bomb = _rezip(tmp_path / "plain.pth", tmp_path / "bomb.pth")
+    (tmp_path / "plain.pth").unlink()
+    assert bomb.stat().st_size < 200_000
+    for load in (load_state_file, load_model):
+        with pytest.raises(ValueError, match=r"its zip entries declare 95.4 MiB from a .* file .*more than 10x its size"):
+            load(bomb)
+    torch.manual_seed(0)  # real weights hardly compress: a recompressed file still loads
+    state = {"w": torch.randn(1000, 100)}
+    torch.save(state, tmp_path / "w.pth")
+    assert torch.equal(load_state_file(_rezip(tmp_path / "w.pth", tmp_path / "w_deflated.pth"))["w"], state["w"])
+
+
+def test_a_zip_that_is_not_a_torch_file_is_named(tmp_path):
+    with zipfile.ZipFile(tmp_path / "photos.pth", "w") as z:
+        z.writestr("a.txt", "hello")
+        z.writestr("b/c.txt", "world")
+    with pytest.raises(ValueError, match=r"is a zip archive but not a torch.save file .*2 entries"):
+        load_state_file(tmp_path / "photos.pth")

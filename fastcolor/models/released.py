@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from fastcolor.gamut import AB_BINS
-from fastcolor.io import load_state_file, load_tensors, tensor_shapes, weights_format
+from fastcolor.io import check_weight_values, load_state_file, load_tensors, tensor_shapes, weights_format
 from fastcolor.models.zhang import ZhangNet
 
 __all__ = ["RELEASED_ECCV16", "AB_SCALE", "BIN_TOLERANCE", "EXPECTED", "OVERRIDABLE", "released_config",
@@ -240,7 +240,8 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu", *
 
     The file is read with ``torch.load(weights_only=True)`` (a file that asks to run code is
     refused and nothing of it is executed); a safetensors file with the same keys also loads.
-    A file in another layout raises ``ValueError`` naming what was expected. The model's config
+    A file in another layout raises ``ValueError`` naming what was expected, as do broken weights
+    (:func:`fastcolor.io.check_weight_values`: NaN/Inf, absurd magnitudes, negative variances). The model's config
     is :func:`released_config` (input 256, decoded at T = 1), updated with ``overrides`` of
     :data:`OVERRIDABLE` entries.
 
@@ -253,7 +254,9 @@ def load_released(path: str | os.PathLike, device: str | torch.device = "cpu", *
     bad = sorted(set(overrides) - set(OVERRIDABLE))
     if bad:
         raise ValueError(f"overrides: only {list(OVERRIDABLE)} can change on the released ECCV16 network, got {bad}")
-    converted = convert_released_state(read_released_state(path), str(path))
+    state = read_released_state(path)
+    check_weight_values(state, path)  # NaN/Inf, absurd or negative-variance weights would colorize black
+    converted = convert_released_state(state, str(path))
     config = {**released_config(), **overrides}
     config.pop("arch")
     with torch.device("meta"):

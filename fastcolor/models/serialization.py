@@ -24,6 +24,7 @@ import torch
 from fastcolor.colorize import check_memory
 from fastcolor.io import (
     atomic_write_json,
+    check_weight_values,
     load_tensors,
     read_checkpoint_meta,
     save_tensors,
@@ -80,7 +81,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     the file is never read (the backbone is then random, with a warning saying so): pass
     ``backbone_weights=`` to load the backbone from a file. No file is ever unpickled: a torch
     file is read with ``torch.load(weights_only=True)``. A file of neither kind raises
-    ``ValueError`` naming both.
+    ``ValueError`` naming both; so do weights that cannot give finite colours (NaN/Inf, past
+    :data:`fastcolor.io.MAX_WEIGHT_MAGNITUDE`, a negative BatchNorm variance: the message names
+    the tensor) and anything but a regular file (a FIFO, a device), refused before it is read.
 
     Returns a :class:`~fastcolor.models.ZhangNet` (L (N, 1, H, W) in 0..100 -> logits
     (N, 313, H/4, W/4) over the ab bins) or a :class:`~fastcolor.models.FusionNet` (-> ab / 128,
@@ -124,7 +127,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     check_stored_config(path, config, shapes)  # before allocating anything the file's config asks for
     model = build_model(config)
     tensors, _ = load_tensors(path)
-    load_model_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    check_weight_values(tensors, path)  # NaN/Inf, absurd or negative-variance weights would colorize black
+    load_model_state(model, tensors)
     return model.to(device).eval()
 
 
