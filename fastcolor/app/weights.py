@@ -1,6 +1,7 @@
 """Which model file ``--weights`` names: a run directory, a model file, a checkpoint, a folder
 of runs (one of them picked by ``--model``), or the authors' released ECCV16 weights
-(``colorization_release_v2-9b330a0b.pth``, :mod:`fastcolor.models.released`), with errors that
+(``colorization_release_v2-9b330a0b.pth``, :mod:`fastcolor.models.released`, or their Caffe
+``colorization_release_v2.caffemodel``, :mod:`fastcolor.models.caffe`), with errors that
 say what to do when there is none; and whether a run was trained on a given data folder."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastcolor.app.choices import MODELS  # CLI model names -> fastcolor.models.
 from fastcolor.app.messages import CLIError, note
 from fastcolor.data import load_split
 from fastcolor.io import read_checkpoint_meta, tensor_shapes
+from fastcolor.models.caffe import looks_like_caffemodel
 from fastcolor.models.released import EXPECTED, looks_like_torch_file, released_file_problem
 from fastcolor.models.serialization import load_model
 
@@ -88,6 +90,8 @@ def resolve_weights(weights: str | None, model: str | None = None) -> Path:
                 raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
                                f"'fastcolor train' writes one")
     arch = _arch_of(path)
+    if arch is None and path.is_file() and not _is_safetensors(path) and looks_like_caffemodel(path):
+        arch = "zhang"  # the authors' Caffe ECCV16 model: its loader names what a wrong file holds
     if arch is None and path.is_file() and (looks_like_torch_file(path) or _is_safetensors(path)):
         problem = released_file_problem(path)  # the authors' released ECCV16 weights load as a zhang model
         if problem is not None and looks_like_torch_file(path):

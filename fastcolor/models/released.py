@@ -67,11 +67,12 @@ from fastcolor.models.zhang import ZhangNet
 
 __all__ = ["RELEASED_ECCV16", "AB_SCALE", "BIN_TOLERANCE", "EXPECTED", "OVERRIDABLE", "released_config",
            "released_shapes", "released_layout_problem", "looks_like_torch_file", "convert_released_state",
-           "read_released_state", "released_file_problem", "load_released"]
+           "read_released_state", "released_file_problem", "load_released", "reorder_classes"]
 
 #: Modules of the loading path (``fastcolor.load_model`` -> serialization -> here); their warnings
 #: point at the first frame outside them, the caller's line, however the loader was reached.
-_LOADERS = frozenset({"fastcolor", "fastcolor.models.serialization", "fastcolor.models.released"})
+_LOADERS = frozenset({"fastcolor", "fastcolor.models.serialization", "fastcolor.models.released",
+                      "fastcolor.models.caffe"})
 
 
 def caller_stacklevel() -> int:
@@ -192,17 +193,24 @@ def convert_released_state(state: dict[str, torch.Tensor], source: str = "the fi
             out[key] = t.to(torch.long) if _optional(key) else t.to(torch.float32)
         else:  # num_batches_tracked, absent from older files: unused in eval mode
             out[key] = torch.zeros((), dtype=torch.long)
-    perm, why = _bin_permutation(state["model_out.weight"])
+    reorder_classes(out, state["model_out.weight"], source, "model_out")
+    return out
+
+
+def reorder_classes(out: dict[str, torch.Tensor], model_out: torch.Tensor, source: str, layer: str) -> None:
+    """Put the classifier of the ZhangNet state dict ``out`` into :data:`fastcolor.AB_BINS` order, in
+    place, given the file's decoding layer ``model_out`` ((2, 313, 1, 1): the bin centres / 110 in
+    the file's class order). Warns (naming ``layer``) and leaves the order if it does not hold them."""
+    perm, why = _bin_permutation(model_out)
     if perm is None:
-        warnings.warn(f"{source}: model_out does not hold the 313 ab bin centres / {AB_SCALE:g} ({why}): decoding "
-                      f"uses fastcolor's bins in their order, so the colours differ from the file's own model_out",
+        warnings.warn(f"{source}: {layer} does not hold the 313 ab bin centres / {AB_SCALE:g} ({why}): decoding "
+                      f"uses fastcolor's bins in their order, so the colours differ from the file's own {layer}",
                       stacklevel=caller_stacklevel())
     elif not np.array_equal(perm, np.arange(len(perm))):
         # class j of the file is fastcolor's bin perm[j]: move its row of the classifier there
         index = torch.as_tensor(np.argsort(perm))
         out["classifier.weight"] = out["classifier.weight"][index]
         out["classifier.bias"] = out["classifier.bias"][index]
-    return out
 
 
 def read_released_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

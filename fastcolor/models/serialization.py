@@ -32,6 +32,7 @@ from fastcolor.io import (
     weights_format,
 )
 from fastcolor.models import build_model, load_model_state, model_state
+from fastcolor.models.caffe import load_caffe, looks_like_caffemodel
 from fastcolor.models.released import (
     EXPECTED,
     caller_stacklevel,
@@ -73,7 +74,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     """Rebuild a model (in eval mode, on ``device``) from a fastcolor model file, a checkpoint, a
     run directory (uses ``model.safetensors`` there), or the authors' released ECCV16 weights
     (``colorization_release_v2-9b330a0b.pth``, recognised by its keys and shapes; see
-    :mod:`fastcolor.models.released`). Also exported as ``fastcolor.load_model``.
+    :mod:`fastcolor.models.released`; or their Caffe model ``colorization_release_v2.caffemodel``
+    and its ``_norebal`` twin, recognised by the ``.caffemodel`` suffix or the content; see
+    :mod:`fastcolor.models.caffe`). Also exported as ``fastcolor.load_model``.
 
     ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model; it
     is ignored for a Zhang model, which has no backbone; ``input_size=`` or
@@ -93,13 +96,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
 
         net = load_model("runs/zhang")                              # trained with fastcolor: T 0.38
         net = load_model("colorization_release_v2-9b330a0b.pth")    # the authors' weights: T 1
+        net = load_model("colorization_release_v2.caffemodel")      # their Caffe model: T 1/2.606
         rgb = fastcolor.colorize.colorize_image(net, "photo.jpg")   # decodes at net's temperature
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    if weights_format(path) in ("zip", "pickle"):  # refuses a FIFO, a device, ... before reading it
+    if path.suffix.lower() == ".caffemodel":
+        return _load_caffe(path, device, overrides)
+    kind = weights_format(path)  # refuses a FIFO, a device, ... before reading it
+    if kind in ("zip", "pickle"):
         return _load_released(path, device, overrides)
+    if kind == "unknown" and looks_like_caffemodel(path):
+        return _load_caffe(path, device, overrides)
     try:
         meta = read_checkpoint_meta(path)
     except ValueError as exc:  # not a (fastcolor) safetensors file: perhaps the released layout in one
@@ -131,6 +140,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     check_weight_values(tensors, path)  # NaN/Inf, absurd or negative-variance weights would colorize black
     load_model_state(model, tensors)
     return model.to(device).eval()
+
+
+def _load_caffe(path: Path, device, overrides: dict[str, Any]) -> torch.nn.Module:
+    """:func:`fastcolor.models.caffe.load_caffe` (the authors' Caffe ECCV16 model; protobuf is imported
+    only then); no backbone."""
+    return load_caffe(path, device, **{k: v for k, v in overrides.items() if k != "backbone_weights"})
 
 
 def _has_released_layout(path: Path) -> bool:
