@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 __all__ = [
-    "DiskFullError", "DirectoryLockedError", "lock_directory", "check_unlocked", "LOCK_FILE",
+    "DiskFullError", "DirectoryLockedError", "lock_directory", "check_unlocked", "LOCK_FILE", "temp_prefix",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
@@ -89,6 +89,18 @@ def _disk_full(exc: OSError, path: Path, needed: int) -> DiskFullError:
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of a temporary file beside ``path``: a dot and at most the first 32
+    characters of its name (at most 129 bytes in UTF-8), so that the temporary name stays under
+    NAME_MAX (255 bytes) however long the final name is, and a leftover still says whose it was.
+
+    Example:
+        >>> temp_prefix("out/" + "x" * 250 + ".png")
+        '.xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.'
+    """
+    return f".{Path(path).name[:32]}."
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace, fsync dir).
 
@@ -104,7 +116,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if exc.errno in _FULL:
             raise _disk_full(exc, path, len(data)) from exc

@@ -294,3 +294,56 @@ def test_a_zip_that_is_not_a_torch_file_is_named(tmp_path):
         z.writestr("b/c.txt", "world")
     with pytest.raises(ValueError, match=r"is a zip archive but not a torch.save file .*2 entries"):
         load_state_file(tmp_path / "photos.pth")
+
+
+# ----------------------------------------------------------------------------- 23.15, --skip-existing race
+
+
+def test_file_names_up_to_name_max_are_written(tiny, tmp_path, capsys):
+    """Before: the temporary names (".<name>.<pid>.part.<random>.tmp") passed NAME_MAX for names of
+    230-255 bytes, so colorize could not write a legal name."""
+    from fastcolor.app.cli import main
+    from fastcolor.io import atomic_write_text
+
+    for n in (230, 255):
+        assert atomic_write_text(tmp_path / ("t" * (n - 4) + ".txt"), "ok").read_text() == "ok"
+    weights = save_model(tmp_path / "model.safetensors", tiny)
+    Image.fromarray(_gradient_u8()).save(tmp_path / "in.png")
+    out = tmp_path / "out" / ("é" * 100 + "c" * 51 + ".png")  # 255 bytes in UTF-8
+    assert len(os.fsencode(out.name)) == 255
+    assert main(["colorize", str(tmp_path / "in.png"), "-o", str(out), "--weights", str(weights), "-q"]) == 0, \
+        capsys.readouterr().err
+    assert Image.open(out).size == (32, 24)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_an_output_that_appears_meanwhile_is_skipped_with_skip_existing(tiny, tmp_path, capsys, monkeypatch, skip):
+    """Before: --skip-existing said 'pass --overwrite' when another process wrote the output meanwhile."""
+    from fastcolor.app import colorize_files as cf
+    from fastcolor.app.cli import main
+
+    weights = save_model(tmp_path / "model.safetensors", tiny)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_gradient_u8()).save(src / name)
+    out = tmp_path / "out"
+    encode = cf._encode
+
+    def racing_encode(rgb_u8, alpha, dst):  # another process writes b.png just before we do
+        if dst.name == "b.png":
+            dst.write_bytes(b"theirs")
+        return encode(rgb_u8, alpha, dst)
+
+    monkeypatch.setattr(cf, "_encode", racing_encode)
+    rc = main(["colorize", str(src), "-o", str(out), "--weights", str(weights), *(["--skip-existing"] if skip else [])])
+    captured = capsys.readouterr()
+    assert (out / "b.png").read_bytes() == b"theirs"  # never replaced
+    if skip:
+        assert rc == 0, captured.err
+        assert "colorized 1 image(s)" in captured.out and "left 1 existing" in captured.out
+        assert Image.open(out / "a.png").size == (32, 24)
+    else:
+        assert rc != 0
+        assert "appeared while colorizing" in captured.err and "--skip-existing" in captured.err

@@ -631,10 +631,15 @@ def cmd_colorize(args) -> int:
         late.append(msg)
         warn(f"skipping {msg}")
 
+    raced: list[Path] = []  # outputs another process wrote meanwhile, left alone (--skip-existing)
     with idle_cpu_threads(device, log=None):
         written = colorize_files(model, jobs, size, args.temperature, args.batch_size, args.overwrite,
-                                 progress=not args.quiet, on_skip=on_skip)
-    n_skip = len(skipped) + len(late)
+                                 progress=not args.quiet, on_skip=on_skip, skip_existing=args.skip_existing,
+                                 on_existing=raced.append)
+    n_skip, existing = len(skipped) + len(late), existing + len(raced)
+    if not written and existing and not n_skip:
+        say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
+        return EXIT_OK
     if not written:
         raise CLIError(f"nothing was colorized: none of the {n_skip} input file(s) could be read")
     if not args.quiet:

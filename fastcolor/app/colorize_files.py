@@ -34,7 +34,7 @@ from fastcolor.colorize import (
     to_l_tensor,
 )
 from fastcolor.data import IMAGE_EXTENSIONS, file_kind, load_rgb, open_image
-from fastcolor.io import atomic_write_bytes
+from fastcolor.io import atomic_write_bytes, temp_prefix
 
 __all__ = ["Job", "plan_colorize", "colorize_files", "write_new_file"]
 
@@ -182,26 +182,33 @@ def _encode(rgb_u8, alpha, dst: Path) -> bytes:
     return buf.getvalue()
 
 
-def write_new_file(path: Path, data: bytes, overwrite: bool) -> None:
+def write_new_file(path: Path, data: bytes, overwrite: bool, skip_existing: bool = False) -> bool:
     """Write ``data`` to ``path`` atomically (complete temp file, fsync, then rename; see
     :func:`fastcolor.io.atomic_write_bytes`). Without ``overwrite`` an existing ``path`` is never
     replaced, even one created meanwhile: the temp file is hard-linked to ``path``, which fails
-    if the name is taken."""
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    if the name is taken; then ``skip_existing`` leaves it alone (returns False), else
+    :class:`CLIError`. Returns True once written."""
+    part = path.with_name(f"{temp_prefix(path)}{os.getpid()}.part")  # short: path's name may be 255 bytes
     atomic_write_bytes(part, data)
-    taken = CLIError(f"output {path} appeared while colorizing; not replaced (pass --overwrite)")
+    taken = CLIError(f"output {path} appeared while colorizing; not replaced (pass --overwrite to replace it or "
+                     f"--skip-existing to leave it)")
     try:
         if overwrite:
             os.replace(part, path)
-            return
+            return True
         try:
             os.link(part, path)
         except FileExistsError:
+            if skip_existing:
+                return False
             raise taken from None
         except OSError:  # file systems without hard links: check, then rename
             if path.exists():
+                if skip_existing:
+                    return False
                 raise taken from None
             os.replace(part, path)
+        return True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
@@ -238,12 +245,14 @@ def _rgb_u8_in_strips(L: torch.Tensor, ab: torch.Tensor) -> np.ndarray:
 
 def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: float | None = None,
                    batch_size: int = 8, overwrite: bool = False, progress: bool = True,
-                   on_skip: Callable[[str], None] | None = None) -> list[Path]:
+                   on_skip: Callable[[str], None] | None = None, skip_existing: bool = False,
+                   on_existing: Callable[[Path], None] | None = None) -> list[Path]:
     """Colorize ``jobs`` with ``model``; returns the written paths. ``T=None`` decodes at the
     model's own temperature (:func:`fastcolor.colorize.decode_temperature`: 0.38, or 1.0 for the
     authors' released weights). Unreadable inputs are passed to ``on_skip`` (a message) and left
-    out. Not enough memory raises :class:`CLIError` (exit 1) before anything of the batch
-    concerned is written."""
+    out. An output that another process created meanwhile is left alone with ``skip_existing``
+    (passed to ``on_existing``), else a :class:`CLIError`. Not enough memory raises
+    :class:`CLIError` (exit 1) before anything of the batch concerned is written."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -285,10 +294,13 @@ def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: fl
                     with memory_guard("cpu", what, "colorize it on a larger machine"):
                         rgb_u8 = _rgb_u8_in_strips(L, ab_i)
                     try:
-                        write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite)
+                        fresh = write_new_file(job.dst, _encode(rgb_u8, alpha, job.dst), overwrite, skip_existing)
                     except OSError as exc:  # disk full, read-only file system, ...
                         raise CLIError(f"cannot write {job.dst}: {exc.strerror or exc}", EXIT_FAILURE) from exc
-                    written.append(job.dst)
+                    if fresh:
+                        written.append(job.dst)
+                    elif on_existing is not None:  # appeared meanwhile: left alone (--skip-existing)
+                        on_existing(job.dst)
                     bar.update(1)
             except MemoryLimitError as exc:
                 done = f"; {len(written)} image(s) were written before" if written else "; nothing was written"
