@@ -190,3 +190,29 @@ def test_crop_mirror_centre_and_single_images():
         CropMirror(12)(x)
     with pytest.raises(ValueError, match="crop must be a positive int"):
         CropMirror(0)
+
+
+# -- the benchmark's plumbing (its numbers are never a test) -------------------------------
+
+def test_bench_loader_writes_its_table_and_json(tmp_path, capsys):
+    import json
+
+    from fastcolor.app.bench.driver import main
+
+    out = tmp_path / "loader.json"
+    assert main(["--loader", "--device", "cpu", "--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["sets"]) == {"imagenet", "12mp"}
+    for rows in (s["rows"] for s in res["sets"].values()):
+        assert set(rows) == {"pil_decode", "pil_draft", "torchvision", "worker", "whole", "whole_batched"}
+        assert rows["pil_decode"]["of_floor"] == 1.0 and all(r["images_per_s"] > 0 for r in rows.values())
+    assert res["meta"]["torch"] == torch.__version__
+    assert "| whole_batched |" in capsys.readouterr().out
+
+
+def test_bench_train_step_from_files(tmp_path):
+    from fastcolor.app.bench.loader import make_jpegs, run_train_files
+
+    make_jpegs(tmp_path, "imagenet", 6)
+    res = run_train_files(str(tmp_path), "cpu", "tiny", batch=2, steps=1, workers=0, decode="auto")
+    assert res["decode"] == "cpu" and res["images"] == 6 and res["files_ms"] > 0 and res["floor_ms"] > 0

@@ -422,10 +422,16 @@ examples:
   fastcolor bench --device cuda --shapes zhang  # torch vs triton vs cuda at Zhang's training shape
   fastcolor bench --train-step --device cpu     # the training-step table, about 3 minutes
   fastcolor bench --device cuda                 # everything, per mode and the training step: ~5 minutes
+  fastcolor bench --loader --device cpu         # images/s per worker of the data path (decoders, Lab)
+  fastcolor bench --train-step --data DIR       # the step fed from DIR's images against the in-memory floor
   fastcolor bench --json > bench.json""")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: %(default)s (cuda when there is a GPU)")
     p.add_argument("--train-step", action="store_true", help="only the training-step table")
+    p.add_argument("--loader", action="store_true", help="the data path per worker: PIL decode (the floor), PIL "
+                   "with draft, torchvision's decoder, fastcolor's worker and whole path (more: --images, --rounds)")
+    p.add_argument("--data", default=None, metavar="DIR", help="with --train-step: the step fed from the images in "
+                   "DIR (workers, device stage; --workers, --decode auto|cpu|gpu) against the same step from memory")
     p.add_argument("--json", action="store_true", help="print every number as JSON on stdout (the table goes to "
                    "stderr)")
     p.set_defaults(func=cmd_bench)
@@ -948,7 +954,8 @@ def cmd_bench(args, extra: Sequence[str] = ()) -> int:
     from fastcolor.app import bench
 
     device = _device(args.device)
-    argv = ["--device", device, *(["--train-step"] if args.train_step else []), *extra]
+    argv = ["--device", device, *(["--train-step"] if args.train_step else []), *(["--loader"] if args.loader else []),
+            *(["--data", args.data] if args.data else []), *extra]
     if not args.json:
         return int(bench.main(argv) or 0)
     # the benchmark prints its table last; keep stdout pure JSON and show the table on stderr.

@@ -172,7 +172,7 @@ def pil_to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8, one copy
 
 
 def load_square(path: str | os.PathLike, size: int, data: bytes | None = None) -> torch.Tensor:

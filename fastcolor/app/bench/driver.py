@@ -139,7 +139,13 @@ def run_isolated(part, args, deadline):
 def main(argv=None) -> int:
     """``python -m fastcolor.bench`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit
     status: 1 when a backend, an op in some mode or the training-step losses failed a correctness
-    check, 2 for a usage error, else 0."""
+    check, 2 for a usage error, else 0. ``--loader`` and ``--train-step --data DIR`` are the data
+    path's benchmark (:mod:`fastcolor.app.bench.loader`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--loader" in argv or any(a == "--data" or a.startswith("--data=") for a in argv):
+        from fastcolor.app.bench import loader
+
+        return loader.main(argv)
     ap = argparse.ArgumentParser(prog="python -m fastcolor.bench",
                                  description="Correctness and speed of every backend in one run.")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
