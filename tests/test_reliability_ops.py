@@ -109,7 +109,10 @@ BAD_CALLS = [
     ("loss target_ab shape", lambda x, a, b: fc.rebalanced_cross_entropy(x, _LABELS, target_ab=a[..., :1], backend=b),
      ValueError, r"target_ab: expected batch and spatial shape \(2, 3, 4\) .*got \(2, 2, 3, 1\)"),
     ("SoftLabels float indices", lambda x, a, b: fc.SoftLabels(_LABELS.weights, _LABELS.weights), TypeError,
-     r"SoftLabels.indices: expected an integer tensor, got torch.float32"),
+     r"SoftLabels.indices: expected bin indices 0..312 as int16, int32 or int64, got torch.float32$"),
+    ("SoftLabels uint8 indices", lambda x, a, b: fc.SoftLabels(_LABELS.indices.to(torch.uint8), _LABELS.weights),
+     TypeError, r"SoftLabels.indices: expected bin indices 0..312 as int16, int32 or int64, got torch.uint8 \(too "
+                r"narrow for bin 312\)"),
     ("SoftLabels shapes", lambda x, a, b: fc.SoftLabels(_LABELS.indices, _LABELS.weights[:, :2]), ValueError,
      r"SoftLabels: expected indices and weights of one shape .*got \(2, 5, 3, 4\) and \(2, 2, 3, 4\)"),
     ("decode probs int", lambda x, a, b: fc.annealed_mean(probs=x.long(), backend=b), TypeError,

@@ -347,3 +347,24 @@ def test_an_output_that_appears_meanwhile_is_skipped_with_skip_existing(tiny, tm
     else:
         assert rc != 0
         assert "appeared while colorizing" in captured.err and "--skip-existing" in captured.err
+
+
+# ----------------------------------------------------------------------------- 23.16: class weights past float32
+
+
+@pytest.mark.parametrize("as_type", ["tensor", "numpy", "list"])
+def test_class_weights_past_float32_are_refused(as_type):
+    """Before: finite in float64, inf once cast to float32: the loss was inf, silently."""
+    import fastcolor as fc
+    from fastcolor.gamut import Q
+
+    w = np.ones(Q)
+    w[7] = 1e39
+    weights = {"tensor": torch.from_numpy(w), "numpy": w, "list": w.tolist()}[as_type]
+    torch.manual_seed(0)
+    logits, ab = torch.randn(1, Q, 2, 2), torch.randn(1, 2, 2, 2) * 20
+    with pytest.raises(ValueError, match=r"weights: expected values within float32's range \(at most 3.4e\+38\), "
+                                         r"got 1 of 313 past it \(largest 1e\+39\)"):
+        fc.rebalanced_cross_entropy(logits, ab, weights=weights, backend="torch")
+    w[7] = 3e38  # within float32: accepted (no refusal)
+    assert fc.rebalanced_cross_entropy(logits, ab, weights=torch.from_numpy(w), backend="torch").shape == ()

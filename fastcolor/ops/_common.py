@@ -111,8 +111,8 @@ def check_class_weights(weights, device) -> torch.Tensor | None:
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor):
-        try:
-            weights = torch.as_tensor(weights, dtype=torch.float32)
+        try:  # float64 first: a value past float32's range is then refused by name, not as "Inf"
+            weights = torch.as_tensor(weights, dtype=torch.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"weights: expected a ({Q},) tensor or array, got {type(weights).__name__}") from exc
     if weights.shape != (Q,):
@@ -120,9 +120,15 @@ def check_class_weights(weights, device) -> torch.Tensor | None:
     if weights.is_complex() or not (weights.is_floating_point() or weights.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"weights: expected real numbers, got {weights.dtype}")
     weights = weights.detach()  # class weights are constants: no gradient flows into them
+    cast = weights.to(device=device, dtype=torch.float32).contiguous()
     if weights.device.type == "cpu":  # (a value check on a GPU tensor would cost a host sync)
         check_finite_non_negative("weights", weights)
-    return weights.to(device=device, dtype=torch.float32).contiguous()
+        over = int(torch.isinf(weights.to(torch.float32)).sum())  # finite as given, past float32's range
+        if over:
+            raise ValueError(f"weights: expected values within float32's range (at most "
+                             f"{torch.finfo(torch.float32).max:.3g}), got {over} of {Q} past it (largest "
+                             f"{float(weights.abs().max()):.3g}), which would be inf in the float32 loss")
+    return cast
 
 
 def check_finite_non_negative(name: str, x: torch.Tensor) -> None:

@@ -49,7 +49,9 @@ class SoftLabels:
                 f"got {tuple(self.indices.shape)} and {tuple(self.weights.shape)}"
             )
         if self.indices.dtype not in (torch.int16, torch.int32, torch.int64):
-            raise TypeError(f"SoftLabels.indices: expected an integer tensor, got {self.indices.dtype}")
+            small = " (too narrow for bin 312)" if self.indices.dtype in (torch.uint8, torch.int8) else ""
+            raise TypeError(f"SoftLabels.indices: expected bin indices 0..{Q - 1} as int16, int32 or int64, got "
+                            f"{self.indices.dtype}{small}")
         if not self.weights.is_floating_point():
             raise TypeError(f"SoftLabels.weights: expected a floating tensor, got {self.weights.dtype}")
         if self.weights.device.type == "cpu" and self.weights.numel():  # (no host sync on a GPU)
