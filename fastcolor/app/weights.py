@@ -5,6 +5,7 @@ of runs (one of them picked by ``--model``), or the authors' released ECCV16 wei
 say what to do when there is none; and whether a run was trained on a given data folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,10 +13,11 @@ import torch
 from fastcolor.app.choices import MODELS  # CLI model names -> fastcolor.models.PRESETS keys
 from fastcolor.app.messages import CLIError, note
 from fastcolor.data import load_split
-from fastcolor.io import read_checkpoint_meta, tensor_shapes
+from fastcolor.io import read_checkpoint_meta
 from fastcolor.models.caffe import looks_like_caffemodel
 from fastcolor.models.released import EXPECTED, looks_like_torch_file, released_file_problem
-from fastcolor.models.serialization import load_model
+from fastcolor.models.serialization import HUB_CONFIG, HUB_WEIGHTS, load_model
+from fastcolor.models.serialization import is_safetensors_file as _is_safetensors
 
 __all__ = ["MODELS", "no_weights_message", "resolve_weights", "load_weights", "split_matches_data"]
 
@@ -40,16 +42,12 @@ def _find_runs(folder: Path, depth: int = 2) -> list[Path]:
 def _arch_of(path: Path) -> str | None:
     try:
         return read_checkpoint_meta(path).get("model_config", {}).get("arch")
-    except Exception:  # noqa: BLE001 - not a model file: no arch
-        return None
-
-
-def _is_safetensors(path: Path) -> bool:
+    except Exception:  # noqa: BLE001 - not a model file (or another writer's Hub layout: its config.json says)
+        pass
     try:
-        tensor_shapes(path)
-    except (ValueError, OSError):
-        return False
-    return True
+        return json.loads((path.parent / HUB_CONFIG).read_text()).get("arch") if path.name == HUB_WEIGHTS else None
+    except Exception:  # noqa: BLE001 - no readable config.json: no arch
+        return None
 
 
 def no_weights_message(model: str | None) -> str:

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcolor.io import open_weights_file
+from fastcolor.io import check_weight_values, open_weights_file
 from fastcolor.models.released import AB_SCALE, caller_stacklevel, reorder_classes
 from fastcolor.models.zhang import Q, ZhangNet
 
@@ -350,6 +350,7 @@ def load_caffe(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     if problem:
         raise ValueError(f"path: {path} is not {EXPECTED}; {problem}")
     state, T = convert_caffe_layers(layers, str(path))
+    check_weight_values(state, path)  # NaN/Inf, absurd or negative-variance weights would colorize black
     config = {**caffe_config(*caffe_widths(layers)), "decode_temperature": T, **overrides}
     config.pop("arch")
     with torch.device("meta"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from fastcolor.colorize import check_memory
 from fastcolor.io import (
     atomic_write_json,
+    atomic_write_text,
     check_weight_values,
     load_tensors,
     read_checkpoint_meta,
@@ -40,7 +42,15 @@ from fastcolor.models.released import (
     released_layout_problem,
 )
 
-__all__ = ["save_model", "load_model", "check_stored_config"]
+__all__ = ["save_model", "save_pretrained", "load_model", "check_stored_config", "is_safetensors_file", "HUB_WEIGHTS",
+           "HUB_CONFIG"]
+
+#: The Hugging Face Hub layout (``huggingface_hub``'s ``PyTorchModelHubMixin`` convention): a folder
+#: holding the weights as ``model.safetensors`` and the model's config as ``config.json``.
+HUB_WEIGHTS = "model.safetensors"
+HUB_CONFIG = "config.json"
+#: A Hub model id: ``owner/name`` (letters, digits, ``-``, ``_``, ``.``), as the Hub spells repositories.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
@@ -70,13 +80,107 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module) -> Path:
     return path
 
 
+def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
+    """``model`` in the Hugging Face Hub layout: ``folder/model.safetensors`` and ``folder/config.json``.
+
+    The layout of ``huggingface_hub``'s ``PyTorchModelHubMixin``: the weights as safetensors
+    (:func:`~fastcolor.models.model_state`, with fastcolor's metadata too, so the file alone is
+    also a fastcolor model file) and ``model.config`` as ``config.json``; a ``README.md`` model
+    card is added when the folder has none. Every file is written atomically; the folder is made
+    if missing. :func:`load_model` reads the folder back, and a Hub id of it once uploaded (e.g.
+    ``huggingface_hub.upload_folder(repo_id="you/zhang-small", folder_path=folder)``). No
+    ``huggingface_hub`` is needed to write or read a local folder. Returns ``folder``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fastcolor.models import ZhangNet
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = save_pretrained(ZhangNet.tiny(), f"{tmp.name}/zhang-tiny")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['README.md', 'config.json', 'model.safetensors']
+        >>> load_model(folder).config == ZhangNet.tiny().config
+        True
+        >>> tmp.cleanup()
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(model.config)
+    save_tensors(folder / HUB_WEIGHTS, model_state(model), {"format": "fastcolor-model-1", "model_config": config})
+    atomic_write_json(folder / HUB_CONFIG, config)
+    card = folder / "README.md"
+    if not card.exists():
+        atomic_write_text(card, _MODEL_CARD.format(arch=config.get("arch"), name=folder.name,
+                                                   size=config.get("input_size")))
+    return folder
+
+
+#: The model card :func:`save_pretrained` writes: the Hub's YAML header, then how to load the model.
+_MODEL_CARD = """---
+library_name: fastcolor
+tags:
+- image-colorization
+---
+
+# {name}
+
+A fastcolor `{arch}` colorization model (input size {size}), saved by `fastcolor.models.serialization.save_pretrained`.
+
+```python
+import fastcolor
+net = fastcolor.load_model("path/or/hub-id")   # this folder, or its Hub id once uploaded
+```
+"""
+
+
+def _hub_folder(path: Path) -> Path:
+    """A Hub id that is no local path -> the local folder ``huggingface_hub`` downloads it into.
+
+    ``ValueError`` (one line) without ``huggingface_hub`` or when the download fails (offline, no
+    such repository): the message says both that nothing local is there and what the Hub said."""
+    local = f"path: no file or folder {str(path)!r} here"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{local}; as a Hugging Face Hub id it needs the huggingface_hub package, which is not "
+                         f"installed (pip install 'fastcolor[hub]', or download the folder and pass its path)") \
+            from None
+    try:
+        return Path(snapshot_download(repo_id=str(path), allow_patterns=[HUB_WEIGHTS, HUB_CONFIG]))
+    except Exception as exc:  # noqa: BLE001 - offline, no such repository, HTTP errors: all one message
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"{local}, and the Hugging Face Hub id {str(path)!r} could not be fetched "
+                         f"({type(exc).__name__}: {why}); offline, pass a local folder") from exc
+
+
+def _hub_config(weights: Path) -> dict | None:
+    """The config of a Hub-layout folder, ``config.json`` beside its ``model.safetensors`` ``weights``,
+    as a dict; None where ``weights`` has another name or there is no ``config.json``."""
+    folder = weights.parent
+    if weights.name != HUB_WEIGHTS:
+        return None
+    try:
+        config = json.loads((folder / HUB_CONFIG).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path: cannot read {folder / HUB_CONFIG}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(config, dict) or config.get("arch") not in ("zhang", "fusion"):
+        raise ValueError(f"path: {folder / HUB_CONFIG} is not a fastcolor model config (expected a JSON object "
+                         f"with \"arch\": \"zhang\" or \"fusion\", got {json.dumps(config)[:80]})")
+    return config
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
     """Rebuild a model (in eval mode, on ``device``) from a fastcolor model file, a checkpoint, a
     run directory (uses ``model.safetensors`` there), or the authors' released ECCV16 weights
     (``colorization_release_v2-9b330a0b.pth``, recognised by its keys and shapes; see
     :mod:`fastcolor.models.released`; or their Caffe model ``colorization_release_v2.caffemodel``
     and its ``_norebal`` twin, recognised by the ``.caffemodel`` suffix or the content; see
-    :mod:`fastcolor.models.caffe`). Also exported as ``fastcolor.load_model``.
+    :mod:`fastcolor.models.caffe`), or a folder in the Hugging Face Hub layout (``model.safetensors``
+    and ``config.json``, as :func:`save_pretrained` writes it; another writer's folder loads from its
+    ``config.json``), or a Hub id ``owner/name`` that is no local path (downloaded with
+    ``huggingface_hub`` where it is installed and the network allows; otherwise a ``ValueError``
+    saying which). Also exported as ``fastcolor.load_model``.
 
     ``overrides`` update the stored config (e.g. ``backbone_weights=`` for a fusion model; it
     is ignored for a Zhang model, which has no backbone; ``input_size=`` or
@@ -100,8 +204,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
         rgb = fastcolor.colorize.colorize_image(net, "photo.jpg")   # decodes at net's temperature
     """
     path = Path(path)
+    if not path.exists() and _HUB_ID.match(str(path)):
+        path = _hub_folder(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / HUB_WEIGHTS
     if path.suffix.lower() == ".caffemodel":
         return _load_caffe(path, device, overrides)
     kind = weights_format(path)  # refuses a FIFO, a device, ... before reading it
@@ -112,10 +218,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     try:
         meta = read_checkpoint_meta(path)
     except ValueError as exc:  # not a (fastcolor) safetensors file: perhaps the released layout in one
-        if path.is_file() and _has_released_layout(path):
+        if is_safetensors_file(path) and _hub_config(path) is not None:
+            meta = {}  # another writer's Hub layout (plain-string metadata): the config is config.json
+        elif path.is_file() and _has_released_layout(path):
             return _load_released(path, device, overrides)
-        raise ValueError(f"{' '.join(str(exc).split())}; expected a fastcolor model or checkpoint, or {EXPECTED}") \
-            from exc
+        else:
+            raise ValueError(f"{' '.join(str(exc).split())}; expected a fastcolor model or checkpoint, or "
+                             f"{EXPECTED}") from exc
+    if "model_config" not in meta and _hub_config(path) is not None:  # the Hub layout: config.json holds it
+        meta = {"format": "fastcolor-model-1", "model_config": _hub_config(path)}
     config = meta.get("model_config")
     if not isinstance(config, dict) or meta.get("format") not in ("fastcolor-model-1", "fastcolor-checkpoint-1"):
         if _has_released_layout(path):
@@ -135,7 +246,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **ov
     config = {**config, **overrides}
     check_stored_config(path, config, shapes)  # before allocating anything the file's config asks for
     model = build_model(config)
-    tensors, _ = load_tensors(path)
+    tensors = _read_tensors(path)
     tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     check_weight_values(tensors, path)  # NaN/Inf, absurd or negative-variance weights would colorize black
     load_model_state(model, tensors)
@@ -146,6 +257,27 @@ def _load_caffe(path: Path, device, overrides: dict[str, Any]) -> torch.nn.Modul
     """:func:`fastcolor.models.caffe.load_caffe` (the authors' Caffe ECCV16 model; protobuf is imported
     only then); no backbone."""
     return load_caffe(path, device, **{k: v for k, v in overrides.items() if k != "backbone_weights"})
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file, whatever its metadata (another tool's plain strings too)."""
+    try:
+        tensor_shapes(path)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file without decoding its metadata (another writer's may be plain
+    strings); a damaged file gets :func:`fastcolor.io.load_tensors`' error, naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 - any failure: let fastcolor.io say what is wrong with the file
+        tensors, _ = load_tensors(path)
+        return tensors
 
 
 def _has_released_layout(path: Path) -> bool:
