@@ -205,3 +205,24 @@ def test_prior_accumulator_streams_batches_like_the_reference():
 def test_nearest_bin_matches_reference():
     _, ab = inputs(2, 9, 13, seed=8)
     np.testing.assert_array_equal(fc.nearest_bin(ab).numpy(), R.nearest_bin(ab.double().numpy()))
+
+
+# ----------------------------------------------------------------------------- one name per setting
+
+
+@pytest.mark.parametrize("argv", [["colorize", "in.png", "-o", "out"], ["eval", "runs/zhang", "photos"],
+                                  ["export", "runs/zhang", "-o", "m.onnx"]], ids=lambda a: a[0])
+def test_the_temperature_is_T_in_python_and_temperature_or_T_on_the_command_line(argv):
+    """README, 'Coming from nn.CrossEntropyLoss': the CLI's --temperature has the short form -T,
+    Python's spelling, and every Python entry point that decodes takes T=."""
+    import inspect
+
+    from fastcolor.app.cli import build_parser
+    from fastcolor.colorize import colorize_image
+    from fastcolor.export import export_onnx
+
+    parser = build_parser()
+    assert parser.parse_args(argv + ["-T", "0.2"]).temperature == 0.2
+    assert parser.parse_args(argv + ["--temperature", "0.2"]).temperature == 0.2
+    for fn in (fc.annealed_mean, fc.AnnealedMeanDecoder, colorize_image, export_onnx):
+        assert "T" in inspect.signature(fn).parameters, fn
