@@ -45,7 +45,8 @@ device and raises :class:`FloatingPointError` at the next read, naming the epoch
 Layout: this module is the loop (:class:`_Trainer`: steps, validation, the epoch loop, early
 stopping); the rest of a run lives in :mod:`fastcolor.training`: the settings
 (:mod:`~fastcolor.training.config`), the data source that gives the loop its batches
-(:mod:`~fastcolor.training.source`), the class prior file (:mod:`~fastcolor.training.class_prior`),
+(:mod:`~fastcolor.training.source`; :mod:`~fastcolor.training.shard_source` when ``data_dir`` names tar
+shards, :func:`fastcolor.data.is_shard_source`), the class prior file (:mod:`~fastcolor.training.class_prior`),
 checkpoints (:mod:`~fastcolor.training.checkpoints`) and the process group
 (:mod:`~fastcolor.training.distributed`). Their public names are re-exported here.
 
@@ -73,6 +74,7 @@ import torch.distributed as dist
 
 from fastcolor.colorize import activation_bytes, check_memory, memory_guard
 from fastcolor.data.prior import compute_class_prior
+from fastcolor.data.shards import is_shard_source
 from fastcolor.io import (
     append_jsonl,
     atomic_write_bytes,
@@ -94,6 +96,7 @@ from fastcolor.training.checkpoints import (
 from fastcolor.training.class_prior import ClassPrior
 from fastcolor.training.config import LOSSES, RUN_FILES, TrainConfig, _is_int, check_device
 from fastcolor.training.distributed import Dist, resolve_device, setup_distributed
+from fastcolor.training.shard_source import ShardSource
 from fastcolor.training.source import FolderSource, epoch_seed
 
 __all__ = ["TrainConfig", "RunResult", "train", "regression_loss", "compute_class_prior", "plot_loss_curve",
@@ -208,7 +211,8 @@ class _Trainer:
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.run_dir)
         self.device = resolve_device(cfg.device, d)
-        self.source = FolderSource(cfg, self.run_dir, d, self.device)
+        source = ShardSource if is_shard_source(cfg.data_dir) else FolderSource  # tar shards or a folder
+        self.source = source(cfg, self.run_dir, d, self.device)
         self.step = 0  #: optimiser steps done in the run (resumed ones included)
 
     # -- setup -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -264,3 +265,95 @@ def test_shard_command(photos, tmp_path, capsys):
     assert main(["shard", str(photos), str(out)]) == 2  # not empty
     assert "expected a new or empty directory" in capsys.readouterr().err
     assert main(["shard", str(photos), str(photos / "shards")]) == 2  # inside DATA
+
+
+@pytest.fixture()
+def served(shards, tmp_path):
+    """A copy of the shard folder served over HTTP on localhost (shards on another machine)."""
+    import functools
+    import http.server
+    import threading
+
+    copy = tmp_path / "served"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(copy)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield copy, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="webdataset opens http URLs with curl")
+def test_shards_over_http_and_a_missing_remote_one_is_skipped_and_counted(served):
+    copy, url = served
+    n = len(read_shard_index(copy)["splits"]["train"])
+    sh, _ = resolve_shards(f"{url}/train-{{000000..{n - 1:06d}}}.tar")
+    val, _ = resolve_shards(f"{url}/train-000000.tar", "val")
+    assert sh[0].url == f"{url}/train-000000.tar" and val[0].url == f"{url}/val-000000.tar"
+    total = sum(s.images for s in sh)
+    assert sorted(_indices(DataLoader(ShardDataset(sh, 16, 4, seed=1), batch_size=4))) == list(range(total))
+    (copy / "train-000001.tar").unlink()  # gone from the server: found when it is read
+    ds = ShardDataset(sh, 16, 4, shuffle=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = _indices(DataLoader(ds, batch_size=4))
+    msgs = [str(x.message) for x in w if "damaged shard" in str(x.message)]
+    assert len(msgs) == 1 and f"{url}/train-000001.tar" in msgs[0] and "0 of the 3 image(s)" in msgs[0], msgs
+    assert "curl exited with status 22" in msgs[0], msgs  # -f: an HTTP error
+    assert sorted(got) == [i for i in range(total) if not PER_SHARD <= i < 2 * PER_SHARD]
+
+
+def test_every_rank_trains_the_same_number_of_full_batches(shards, tmp_path):
+    """The shard source's epoch: ceil(images / (ranks x batch)) full batches on each rank, so
+    DistributedDataParallel's ranks never wait for one another (the ranks' shards differ in size)."""
+    from fastcolor.models import build_model
+    from fastcolor.train import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.shard_source import ShardSource
+
+    cfg = TrainConfig(data_dir=str(shards), run_dir=str(tmp_path / "run"), model="zhang_tiny", batch_size=4,
+                      workers=2, augment=False)
+    model = build_model("zhang_tiny")
+    counts = []
+    for rank in (0, 1):
+        src = ShardSource(cfg, tmp_path / "run", Dist(rank=rank, world=2), torch.device("cpu"))
+        src.prepare()
+        src.attach(model, 16, 4)
+        assert src.train_images == 25 and src.train_ds.rank_images(0) != src.train_ds.rank_images(1)
+        loader = src.train_loader(epoch=1)
+        sizes = [b["L"].shape[0] for b in loader]
+        assert len(loader) == len(sizes) == 4 and sizes == [4] * 4  # ceil(25 / (2 x 4))
+        counts.append(sum(b["L"].shape[0] for b in src.val_loader()))
+    assert sum(counts) == sum(s.images for s in src.val_shards)  # validation: each rank its share, once
+
+
+def test_train_two_steps_from_shards(shards, tmp_path):
+    from fastcolor.train import TrainConfig, train
+
+    for data in (str(shards), f"{shards}/train-{{000000..000008}}.tar"):
+        run = tmp_path / ("pattern" if "{" in data else "folder")
+        res = train(TrainConfig(data_dir=data, run_dir=str(run), model="zhang_tiny", batch_size=4, epochs=None,
+                                max_steps=2, workers=2, progress=False, plot=False))
+        assert res.history[-1]["step"] == 2 and all(np.isfinite(res.history[-1][k]) for k in ("train_loss",
+                                                                                              "val_loss"))
+        assert (run / "model.safetensors").is_file() and (run / "prior.safetensors").is_file()
+
+
+def test_train_command_names_a_missing_shard(shards, tmp_path, capsys):
+    from fastcolor.app.cli import main
+
+    pattern = f"{shards}/train-{{000000..000009}}.tar"  # one more than there are
+    code = main(["train", pattern, "--out", str(tmp_path / "run"), "--model", "zhang-tiny", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2, err
+    assert len(err) == 1 and "train-000009.tar" in err[0] and "not in the index" in err[0], err
+    assert main(["train", str(tmp_path / "nothing-{1..2}.tmp"), "--out", str(tmp_path / "r2")]) == 2
+    assert "DATA must be a folder of images or tar shards" in capsys.readouterr().err

@@ -228,7 +228,9 @@ DATA is a folder of images (one class) or of class subfolders. It is split 80/10
 prior and rarity weights, atomically written checkpoints after every epoch
 (last.safetensors, best.safetensors), the best model (model.safetensors + model.json),
 metrics.jsonl, loss_curve.png and result.json. Training stops early when the validation
-loss stops improving (--patience).
+loss stops improving (--patience). DATA can also be tar shards written by 'fastcolor shard'
+(their folder, or a brace pattern of the training shards: 'shards/train-{000000..000099}.tar'),
+split when they were written; each rank and loader worker reads its own shards (README, torchrun).
 
 --recipe NAME starts from a named, complete set of hyper-parameters; every flag below
 overrides its one value. The recipe and the resolved settings are printed at the start and
@@ -256,10 +258,12 @@ examples:
   fastcolor train photos/ --model fusion-small --out runs/fusion --epochs 20
   fastcolor train photos/ --model zhang --size 256 --class beach --class forest --out runs/z256
   fastcolor train photos/ --out runs/zhang --resume             # continue after an interruption
+  fastcolor train shards/ --recipe zhang2016 --out runs/eccv16  # tar shards from 'fastcolor shard'
 then:
   fastcolor eval runs/zhang photos/
   fastcolor colorize old/ -o colorized/ --weights runs/zhang""")
-    p.add_argument("data", metavar="DATA", help="folder of images, or of one subfolder per class")
+    p.add_argument("data", metavar="DATA", help="folder of images, or of one subfolder per class; or tar shards "
+                   "(their folder, or a brace pattern of them)")
     p.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory to write")
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="the hyper-parameters to start from (default: %(default)s; see above)")
@@ -570,9 +574,11 @@ def _describe(exc: BaseException) -> tuple[int, str]:
         return exc.code, str(exc)
     from fastcolor.backends import BackendUnavailable
     from fastcolor.colorize import MemoryLimitError, is_out_of_memory
-    from fastcolor.data import UnreadableImageError
+    from fastcolor.data import ShardError, UnreadableImageError
     from fastcolor.io import DirectoryLockedError, DiskFullError
 
+    if isinstance(exc, ShardError):  # a missing or damaged shard, named
+        return EXIT_USAGE, str(exc)
     if isinstance(exc, DirectoryLockedError):  # names the directory and the owner's pid
         return EXIT_USAGE, str(exc)
     if isinstance(exc, DiskFullError):  # names the file, the space needed and the space free
@@ -749,10 +755,13 @@ def cmd_train(args) -> int:
 
     main_rank = _rank() == 0
     say_, note_ = (say, note) if main_rank else (_silent, _silent)  # under torchrun only rank 0 speaks
+    from fastcolor.data.shards import is_shard_source
+
     data, run = Path(args.data), Path(args.out)
-    if not data.is_dir():
+    shards = is_shard_source(args.data)  # a folder of tar shards, or a pattern / URL of them
+    if not data.is_dir() and not shards:
         why = "not a folder" if data.exists() else "no such folder"
-        raise CLIError(f"DATA must be a folder of images, got {args.data!r} ({why})")
+        raise CLIError(f"DATA must be a folder of images or tar shards, got {args.data!r} ({why})")
     if run.resolve() == data.resolve() or data.resolve() in run.resolve().parents:
         raise CLIError(f"--out {args.out} is inside DATA {args.data}: its PNGs would be taken for training images; "
                        f"choose a run directory outside the data")
@@ -769,7 +778,7 @@ def cmd_train(args) -> int:
         raise CLIError(f"--out {args.out} exists and is not a folder; choose a run directory")
     if main_rank:
         check_unlocked(run, "training run")  # refuse early; train() holds the real lock
-    cfg, model_name = _train_config(args, data, run)
+    cfg, model_name = _train_config(args, args.data if shards else data, run)  # a URL is no Path
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:  # say it before anything is done
         raise CLIError("--tensorboard: the tensorboard package is not installed; install it with "
                        "pip install 'fastcolor[tensorboard]'", EXIT_FAILURE)

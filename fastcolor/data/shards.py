@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -408,8 +409,7 @@ class ShardDataset(IterableDataset):
             failures: list[str] = []
 
             def stop(exc: BaseException, failures=failures) -> bool:
-                text = str(exc.args[0]) if exc.args else type(exc).__name__
-                failures.append(f"{type(exc).__name__}: {text.split(' @ <')[0]}")
+                failures.append(_reason(exc))
                 return False  # what follows a tar error cannot be trusted: leave the shard
 
             opened = list(wds.tariterators.url_opener([{"url": shard.url}], handler=stop))  # [] if it fails
@@ -424,9 +424,13 @@ class ShardDataset(IterableDataset):
                         yield sample
             finally:
                 for source in opened:
-                    source["stream"].close()
+                    try:
+                        source["stream"].close()
+                    except OSError as exc:  # a pipe (curl, ...) that failed says so when closed
+                        failures.append(_reason(exc))
             if failures or got < take:
-                self._damaged(shard, failures[0] if failures else f"it ends after {got} image(s)", got, take)
+                reason = "; ".join(dict.fromkeys(failures)) or f"it ends after {got} image(s)"
+                self._damaged(shard, reason, got, take)
 
     def _damaged(self, shard: Shard, reason: str, got: int, take: int) -> None:
         what = f"{shard.url} ({reason}; {got} of the {take} image(s) wanted from it were read)"
@@ -468,6 +472,16 @@ class ShardDataset(IterableDataset):
             return {"rgb": x, "index": index}
         lab = rgb_to_lab(x)
         return {"L": lab[:1], "ab": reduce_target(lab[1:], self.target_stride, self.target_reduction), "index": index}
+
+
+def _reason(exc: BaseException) -> str:
+    """Why reading a shard failed, in one short line (webdataset appends the stream and URL to
+    the arguments, and its pipes report their whole command)."""
+    text = str(exc.args[0]) if exc.args else ""
+    pipe = re.search(r"\(\[['\"]([^'\"]+)['\"].*: exit (\d+) \(read\)", text)
+    if pipe:
+        return f"{pipe.group(1)} exited with status {pipe.group(2)}"
+    return f"{type(exc).__name__}: {text.split(' @ <')[0]}" if text else type(exc).__name__
 
 
 def _group(members: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
