@@ -30,7 +30,7 @@ Modules (everything public is re-exported here):
 """
 from fastcolor.data.dataset import OUTPUTS, ColorizationDataset
 from fastcolor.data.decode import DECODES, collate_bytes, decode_batch, read_bytes, resolve_decode
-from fastcolor.data.device import CropMirror, DeviceStage, lab_batch
+from fastcolor.data.device import CropMirror, DeviceStage, OnDevice, TaggedCollate, lab_batch
 from fastcolor.data.folder import (
     ImageItem,
     NoReadableImagesError,
@@ -74,4 +74,5 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableI
            "augmentation", "Augmentation", "FILL_MODES", "load_square", "TARGET_REDUCTIONS", "reduce_target",
            "draft_jpeg", "OUTPUTS", "DECODES", "read_bytes", "resolve_decode", "collate_bytes", "decode_batch",
            "lab_batch", "CropMirror", "DeviceStage", "SHARD_INDEX", "Shard", "ShardError", "ShardDataset",
-           "write_shards", "read_shard_index", "resolve_shards", "is_shard_source", "sample_shards"]
+           "write_shards", "read_shard_index", "resolve_shards", "is_shard_source", "sample_shards",
+           "TaggedCollate", "OnDevice"]

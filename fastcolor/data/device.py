@@ -1,29 +1,31 @@
 """The device half of the data path: what runs batched on the model's device, not in the workers.
 
-Workers do the least (:class:`~fastcolor.data.ColorizationDataset` with ``output="rgb"``: decode,
-resize, crop, mirror, as uint8; or ``output="bytes"``: the file's bytes only, for
-``decode="gpu"``). The DataLoader pins the batch; :class:`DeviceStage` copies it to the device
-without blocking and there decodes it (bytes only), crops and mirrors it (bytes only: the
-workers did it otherwise), applies the affine augmentation (kornia, batched) and turns it into
-``L`` and the ab target (:func:`lab_batch`). A uint8 crop is a twelfth of its float32 Lab, so
-the pinned copy is small too.
+Workers do the least (:class:`~fastcolor.data.ColorizationDataset` with ``output="rgb"``: decode
+and resize, as uint8; or ``output="bytes"``: the file's bytes only, for ``decode="gpu"``). The
+DataLoader pins the batch; :class:`DeviceStage` copies it to the device without blocking and
+there decodes it (bytes only), applies the affine augmentation (kornia, batched, one draw per
+image), crops and mirrors it, and turns it into ``L`` and the ab target (:func:`lab_batch`): the
+order of the per-image path (augmentation, crop, mirror). A uint8 image is a quarter of its
+float32 Lab, so the pinned copy is small too; and as every random draw happens here, from the
+training process's generator, the workers are a function of the image index alone.
 
 Flow::
 
-    files --workers--> uint8 (N, 3, C, C) | bytes --pin, copy--> [decode_batch] -> [crop_mirror]
-          -> [augment] -> lab_batch -> {"L": (N, 1, C, C), "ab": (N, 2, C/stride, C/stride), ...}
+    files --workers--> uint8 (N, 3, S, S) | bytes --pin, copy--> [decode_batch] -> [augment]
+          -> [crop_mirror] -> lab_batch -> {"L": (N, 1, C, C), "ab": (N, 2, C/stride, C/stride), ...}
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from fastcolor.color import rgb_to_l, rgb_to_lab
-from fastcolor.data.decode import decode_batch
+from fastcolor.data.decode import collate_bytes, decode_batch
 from fastcolor.data.transforms import TARGET_REDUCTIONS, reduce_target
 
-__all__ = ["lab_batch", "CropMirror", "DeviceStage"]
+__all__ = ["lab_batch", "CropMirror", "DeviceStage", "TaggedCollate", "OnDevice"]
 
 
 def lab_batch(rgb: torch.Tensor, target_stride: int, target_reduction: str = "subsample"
@@ -92,7 +94,10 @@ class CropMirror:
         ar = torch.arange(c)
         rows = oy[:, None] + ar
         cols = torch.where(flip[:, None], ox[:, None] + c - 1 - ar, ox[:, None] + ar)
-        dev = x.device
+        if x.device.type == "cpu":  # slices: a tenth of the gather's time on a CPU
+            return torch.stack([(lambda v, f: v.flip(-1) if f else v)(x[i, :, y:y + c, o:o + c], bool(flip[i]))
+                                for i, (y, o) in enumerate(zip(oy.tolist(), ox.tolist(), strict=True))])
+        dev = x.device  # one gather (a kernel per image would cost a launch each)
         return x[torch.arange(n, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
                  rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
 
@@ -106,7 +111,7 @@ class DeviceStage:
             pinned memory when the DataLoader pins it).
         target_stride, target_reduction: the ab target (:func:`lab_batch`).
         size: the square the images are resized to (bytes batches only: workers resized the rest).
-        crop_mirror: a :class:`CropMirror` applied here to bytes batches (workers apply theirs).
+        crop_mirror: a :class:`CropMirror` applied here, after ``augment``, or None.
         augment: a batched transform of float (N, 3, H, W) in [0, 1] (the ``ops`` of an
             :class:`~fastcolor.data.Augmentation`), or None.
 
@@ -124,8 +129,8 @@ class DeviceStage:
         self.reported: set[str] = set()
 
     def rgb(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[int] | None]:
-        """The batch's uint8 (N, 3, C, C) images on the device, and which samples they are
-        (None: all of them)."""
+        """The batch's uint8 (N, 3, S, S) images on the device (decoded, not yet augmented or
+        cropped), and which samples they are (None: all of them)."""
         if "rgb" in batch:
             return batch["rgb"].to(self.device, non_blocking=True), None
         if "data" not in batch:
@@ -133,18 +138,46 @@ class DeviceStage:
         if self.size is None:
             raise ValueError("size: a DeviceStage that decodes file bytes needs the square size to resize to")
         x, kept = decode_batch(batch["data"], batch["path"], self.size, self.device, self.reported)
-        if self.crop_mirror is not None:
-            x = self.crop_mirror(x)
         return x, (None if len(kept) == len(batch["data"]) else kept)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         x, kept = self.rgb(batch)
         if self.augment is not None:
             x = self.augment(x.float() / 255.0).clamp(0.0, 1.0)
+        if self.crop_mirror is not None:
+            x = self.crop_mirror(x)
         L, ab = lab_batch(x, self.target_stride, self.target_reduction)
         out = {"L": L, "ab": ab}
         for k in ("index", "embedding"):
             if k in batch:
-                v = batch[k]
-                out[k] = v if kept is None else v[torch.tensor(kept, dtype=torch.long, device=v.device)]
+                v = batch[k] if kept is None else batch[k][torch.tensor(kept, dtype=torch.long)]
+                out[k] = v.to(self.device, non_blocking=True)
         return out
+
+
+class TaggedCollate:
+    """A DataLoader's ``collate_fn`` that names the batch's stage (``batch["stage"]``), so that one
+    ``to_device`` serves a source's training, validation and prior batches; ``raw``: the samples
+    hold file bytes (:func:`~fastcolor.data.collate_bytes`)."""
+
+    def __init__(self, stage: str, raw: bool = False):
+        self.stage, self.raw = stage, raw
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_bytes(samples) if self.raw else default_collate(samples)
+        batch["stage"] = self.stage
+        return batch
+
+
+class OnDevice:
+    """The batches of ``loader`` passed through ``fn`` (e.g. a source's ``to_device``), with the
+    loader's length and dataset."""
+
+    def __init__(self, loader: Any, fn: Any):
+        self.loader, self.fn, self.dataset = loader, fn, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (self.fn(b) for b in self.loader)
