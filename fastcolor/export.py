@@ -47,7 +47,7 @@ from fastcolor.io import atomic_write_bytes
 from fastcolor.monitor import MissingExtraError
 from fastcolor.reference import T_MODE
 
-__all__ = ["ColorizerGraph", "export_onnx", "DEFAULT_OPSET", "MIN_OPSET", "max_opset"]
+__all__ = ["ColorizerGraph", "export_onnx", "DEFAULT_OPSET", "MIN_OPSET", "max_opset", "require_exporter"]
 
 #: The ONNX opset written by default: the lowest that torch's exporter implements directly (lower
 #: ones are converted down from it, see :data:`MIN_OPSET`); ONNX Runtime runs it from version 1.14.
@@ -143,7 +143,9 @@ def _check_opset(opset: Any) -> int:
     return opset
 
 
-def _require_exporter() -> None:
+def require_exporter() -> None:
+    """Raise :class:`fastcolor.monitor.MissingExtraError` (an ``ImportError``) naming the packages
+    and the extra to install when ``onnx`` or ``onnxscript`` is missing; import neither."""
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtraError(f"exporting to ONNX needs the package(s) {', '.join(missing)}, which are not "
@@ -192,8 +194,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, T: float | None = 
         size = net.config.get("input_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
         raise ValueError(f"size must be a positive multiple of 8, got {size!r}")
+    require_exporter()  # before the opset check, which imports onnx: say which extra is missing
     opset = _check_opset(opset)
-    _require_exporter()
     import onnx
 
     try:

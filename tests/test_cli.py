@@ -321,3 +321,74 @@ def test_bench_delegates_to_the_benchmark_driver(capsys):
     data = json.loads(out)
     assert [p["provider"] for p in data["providers"]] == ["torch"]
     assert "| op |" in err  # the table goes to stderr when stdout is JSON
+
+
+# ----------------------------------------------------------------------------- issue 22.9: --json, --threads, pipes
+
+
+def test_colorize_and_train_json_summaries(capsys, photos, run_dir, inputs, tmp_path):
+    rc, out, err = run(capsys, "colorize", inputs, "-o", tmp_path / "c", "--weights", run_dir, "--size", "40",
+                       "--json")
+    assert rc == 0, err
+    summary = json.loads(out)  # stdout is the JSON object alone
+    assert summary["command"] == "colorize" and summary["arch"] == "zhang" and summary["size"] == 40
+    assert sorted(Path(p).name for p in summary["written"]) == ["camera.png", "flower.jpg", "logo.png"]
+    assert all(Path(p).is_file() for p in summary["written"])
+    assert summary["skipped"] == [] and summary["existing"] == 0 and summary["temperature"] == pytest.approx(0.38)
+    rc, out, err = run(capsys, "colorize", inputs, "-o", tmp_path / "c", "--weights", run_dir, "--size", "40",
+                       "--json", "--skip-existing")
+    assert rc == 0, err
+    assert json.loads(out) == {"command": "colorize", "written": [], "skipped": [], "existing": 3}
+
+    rc, out, err = run(capsys, "train", photos, "--model", "zhang-tiny", "--epochs", "1", "--batch-size", "4",
+                       "--size", "48", "--workers", "0", "--max-steps-per-epoch", "1", "--threads", "1",
+                       "--out", tmp_path / "run", "--json")
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["command"] == "train" and summary["run_dir"] == str(tmp_path / "run")
+    assert summary["epochs_completed"] == 1 and [e["epoch"] for e in summary["epochs"]] == [0]
+    assert summary["best_val_loss"] == pytest.approx(summary["epochs"][0]["val_loss"])
+    assert summary["model"] == "zhang-tiny" and summary["resumed_from_epoch"] is None
+
+
+def test_threads_overrides_the_idle_core_heuristic(capsys, monkeypatch):
+    from fastcolor.app import threads
+
+    monkeypatch.setattr(threads, "cpu_threads", lambda reserve=0: pytest.fail("the heuristic was consulted"))
+    before = torch.get_num_threads()
+    for device in ("cpu", "cuda"):
+        with threads.idle_cpu_threads(device, threads=3):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads: expected a positive int, got 0"):
+        with threads.idle_cpu_threads("cpu", threads=0):
+            pass
+    for command in ("colorize", "train", "eval"):
+        rc, out, _ = run(capsys, command, "--help")
+        assert "--threads N" in out
+    assert_one_line_error(*run(capsys, "colorize", "x.png", "-o", "y", "--threads", "0")[::2],
+                          "--threads", "expected a positive integer, got '0'")
+
+
+@pytest.mark.parametrize("argv", [["info", "--json"], ["--help"], ["--version"]])
+def test_a_closed_stdout_ends_quietly(argv):
+    """`fastcolor ... | head`: the reader goes away; no BrokenPipeError, no traceback, no message."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        p = subprocess.run([sys.executable, "-m", "fastcolor", *argv], stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=240, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    finally:
+        os.close(write)
+    assert "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr
+    assert p.stderr == ""
+    assert p.returncode in (0, 141)  # argparse drops its own failed writes (--help); a command stops with 141
+    if argv[0] == "info":
+        assert p.returncode == 141
+
+
+def test_eval_errors_name_evals_own_arguments(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "eval", tmp_path / "empty", tmp_path)
+    assert_one_line_error(rc, err, f"RUN_DIR_or_WEIGHTS {tmp_path / 'empty'}: not a run directory")
+    assert "--weights" not in err

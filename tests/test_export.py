@@ -3,6 +3,7 @@ against the PyTorch model + fastcolor.annealed_mean, a dynamic batch axis, only 
 ONNX operators, fusion models, the command line, and the README's onnxruntime-only lines."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -210,6 +211,47 @@ def test_cli_refuses_a_fusion_model_without_backbone(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "without its backbone" in err and "fastcolor: error:" in err
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_cli_json_summary_and_its_own_argument_names(tmp_path, capsys):
+    from fastcolor.app.cli import main
+
+    torch.manual_seed(0)
+    weights = save_model(tmp_path / "model.safetensors", ZhangNet(base=8, mid_width=16, mid_dilations=(2,),
+                                                                  input_size=SIZE))
+    out = tmp_path / "z.onnx"
+    assert main(["export", str(weights), "-o", str(out), "--json", "-T", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"command": "export", "file": str(out), "bytes": out.stat().st_size, "opset": 18,
+                       "arch": "zhang", "temperature": 0.5,
+                       "input": {"name": "L", "dtype": "float32", "shape": ["N", 1, SIZE, SIZE]},
+                       "output": {"name": "ab", "dtype": "float32", "shape": ["N", 2, SIZE // 4, SIZE // 4]}}
+    (ab,) = _session(out).run(["ab"], {"L": _L(1, seed=0).numpy()})
+    assert ab.shape == (1, 2, SIZE // 4, SIZE // 4)
+    # export takes its weights as the positional RUN_OR_WEIGHTS: its errors say so, not --weights
+    (tmp_path / "empty").mkdir()
+    for bad, said in ((tmp_path / "nope", "RUN_OR_WEIGHTS: no such file or directory"),
+                      (tmp_path / "empty", f"RUN_OR_WEIGHTS {tmp_path / 'empty'}: not a run directory")):
+        capsys.readouterr()
+        assert main(["export", str(bad), "-o", str(tmp_path / "x.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--weights" not in err, err
+
+
+def test_cli_without_onnx_names_the_extra(tmp_path, capsys, monkeypatch):
+    """Issue 22: the opset check imported onnx first, so this said only "No module named 'onnx'"."""
+    import importlib.util
+
+    from fastcolor.app.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    weights = save_model(tmp_path / "model.safetensors", ZhangNet.tiny())
+    assert main(["export", str(weights), "-o", str(tmp_path / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "needs the package(s) onnx, which are not installed: pip install 'fastcolor[onnx]'" in err, err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- README

@@ -4,7 +4,8 @@ function per subcommand.
 Subcommands: ``colorize``, ``train``, ``eval``, ``bench``, ``demo``, ``export``, ``info``. Each has
 ``--help`` with examples. Exit status: 0 on success, 2 on bad usage or bad input (a
 one-line ``fastcolor: error: ...`` on stderr, no traceback), 1 when something failed
-while running (e.g. out of GPU memory), 130 when interrupted. ``--debug`` (anywhere on
+while running (e.g. out of GPU memory), 130 when interrupted, 141 when stdout's reader went away
+(``fastcolor ... | head``: no traceback). ``--debug`` (anywhere on
 the command line) prints the traceback as well.
 
 Each command is a thin layer over the library (:func:`fastcolor.train.train`,
@@ -35,6 +36,7 @@ from fastcolor._version import __version__
 from fastcolor.app.choices import MODELS, PHOTOS
 from fastcolor.app.export import cmd_export
 from fastcolor.app.messages import (
+    EXIT_BROKEN_PIPE,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -133,6 +135,11 @@ def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="on error, print the full traceback too")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: the idle cores, fewer than all on a busy machine)")
+
+
 def _sub(subs, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
     p = subs.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_formatter)
     _add_common(p)
@@ -215,6 +222,9 @@ examples:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--skip-existing", action="store_true", help="leave existing output files alone")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_threads(p)
+    p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (what was written, skipped, "
+                   "left; the settings used)")
     p.set_defaults(func=cmd_colorize)
 
     # -- train ----------------------------------------------------------------------------------
@@ -325,6 +335,9 @@ then:
                    help="under torchrun on GPUs: SyncBatchNorm (default: BatchNorm statistics from rank 0)")
     p.add_argument("--backbone-weights", metavar="FILE", help="fusion: local weights file for the backbone")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_threads(p)
+    p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (epochs, losses, best epoch, "
+                   "run directory) instead of its lines")
     p.set_defaults(func=cmd_train)
 
     # -- shard ----------------------------------------------------------------------------------
@@ -408,6 +421,7 @@ examples:
     p.add_argument("--target-reduction", choices=["subsample", "area"], metavar="{subsample,area}",
                    help="how the true ab is reduced to the logits' size for the 313-bin metrics (default: the run's, "
                         "else subsample)")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
     # -- bench ----------------------------------------------------------------------------------
@@ -502,6 +516,8 @@ examples:
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="fusion: local weights file for the backbone (a path stored in a weights file is never read)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="what was written as JSON on stdout (file, opset, input and "
+                   "output shapes, temperature)")
     p.set_defaults(func=cmd_export)
 
     # -- info -----------------------------------------------------------------------------------
@@ -548,11 +564,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             raise CLIError("a command is required, e.g. 'fastcolor demo' or 'fastcolor colorize --help'")
         with _one_line_warnings(debug):
-            if args.command == "bench":
-                return int(args.func(args, extra) or EXIT_OK)
-            return int(args.func(args) or EXIT_OK)
+            status = int((args.func(args, extra) if args.command == "bench" else args.func(args)) or EXIT_OK)
+        sys.stdout.flush()  # here, so that a reader gone away is a BrokenPipeError below, not at exit
+        return status
     except SystemExit as exc:  # --help, --version
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _stdout_closed()
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+    except BrokenPipeError:  # stdout's reader went away (`fastcolor ... | head`): stop quietly, as cat does
+        return _stdout_closed()
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
@@ -566,6 +588,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if debug or expected else " (run with --debug for the traceback)"
         print(f"{PROG}: error: {one_line(msg)}{hint}", file=sys.stderr)
         return code
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null (the interpreter's last flush then has nowhere to fail) and return
+    the status of a process stopped by SIGPIPE, as ``cat`` or ``git log`` end under ``| head``."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests): nothing to do
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _describe(exc: BaseException) -> tuple[int, str]:
@@ -622,6 +656,9 @@ def cmd_colorize(args) -> int:
         warn(f"skipping {s}")
     if not jobs:
         if existing and not skipped:
+            if args.json:
+                say(json.dumps({"command": "colorize", "written": [], "skipped": [], "existing": existing}, indent=2))
+                return EXIT_OK
             say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
             return EXIT_OK
         raise CLIError(f"nothing was colorized: none of the {len(skipped)} input file(s) could be read")
@@ -644,16 +681,24 @@ def cmd_colorize(args) -> int:
         warn(f"skipping {msg}")
 
     raced: list[Path] = []  # outputs another process wrote meanwhile, left alone (--skip-existing)
-    with idle_cpu_threads(device, log=None):
+    with idle_cpu_threads(device, log=None, threads=args.threads):
         written = colorize_files(model, jobs, size, args.temperature, args.batch_size, args.overwrite,
                                  progress=not args.quiet, on_skip=on_skip, skip_existing=args.skip_existing,
                                  on_existing=raced.append)
     n_skip, existing = len(skipped) + len(late), existing + len(raced)
     if not written and existing and not n_skip:
-        say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
-        return EXIT_OK
-    if not written:
+        if not args.json:
+            say(f"nothing to do: all {existing} outputs already exist (--skip-existing)")
+            return EXIT_OK
+    elif not written:
         raise CLIError(f"nothing was colorized: none of the {n_skip} input file(s) could be read")
+    if args.json:  # stdout holds only this; the warnings went to stderr
+        temperature = (args.temperature or decode_temperature(model)) if model.config["arch"] == "zhang" else None
+        say(json.dumps({"command": "colorize", "written": [str(w) for w in written], "skipped": [*skipped, *late],
+                        "existing": existing, "seconds": round(time.perf_counter() - t0, 3),
+                        "arch": model.config["arch"], "size": size, "temperature": temperature, "device": device},
+                       indent=2))
+        return EXIT_OK
     if not args.quiet:
         where = written[0] if len(written) == 1 else Path(args.output)
         extra = f"; skipped {n_skip} unreadable" if n_skip else ""
@@ -807,7 +852,7 @@ def cmd_train(args) -> int:
         note_(f"settings: {_describe_config(cfg)} (recorded in {run / 'train_config.json'})")
     t0 = time.perf_counter()
     try:
-        with idle_cpu_threads(_device(args.device), log=note_ if main_rank else None):
+        with idle_cpu_threads(_device(args.device), log=note_ if main_rank else None, threads=args.threads):
             res = train(cfg)
     except KeyboardInterrupt:
         if (run / "last.safetensors").is_file():
@@ -826,6 +871,13 @@ def cmd_train(args) -> int:
         raise CLIError(f"{exc}{keep}", EXIT_FAILURE) from exc
     first = -1 if res.resumed_from_epoch is None else res.resumed_from_epoch
     new = [h for h in res.history if h["epoch"] > first]
+    if args.json:  # stdout holds only this (rank 0's); notes and progress went to stderr
+        say_(json.dumps({"command": "train", "run_dir": str(run), "model": model_name, "loss": loss,
+                         "recipe": cfg.recipe, "epochs_completed": res.epochs_completed,
+                         "resumed_from_epoch": res.resumed_from_epoch, "stopped_early": res.stopped_early,
+                         "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss, "keep_best": cfg.keep_best,
+                         "seconds": round(time.perf_counter() - t0, 3), "epochs": new}, indent=2, default=str))
+        return EXIT_OK
     if not new:
         say_(f"nothing to do: {args.out} already completed {res.epochs_completed} epoch(s) (epochs {cfg.epochs}, "
              f"max_steps {cfg.max_steps})")
@@ -855,8 +907,8 @@ def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
 
     if not Path(weights).exists():
         raise CLIError(f"no such run directory or weights file: {weights}")
-    model_file = resolve_weights(weights)
-    compare = str(resolve_weights(args.compare)) if args.compare else None
+    model_file = resolve_weights(weights, arg="RUN_DIR_or_WEIGHTS")  # eval's own argument names
+    compare = str(resolve_weights(args.compare, arg="--compare")) if args.compare else None
     run_dir = model_file.parent
     out = out if out is not None else run_dir / "eval"
     device = _device(args.device)
@@ -864,7 +916,7 @@ def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
     if "all" not in args.split and (run_dir / "split.json").is_file() and not use_split:
         note(f"{args.data} is not the data {run_dir} was trained on: evaluating every image in it (split 'all')")
     try:
-        with idle_cpu_threads(device, log=None):
+        with idle_cpu_threads(device, log=None, threads=args.threads):
             return evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",),
                             compare=compare, T=args.temperature, batch_size=args.batch_size, device=device,
                             max_images=args.max_images, backbone_weights=args.backbone_weights,
@@ -885,7 +937,7 @@ def _eval_runs(args, data: Path) -> int:
     for w in args.weights:  # every run exists before any is evaluated
         if not Path(w).exists():
             raise CLIError(f"no such run directory or weights file: {w}")
-    runs = [resolve_weights(w).parent for w in args.weights]
+    runs = [resolve_weights(w, arg="RUN_DIR_or_WEIGHTS").parent for w in args.weights]
     root = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve() for r in runs])) / "eval"
     rows: dict[str, list[dict]] = {}
     seen: dict[tuple[str, str, str], Path] = {}

@@ -6,6 +6,8 @@ import sys
 
 PROG = "fastcolor"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: stdout's reader went away (``| head``): 128 + SIGPIPE, what a shell reports for ``cat`` stopped so.
+EXIT_BROKEN_PIPE = 141
 
 
 class CLIError(Exception):

@@ -27,17 +27,24 @@ def cpu_threads(reserve: int = 0) -> tuple[int, float | None]:
 
 
 @contextlib.contextmanager
-def idle_cpu_threads(device: str, log: Callable[[str], None] | None = note, reserve: int = 0) -> Iterator[None]:
+def idle_cpu_threads(device: str, log: Callable[[str], None] | None = note, reserve: int = 0,
+                     threads: int | None = None) -> Iterator[None]:
     """On the CPU, run the block with torch using only the idle cores less ``reserve`` (see
-    :func:`cpu_threads`); ``log`` (None: silent) is told when that is fewer threads than usual."""
-    if not str(device).startswith("cpu"):
+    :func:`cpu_threads`); ``log`` (None: silent) is told when that is fewer threads than usual.
+    ``threads`` (``--threads``), when given, is the number of threads instead, on any device."""
+    if threads is None and not str(device).startswith("cpu"):
         yield
         return
     import torch
 
     default = torch.get_num_threads()
-    n, load = cpu_threads(reserve)
-    if n < default and log is not None:
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected a positive int, got {threads!r}")
+        n, load = threads, None
+    else:
+        n, load = cpu_threads(reserve)
+    if threads is None and n < default and log is not None:
         why = f"load {load:.1f} on {os.cpu_count()} cores" if load is not None else f"{os.cpu_count()} cores"
         log(f"using {n} of {default} CPU threads ({why}{', one core left free' if reserve else ''}): busy cores "
             f"slow every thread down")

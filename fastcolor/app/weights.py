@@ -58,13 +58,14 @@ def no_weights_message(model: str | None) -> str:
             f"'--weights runs/{name}' (or run 'fastcolor demo' and pass --weights demo_out/runs/zhang-small)")
 
 
-def resolve_weights(weights: str | None, model: str | None = None) -> Path:
-    """The model file to load for ``--weights`` (run dir, model file, checkpoint, folder of runs)."""
+def resolve_weights(weights: str | None, model: str | None = None, arg: str = "--weights") -> Path:
+    """The model file to load for ``--weights`` (run dir, model file, checkpoint, folder of runs); errors
+    name the command's argument ``arg`` (``export`` and ``eval`` take the weights as a positional)."""
     if weights is None:
         raise CLIError(no_weights_message(model))
     path = Path(weights)
     if not path.exists():
-        raise CLIError(f"--weights: no such file or directory: {weights}")
+        raise CLIError(f"{arg}: no such file or directory: {weights}")
     want = MODELS[model].split("_")[0] if model else None
     if path.is_dir():
         for name in ("model.safetensors", "best.safetensors"):
@@ -82,10 +83,10 @@ def resolve_weights(weights: str | None, model: str | None = None) -> Path:
                 path = runs[0] / "model.safetensors"
             elif runs:
                 listed = ", ".join(str(r) for r in runs[:6])
-                raise CLIError(f"--weights {weights} holds several runs ({listed}); pass one of them"
+                raise CLIError(f"{arg} {weights} holds several runs ({listed}); pass one of them"
                                + ("" if want else " or choose with --model"))
             else:
-                raise CLIError(f"--weights {weights}: not a run directory (no model.safetensors in it or below); "
+                raise CLIError(f"{arg} {weights}: not a run directory (no model.safetensors in it or below); "
                                f"'fastcolor train' writes one")
     arch = _arch_of(path)
     if arch is None and path.is_file() and not _is_safetensors(path) and looks_like_caffemodel(path):
@@ -93,23 +94,23 @@ def resolve_weights(weights: str | None, model: str | None = None) -> Path:
     if arch is None and path.is_file() and (looks_like_torch_file(path) or _is_safetensors(path)):
         problem = released_file_problem(path)  # the authors' released ECCV16 weights load as a zhang model
         if problem is not None and looks_like_torch_file(path):
-            raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (the safetensors file "
+            raise CLIError(f"{arg} {weights}: not a fastcolor model or checkpoint file (the safetensors file "
                            f"written by 'fastcolor train'), nor usable as {EXPECTED}: {problem}")
         arch = "zhang" if problem is None else None
     if arch is None:
-        raise CLIError(f"--weights {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
+        raise CLIError(f"{arg} {weights}: not a fastcolor model or checkpoint file (expected the safetensors "
                        f"file written by 'fastcolor train', or {EXPECTED})")
     if want and arch != want:
-        raise CLIError(f"--model {model} was asked for but --weights {weights} holds a {arch} model")
+        raise CLIError(f"--model {model} was asked for but {arg} {weights} holds a {arch} model")
     return path
 
 
 def load_weights(weights: str | None, model: str | None, device: str,
-                 backbone_weights: str | None = None) -> torch.nn.Module:
+                 backbone_weights: str | None = None, arg: str = "--weights") -> torch.nn.Module:
     """The model :func:`resolve_weights` finds, loaded on ``device``; a file that does not load is a
-    :class:`CLIError` naming ``--weights``. ``backbone_weights`` (``--backbone-weights``) is the
+    :class:`CLIError` naming ``arg`` (``--weights``). ``backbone_weights`` (``--backbone-weights``) is the
     only backbone file a fusion model is loaded with: a path stored in the weights file is not read."""
-    path = resolve_weights(weights, model)
+    path = resolve_weights(weights, model, arg)
     extra = {}
     if backbone_weights is not None:
         if _arch_of(path) == "fusion":
@@ -119,7 +120,7 @@ def load_weights(weights: str | None, model: str | None, device: str,
     try:
         return load_model(path, device, **extra)
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise CLIError(f"--weights {weights}: could not load the model: {exc}") from exc
+        raise CLIError(f"{arg} {weights}: could not load the model: {exc}") from exc
 
 
 def split_matches_data(run_dir: Path, data: Path) -> bool:
