@@ -665,7 +665,7 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
     """
     src = Path(run_dir_or_weights)
     data_dir = Path(data_dir)
-    if not src.exists():
+    if not src.exists() and not src.is_symlink():  # a loop of links or a dangling one: load_model names it
         raise FileNotFoundError(f"run_dir_or_weights: no such run directory or model file: {src}")
     if not data_dir.is_dir():
         raise ValueError(f"data_dir must be a directory of images, got {str(data_dir)!r}")

@@ -17,6 +17,7 @@ from safetensors.torch import save
 
 from fastcolor.colorize import colorize_image, colorize_tensor, to_l_tensor
 from fastcolor.io import load_state_file, weights_format
+from fastcolor.metrics import evaluate
 from fastcolor.models import build_model, model_state
 from fastcolor.models.released import looks_like_torch_file
 from fastcolor.models.serialization import load_model, save_model
@@ -109,6 +110,8 @@ def test_load_model_refuses_fifos_devices_and_link_loops_without_reading(tmp_pat
         assert str(path.name) in str(e.value) and "no such" not in str(e.value)
         with pytest.raises(ValueError, match="a directory" if path.is_dir() else words):
             load_state_file(path)
+        with pytest.raises(ValueError, match=words):
+            evaluate(path, tmp_path)
 
 
 # ----------------------------------------------------------------------------- 23.4, 23.5: colorize_image input
@@ -251,8 +254,6 @@ def test_export_of_nan_weights_fails_and_writes_nothing(tiny, tmp_path, capsys):
 
 def test_eval_of_a_model_that_overflows_names_it(tiny, tmp_path):
     """Before: eval ended in a torch.bincount error."""
-    from fastcolor.metrics import evaluate
-
     data = tmp_path / "photos"
     data.mkdir()
     for i in range(2):
@@ -280,7 +281,7 @@ def test_a_zip_bomb_torch_file_is_refused_from_its_directory(tmp_path):
     (tmp_path / "plain.pth").unlink()
     assert bomb.stat().st_size < 200_000
     for load in (load_state_file, load_model):
-        with pytest.raises(ValueError, match=r"its zip entries declare 95.4 MiB from a .* file .*more than 10x its size"):
+        with pytest.raises(ValueError, match=r"zip entries declare 95.4 MiB from a .* file .*more than 10x its size"):
             load(bomb)
     torch.manual_seed(0)  # real weights hardly compress: a recompressed file still loads
     state = {"w": torch.randn(1000, 100)}
@@ -368,3 +369,17 @@ def test_class_weights_past_float32_are_refused(as_type):
         fc.rebalanced_cross_entropy(logits, ab, weights=weights, backend="torch")
     w[7] = 3e38  # within float32: accepted (no refusal)
     assert fc.rebalanced_cross_entropy(logits, ab, weights=torch.from_numpy(w), backend="torch").shape == ()
+
+
+@pytest.mark.timeout(60)
+def test_cli_names_fifos_devices_and_link_loops_given_as_weights(tmp_path, capsys):
+    """Before: a loop of links was 'no such file or directory', /dev/zero and /dev/null 'not a fastcolor model'."""
+    from fastcolor.app.cli import main
+
+    Image.fromarray(_gradient_u8()).save(tmp_path / "in.png")
+    for name, (path, words) in _not_regular(tmp_path).items():
+        rc = main(["colorize", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--weights", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and words in err and "no such" not in err, (name, err)
+        assert f"--weights {path}" in err, err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ say what to do when there is none; and whether a run was trained on a given data
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from fastcolor.app.choices import MODELS  # CLI model names -> fastcolor.models.PRESETS keys
 from fastcolor.app.messages import CLIError, note
 from fastcolor.data import load_split
-from fastcolor.io import read_checkpoint_meta
+from fastcolor.io import open_weights_file, read_checkpoint_meta
 from fastcolor.models.caffe import looks_like_caffemodel
 from fastcolor.models.released import EXPECTED, looks_like_torch_file, released_file_problem
 from fastcolor.models.serialization import HUB_CONFIG, HUB_WEIGHTS, load_model
@@ -64,12 +65,10 @@ def resolve_weights(weights: str | None, model: str | None = None, arg: str = "-
     if weights is None:
         raise CLIError(no_weights_message(model))
     path = Path(weights)
-    if not path.exists():
-        raise CLIError(f"{arg}: no such file or directory: {weights}")
     want = MODELS[model].split("_")[0] if model else None
     if path.is_dir():
         for name in ("model.safetensors", "best.safetensors"):
-            if (path / name).is_file():
+            if os.path.lexists(path / name):  # a FIFO or a link loop there is refused below, by name
                 if name != "model.safetensors":
                     note(f"{path} has no model.safetensors yet (training not finished?): using {name}")
                 path = path / name
@@ -88,6 +87,12 @@ def resolve_weights(weights: str | None, model: str | None = None, arg: str = "-
             else:
                 raise CLIError(f"{arg} {weights}: not a run directory (no model.safetensors in it or below); "
                                f"'fastcolor train' writes one")
+    try:  # only a regular file is read: a FIFO, /dev/zero or a loop of links is named as what it is
+        open_weights_file(path).close()
+    except FileNotFoundError:
+        raise CLIError(f"{arg}: no such file or directory: {weights}") from None
+    except ValueError as exc:
+        raise CLIError(f"{arg} {weights}: {str(exc).removeprefix('path: ')}") from None
     arch = _arch_of(path)
     if arch is None and path.is_file() and not _is_safetensors(path) and looks_like_caffemodel(path):
         arch = "zhang"  # the authors' Caffe ECCV16 model: its loader names what a wrong file holds
