@@ -383,3 +383,20 @@ def test_cli_names_fifos_devices_and_link_loops_given_as_weights(tmp_path, capsy
         assert rc == 2 and err.count("\n") == 1 and words in err and "no such" not in err, (name, err)
         assert f"--weights {path}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_and_export_name_their_own_argument_for_a_link_loop(tmp_path, capsys):
+    """Before: eval said 'no such run directory' for a loop of links."""
+    from fastcolor.app.cli import main
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(_gradient_u8()).save(tmp_path / "photos" / "a.png")
+    for argv, arg in ((["eval", str(loop), str(tmp_path / "photos")], "RUN_DIR_or_WEIGHTS"),
+                      (["eval", str(loop), str(loop), str(tmp_path / "photos")], "RUN_DIR_or_WEIGHTS"),
+                      (["export", str(loop), "-o", str(tmp_path / "m.onnx")], "RUN_OR_WEIGHTS")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{arg} {loop}: cannot read {loop}: cannot be opened" in err and "symbolic links" in err, err
+        assert "--weights" not in err and "no such" not in err, err

@@ -905,7 +905,7 @@ def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
     from fastcolor.data import NoReadableImagesError
     from fastcolor.metrics import evaluate
 
-    if not Path(weights).exists():
+    if not Path(weights).exists() and not Path(weights).is_symlink():  # a link loop: resolve_weights names it
         raise CLIError(f"no such run directory or weights file: {weights}")
     model_file = resolve_weights(weights, arg="RUN_DIR_or_WEIGHTS")  # eval's own argument names
     compare = str(resolve_weights(args.compare, arg="--compare")) if args.compare else None
@@ -935,7 +935,7 @@ def _eval_runs(args, data: Path) -> int:
         raise CLIError("--compare takes one run beside one RUN_DIR; with several runs, list them all (the Zhang and "
                        "the fusion runs): their study tables are joined per kind of model")
     for w in args.weights:  # every run exists before any is evaluated
-        if not Path(w).exists():
+        if not Path(w).exists() and not Path(w).is_symlink():  # a link loop: resolve_weights names it
             raise CLIError(f"no such run directory or weights file: {w}")
     runs = [resolve_weights(w, arg="RUN_DIR_or_WEIGHTS").parent for w in args.weights]
     root = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve() for r in runs])) / "eval"
