@@ -311,6 +311,18 @@ def train_files_table(r: dict) -> str:
             f"\nfrom files: {100 * r['above_floor']:+.1f}% over the floor")
 
 
+def _decoder_versions() -> dict:
+    """The versions of what decodes and converts: Pillow (and its libjpeg), torchvision, kornia."""
+    import kornia
+    import PIL
+    import torchvision
+    from PIL import features
+
+    return dict(pillow=PIL.__version__, pillow_libjpeg=features.version("jpg"),
+                libjpeg_turbo=features.check_feature("libjpeg_turbo"), torchvision=torchvision.__version__,
+                kornia=kornia.__version__)
+
+
 def main(argv=None) -> int:
     """``fastcolor bench --loader`` / ``--train-step --data DIR`` (see the module's docstring)."""
     from fastcolor.data import DECODES
@@ -350,6 +362,7 @@ def main(argv=None) -> int:
         res = run_loader(args.device, images, rounds, args.size, args.crop or None, 4, args.batch or 32)
         table = loader_table(res)
     res["meta"] = meta(args.device)
+    res["meta"].update(_decoder_versions())
     res["table"] = table
     if args.json:
         text = json.dumps(res, indent=1, default=str)
