@@ -97,29 +97,6 @@ def test_mask_matches_reference_on_triton(monkeypatch, kind, reduction):
                             nongray=True, seed=7)
 
 
-def test_compile_route_with_a_mask_matches_the_eager_route(monkeypatch):
-    """Under torch.compile the op is the custom op whose backward re-runs the kernel with the
-    upstream gradient; the mask's factor must reach that backward too. Driven eagerly by making
-    the op believe it is being compiled (the real torch.compile route is in test_ops_api.py)."""
-    name = backends.resolve("auto", "cpu")
-    logits, ab, weights = make_inputs(2, 4, 5, seed=3)
-    mask = make_mask("some", 2, 4, 5, seed=3)
-    for reduction in ("mean", "sum", "none"):
-        grads, losses = [], []
-        for compiling in (False, True):
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
-            x = logits.float().clone().requires_grad_(True)
-            loss = fc.rebalanced_cross_entropy(x, ab.float(), weights.float(), reduction=reduction, mask=mask,
-                                               backend=name)
-            loss.backward(torch.full_like(loss, 1.3))
-            grads.append(x.grad)
-            losses.append(loss.detach())
-        monkeypatch.undo()
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
-        assert (grads[1].permute(0, 2, 3, 1)[mask] == 0).all()
-
-
 def test_reference_mask_equals_the_loss_over_the_kept_pixels_alone():
     logits, ab, weights = (t.numpy() for t in make_inputs(3, 4, 6, seed=5))
     mask = make_mask("some", 3, 4, 6, seed=5).numpy()
@@ -272,3 +249,71 @@ def test_units_check_reads_no_device_value(fresh_warning, monkeypatch):
         warnings.simplefilter("error")
         fc.rebalanced_cross_entropy(logits.float(), ab.float() / 131, backend="torch")
     assert not loss_mod._units_warned
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+@pytest.mark.parametrize("as_bool", [True, False], ids=["bool", "float01"])
+def test_a_masked_call_reads_nothing_on_the_host(monkeypatch, as_bool):
+    """The GPU route (no host read: the count kept stays on the device, a 0/1 mask is checked by a
+    device-side assert), run on CPU tensors as tests/test_syncs.py does; every CPU backend."""
+    from host_reads import record_host_reads
+
+    from fastcolor.ops import _common
+
+    logits, ab, _ = make_inputs(2, 3, 5, seed=13)  # (CPU class weights are checked on the host: not here)
+    mask = make_mask("some", 2, 3, 5, seed=13)
+    mask = mask if as_bool else mask.float()
+    for name in backends.available("cpu"):
+        want = []
+        for patched in (False, True):
+            if patched:
+                monkeypatch.setattr(_common, "host_readable", lambda t: False)
+            x = logits.float().clone().requires_grad_(True)
+            with record_host_reads() as reads:
+                loss = fc.rebalanced_cross_entropy(x, ab.float(), mask=mask, backend=name)
+                loss.backward()
+            if patched:
+                assert reads == [], (name, reads.sites)
+            want.append((loss.detach(), x.grad))
+        monkeypatch.undo()
+        torch.testing.assert_close(want[1], want[0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_masked_loss_compiles_whole(reduction):
+    """Under torch.compile the op is the custom op whose backward re-runs the kernel with the upstream
+    gradient as its per-pixel factor: the mask's factor must reach that backward too."""
+    name = backends.resolve("auto", "cpu")
+    logits, ab, _ = make_inputs(2, 4, 3, seed=14)
+    mask = make_mask("some", 2, 4, 3, seed=14)
+    crit = fc.RebalancedCrossEntropyLoss(reduction=reduction, backend=name)
+
+    def step(x):
+        return crit(x, ab.float(), mask=mask)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        x = logits.float().clone().requires_grad_(True)
+        loss = fn(x)
+        loss.backward(torch.full_like(loss, 1.3))
+        results.append((loss.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
+    assert (results[0][1].permute(0, 2, 3, 1)[mask] == 0).all()
+
+
+def test_a_precomputed_target_takes_the_mask_too():
+    logits, ab, weights = make_inputs(2, 3, 4, seed=15)
+    mask = make_mask("some", 2, 3, 4, seed=15)
+    labels = fc.soft_encode(ab.float())
+    for name in backends.available("cpu"):
+        x1 = logits.float().clone().requires_grad_(True)
+        x2 = logits.float().clone().requires_grad_(True)
+        a = fc.rebalanced_cross_entropy(x1, ab.float(), weights.float(), mask=mask, backend=name)
+        b = fc.rebalanced_cross_entropy(x2, labels, weights.float(), mask=mask, backend=name)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-8)
