@@ -357,3 +357,46 @@ def test_train_command_names_a_missing_shard(shards, tmp_path, capsys):
     assert len(err) == 1 and "train-000009.tar" in err[0] and "not in the index" in err[0], err
     assert main(["train", str(tmp_path / "nothing-{1..2}.tmp"), "--out", str(tmp_path / "r2")]) == 2
     assert "DATA must be a folder of images or tar shards" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_skips_the_batches_already_trained(shards, workers):
+    """set_epoch(e, skip_batches=k): the batches of epoch e from batch k on, as a full epoch gives them."""
+    sh, _ = resolve_shards(shards)
+    ds = ShardDataset(sh, 16, 4, rank=1, world=2, seed=2, repeat=True, shuffle_buffer=5)
+
+    def batches(skip, n):
+        ds.set_epoch(3, skip_batches=skip, batch_size=2)
+        it = iter(DataLoader(ds, batch_size=2, num_workers=workers))
+        return [next(it)["index"].tolist() for _ in range(n)]
+
+    full = batches(0, 9)
+    assert batches(5, 4) == full[5:]
+    assert batches(0, 9) == full  # the same epoch, the same order
+
+
+def test_shard_source_validation_subset_and_given_validation_shards(shards, photos, tmp_path):
+    from fastcolor.models import build_model
+    from fastcolor.train import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.shard_source import ShardSource
+
+    def source(**fields):
+        cfg = TrainConfig(data_dir=str(shards), run_dir=str(tmp_path / "run"), model="zhang_tiny", batch_size=4,
+                          workers=0, augment=False)
+        for k, v in fields.items():  # val_images / val_data: TrainConfig fields of the trainer (issue 20.2)
+            setattr(cfg, k, v)
+        src = ShardSource(cfg, tmp_path / "run", Dist(), torch.device("cpu"))
+        src.prepare()
+        src.attach(build_model("zhang_tiny"), 16, 4)
+        return src
+
+    subset = source(val_images=2)
+    got = _indices(subset.val_loader())
+    assert len(got) == 2 and got == _indices(source(val_images=2).val_loader())  # the same two every time
+    assert len(list(subset.val_loader(max_batches=1))) == 1
+    given = source(val_data=str(shards))  # every shard of a given folder: train, val and test sets
+    assert given.val_ds.images == sum(e["images"] for k in ("train", "val", "test")
+                                      for e in read_shard_index(shards)["splits"][k])
+    with pytest.raises(ValueError, match="val_data: training on shards"):
+        source(val_data=str(photos))

@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fastcolor.data.folder import ImageItem, index_images, list_images, split_items, split_source
+from fastcolor.data.images import UnreadableImageError
 from fastcolor.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["SHARD_INDEX", "SHARDS_FORMAT", "SPLITS", "Shard", "ShardError", "write_shards", "read_shard_index",
@@ -245,11 +246,12 @@ def resolve_shards(spec: str | os.PathLike, split: str = "train") -> tuple[list[
     ``spec`` is a shard folder, or a path, URL or brace pattern of ``.tar`` shards
     (``out/train-{000000..000099}.tar``, ``https://host/s/train-{000000..000099}.tar``) with the
     set's :data:`SHARD_INDEX` beside them: for ``split="train"`` its shards are the pattern's, for
-    another split the index's shards of that split beside them. A local shard that does not
-    exist raises :class:`ShardError` naming it (a remote one fails when it is read).
+    another split the index's shards of that split beside them; ``split="all"``: every shard of
+    the set. A local shard that does not exist raises :class:`ShardError` naming it (a remote
+    one fails when it is read).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
     spec = str(spec)
     if Path(spec).is_dir():
         base, urls = spec, None
@@ -260,7 +262,7 @@ def resolve_shards(spec: str | os.PathLike, split: str = "train") -> tuple[list[
         base = _parent(urls[0])
     index = read_shard_index(base)
     if urls is None or split != "train":
-        urls = [_join(base, e["name"]) for e in index["splits"][split]]
+        urls = [_join(base, e["name"]) for k in (SPLITS if split == "all" else (split,)) for e in index["splits"][k]]
     known = {e["name"]: e["images"] for k in SPLITS for e in index["splits"][k]}
     unknown = [u for u in urls if u.rsplit("/", 1)[-1] not in known]
     if unknown:
@@ -350,7 +352,8 @@ class ShardDataset(IterableDataset):
         self.transform = augmentation() if augment is True else (augment or None)
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.shuffle_buffer, self.repeat, self.on_damaged = shuffle, shuffle_buffer, repeat, on_damaged
-        self.epoch = 0
+        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
+        self.max_retries = 20  #: unreadable images in a row before a worker gives up (the folder dataset's rule)
         self.damaged: list[str] = []  #: the damaged shards this process skipped (each worker counts its own)
         self._reported: set[str] = set()
 
@@ -363,9 +366,12 @@ class ShardDataset(IterableDataset):
         """Images this rank reads in one pass (the DataLoader's length; endless with ``repeat``)."""
         return self.rank_images()
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose shard order and shuffle the next iteration uses (before making a DataLoader)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """The epoch whose shard order and shuffle the next iteration uses (set before making a
+        DataLoader), and how many of its batches of ``batch_size`` a resumed run already trained
+        on: they are passed over without decoding (each worker its share of them, as the
+        DataLoader takes batches from its workers in turn)."""
+        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
 
     def assigned(self, rank: int, worker: int = 0, workers: int = 1, step: int = 0) -> list[tuple[Shard, int]]:
         """The shards that ``worker`` (of ``workers``) of ``rank`` reads in pass ``step`` of this
@@ -384,6 +390,28 @@ class ShardDataset(IterableDataset):
         wds = require_webdataset()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        active = min(workers, len(self.assigned(self.rank)))  # workers with a shard (the others stop at once)
+        if worker >= active:
+            return
+        # The DataLoader takes batch i from worker i % active. After k skipped batches, worker w
+        # plays the part worker (w + k) % active had in the whole epoch, past its share of the k.
+        part = (worker + self.skip_batches) % active
+        skip = len(range(part, self.skip_batches, active)) * self.batch_size
+        bad, last = 0, ""
+        for group in itertools.islice(self._groups(wds, part, workers), skip, None):
+            sample, why = self._sample(group)
+            if sample is not None:
+                bad = 0
+                yield sample
+                continue
+            bad, last = bad + 1, why
+            if bad >= self.max_retries:
+                raise UnreadableImageError(f"shards: none of {bad} image(s) in a row of rank {self.rank}, worker "
+                                           f"{worker} could be read (the last: {last}); expected readable images")
+
+    def _groups(self, wds, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """This worker's images (their tar members, undecoded) of one pass, or of pass after pass
+        with ``repeat``, through the shuffle buffer."""
         for step in itertools.count() if self.repeat else range(1):
             mine = self.assigned(self.rank, worker, workers, step)
             if not mine:  # more workers than this rank has shards: this one idles (every pass alike)
@@ -394,12 +422,12 @@ class ShardDataset(IterableDataset):
                                         .integers(2**62)))
                 stream = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(stream)
             got = 0
-            for sample in stream:
+            for group in stream:
                 got += 1
-                yield sample
+                yield group
             if got == 0:
                 raise ShardError(f"shards: none of the {len(mine)} shard(s) of rank {self.rank}, worker {worker} gave "
-                                 f"a readable image (the first: {mine[0][0].url}; damaged: "
+                                 f"an image (the first: {mine[0][0].url}; damaged: "
                                  f"{'; '.join(self.damaged[-3:]) or 'none'})")
 
     def _read(self, wds, shards: Sequence[tuple[Shard, int]]) -> Iterator[dict[str, Any]]:
@@ -418,10 +446,9 @@ class ShardDataset(IterableDataset):
                 for group in _group(wds.tariterators.tar_file_expander(opened, handler=stop, eof_value=None)):
                     if got == take:
                         break
-                    sample = self._sample(group, shard.url)
-                    if sample is not None:
-                        got += 1
-                        yield sample
+                    got += 1
+                    group["__url__"] = shard.url
+                    yield group
             finally:
                 for source in opened:
                     try:
@@ -440,21 +467,22 @@ class ShardDataset(IterableDataset):
         warnings.warn(f"skipping the rest of damaged shard {what}; {len(self.damaged)} damaged shard(s) skipped so "
                       f"far by rank {self.rank} (this worker)", stacklevel=3)
 
-    def _sample(self, group: dict[str, Any], url: str) -> dict[str, Any] | None:
-        """The sample of one image's members, or None (warned once) if it cannot be used."""
+    def _sample(self, group: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """(the sample of one image's members, "") or (None, why) if it cannot be used (warned once)."""
         key = group["__key__"]
-        image = [k for k in group if k not in ("__key__", "cls", "json")]
-        name = f"{url}/{key}.{image[0] if image else 'jpg'}"
+        image = [k for k in group if k not in ("__key__", "__url__", "cls", "json")]
+        name = f"{group['__url__']}/{key}.{image[0] if image else 'jpg'}"
         try:
             if len(image) != 1 or "cls" not in group:
-                got = sorted(k for k in group if k != "__key__")
+                got = sorted(k for k in group if not k.startswith("__"))
                 raise ValueError(f"expected an image and a .cls member, got {got}")
-            return self._to_sample(group[image[0]], name, int(key.rsplit("-", 1)[-1]))
+            return self._to_sample(group[image[0]], name, int(key.rsplit("-", 1)[-1])), ""
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             if name not in self._reported:
                 self._reported.add(name)
-                warnings.warn(f"skipping unreadable image {name!r} ({type(exc).__name__}: {exc})", stacklevel=3)
-            return None
+                warnings.warn(f"skipping unreadable image {name!r} ({why})", stacklevel=3)
+            return None, why
 
     def _to_sample(self, data: bytes, name: str, index: int) -> dict[str, Any]:
         from fastcolor.color import rgb_to_lab

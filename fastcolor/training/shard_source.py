@@ -15,6 +15,7 @@ goes on with its shards of the next pass. The class prior is computed from the t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import warnings
@@ -25,26 +26,24 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fastcolor.data.shards import ShardDataset, resolve_shards, sample_shards
+from fastcolor.data.shards import ShardDataset, is_shard_source, resolve_shards, sample_shards
 from fastcolor.training.source import FolderSource, epoch_seed
 
 __all__ = ["ShardSource"]
 
 
 class _Batches:
-    """The first ``steps`` batches of an endless loader, with that length (what the trainer counts)."""
+    """A loader's first ``steps`` batches (all with None), with that length where it is known
+    (what the trainer counts): an endless training stream cut to an epoch, a bounded validation."""
 
-    def __init__(self, loader: DataLoader, steps: int):
+    def __init__(self, loader: DataLoader, steps: int | None = None):
         self.loader, self.steps = loader, steps
 
     def __len__(self) -> int:
-        return self.steps
+        return len(self.loader) if self.steps is None else self.steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for i, batch in enumerate(self.loader):
-            if i >= self.steps:
-                return
-            yield batch
+        return itertools.islice(self.loader, self.steps)
 
 
 class ShardSource(FolderSource):
@@ -58,7 +57,16 @@ class ShardSource(FolderSource):
             raise ValueError(f"classes: the classes of shards are chosen when they are written (fastcolor shard "
                              f"--class), got {cfg.classes!r} for the shards {cfg.data_dir}")
         self.train_shards, self.index = resolve_shards(cfg.data_dir, "train")
-        self.val_shards, _ = resolve_shards(cfg.data_dir, "val")
+        val_data = getattr(cfg, "val_data", None)  # a given validation set: shards too
+        if val_data is not None and not is_shard_source(val_data):
+            raise ValueError(f"val_data: training on shards, validation takes shards too (a folder of them or a "
+                             f"pattern: fastcolor shard VAL_IMAGES OUT writes them), got {val_data!r}")
+        if val_data is None:  # the val set written beside the training shards
+            self.val_shards, _ = resolve_shards(cfg.data_dir, "val")
+        else:  # every shard of a given folder, or those of a pattern
+            self.val_shards, _ = resolve_shards(val_data, "all" if Path(str(val_data)).is_dir() else "train")
+        n = getattr(cfg, "val_images", None)  # a fixed seeded subset of n images: from a few whole shards
+        self.val_items = sample_shards(self.val_shards, n, cfg.seed) if n else self.val_shards
         self.split = {}  # made when the shards were written: shards.json records it
 
     @property
@@ -77,7 +85,7 @@ class ShardSource(FolderSource):
         common = {"size": size, "target_stride": stride, "target_reduction": cfg.target_reduction, "seed": cfg.seed}
         self.train_ds = ShardDataset(self.train_shards, augment=train_aug, rank=d.rank, world=d.world, repeat=True,
                                      **common)
-        self.val_ds = ShardDataset(self.val_shards, augment=val_aug, rank=d.rank, world=d.world, shuffle=False,
+        self.val_ds = ShardDataset(self.val_items, augment=val_aug, rank=d.rank, world=d.world, shuffle=False,
                                    **common)
         prior = str(getattr(cfg, "prior", "data"))  # "data" or "sample:N" (rank 0 computes the prior)
         shards = (sample_shards(self.train_shards, int(prior.split(":", 1)[1]), cfg.seed)
@@ -93,16 +101,21 @@ class ShardSource(FolderSource):
         return DataLoader(ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers, generator=generator,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
-    def train_loader(self, epoch: int) -> _Batches:
-        """This rank's ``ceil(images / (ranks x batch_size))`` training batches of ``epoch``."""
-        self.train_ds.set_epoch(epoch)
-        steps = max(1, math.ceil(self.train_ds.images / (self.d.world * self.cfg.batch_size)))
-        g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        return _Batches(self._shard_loader(self.train_ds, g), steps)
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch, the same on every rank: ``ceil(images / (ranks x batch_size))``."""
+        return max(1, math.ceil(self.train_ds.images / (self.d.world * self.cfg.batch_size)))
 
-    def val_loader(self) -> DataLoader:
-        """This rank's validation batches: its share of the validation shards, in order."""
-        return self._shard_loader(self.val_ds)
+    def train_loader(self, epoch: int, skip: int = 0) -> _Batches:
+        """This rank's training batches of ``epoch``, from its batch ``skip`` on (a run resumed in
+        the middle of an epoch: the batches before are passed over undecoded)."""
+        self.train_ds.set_epoch(epoch, skip_batches=skip, batch_size=self.cfg.batch_size)
+        g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
+        return _Batches(self._shard_loader(self.train_ds, g), max(0, self.steps_per_epoch() - skip))
+
+    def val_loader(self, max_batches: int | None = None) -> _Batches:
+        """This rank's validation batches: its share of the validation shards, in order (at most
+        ``max_batches`` of them)."""
+        return _Batches(self._shard_loader(self.val_ds), max_batches)
 
     def prior_loader(self) -> DataLoader:
         """Batches of the training images the class prior is computed from (un-augmented)."""
