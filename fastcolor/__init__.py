@@ -78,7 +78,12 @@ def load_model(path, device="cpu", **overrides):
     * the authors' released ECCV16 PyTorch weights, ``colorization_release_v2-9b330a0b.pth``
       (richzhang/colorization), recognised by its keys and shapes and loaded into a
       :class:`~fastcolor.models.ZhangNet` that decodes at T = 1 by default (see
-      :mod:`fastcolor.models.released` for why).
+      :mod:`fastcolor.models.released` for why);
+    * the authors' Caffe model, ``colorization_release_v2.caffemodel`` (or ``_norebal``), decoded
+      at T = 1 / 2.606 as their Caffe pipeline (:mod:`fastcolor.models.caffe`; needs protobuf);
+    * a folder in the Hugging Face Hub layout (``model.safetensors`` + ``config.json``, as
+      :func:`fastcolor.models.serialization.save_pretrained` writes it), or a Hub id
+      ``owner/name`` that is no local path (needs the optional ``huggingface_hub`` and the network).
 
     No file is ever unpickled (a torch file is read with ``torch.load(weights_only=True)``) and
     the config stored in a file is checked before anything it asks for is allocated; a file of

@@ -17,6 +17,7 @@ import torch
 
 from fastcolor import _ext
 from fastcolor.backends._alloc import empty_cpu
+from fastcolor.backends._fork import forked
 from fastcolor.backends._tables import bin_centres, device_table
 from fastcolor.backends.contract import LossCall
 from fastcolor.gamut import Q
@@ -51,10 +52,11 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _where(t: torch.Tensor) -> dict:
-    """Where ``_C`` runs: the CPU thread count, or the current stream of the tensor's device."""
+    """Where ``_C`` runs: the CPU thread count (1 in a forked process, see
+    :mod:`fastcolor.backends._fork`), or the current stream of the tensor's device."""
     if t.is_cuda:
         return {"stream": torch.cuda.current_stream(t.device).cuda_stream}
-    return {"nthreads": torch.get_num_threads()}
+    return {"nthreads": 1 if forked() else torch.get_num_threads()}
 
 
 def _check_logits(x: torch.Tensor, what: str) -> None:

@@ -2,24 +2,20 @@
 
 A kernel is a ``prange`` over one worker per numba thread; the workers take chunks (runs of
 tiles) from a shared atomic counter until none is left. Tiny inputs run on the calling
-thread, and so does everything in a process forked after this one ran a parallel kernel
-(GNU OpenMP, numba's default layer, cannot run in such a child: numba would terminate it;
-think DataLoader workers that soft-encode).
+thread, and so does everything in a forked process (a DataLoader worker): GNU OpenMP, numba's
+default layer, hangs or is terminated there once the parent ran any parallel region, numba's or
+torch's (see :mod:`fastcolor.backends._fork`).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from fastcolor.backends._fork import forked
 from fastcolor.backends.numba_backend._jit import claim_index, jit, numba
 from fastcolor.gamut import Q
 
 #: Pixels per tile (the inner, vectorised loop length).
 TILE = 128
-#: The process that first ran a parallel kernel (GNU OpenMP cannot run in a child forked
-#: after that: numba would terminate the child), see launch().
-_PARALLEL_PID: int | None = None
 #: Work of at most this many tiles (of the loss / decode; 8x more for soft-encode, which is
 #: ~10x cheaper per tile) runs on the calling thread: waking a sleeping pool thread costs
 #: ~10 us on an idle machine but a scheduler tick (4 ms here) or more on a busy one.
@@ -35,18 +31,14 @@ def launch(parallel_kernel, worker, ntiles: int, *args, serial_max: int = SERIAL
     chunks of tiles from a shared atomic counter until none is left (dynamic scheduling:
     numba's prange splits statically, so one thread descheduled by a busy machine, e.g. by
     DataLoader workers, would hold up the whole call). Serial, on the calling thread: tiny
-    work, one thread, or a process forked after this one ran parallel code (a DataLoader
-    worker: GNU OpenMP would be terminated there).
+    work, one thread, or a forked process (a DataLoader worker: :mod:`fastcolor.backends._fork`).
     """
-    global _PARALLEL_PID
-    pid = os.getpid()
-    forked = _PARALLEL_PID is not None and _PARALLEL_PID != pid
-    threads = numba.get_num_threads()
     counter = np.zeros(1, np.int64)
-    if forked or ntiles <= serial_max or threads == 1:
+    # forked() first: numba.get_num_threads() starts numba's threading layer, whose OpenMP start
+    # in a forked child also sets the child's torch thread count back up (omp_set_num_threads).
+    if forked() or ntiles <= serial_max or (threads := numba.get_num_threads()) == 1:
         worker(counter, 1, *args)
         return
-    _PARALLEL_PID = pid
     parallel_kernel(threads, counter, max(1, min(ntiles, threads * CHUNKS_PER_THREAD)), *args)
 
 
