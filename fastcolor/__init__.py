@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from fastcolor._version import __version__
+from fastcolor.backends import _fork  # noqa: F401  (marks forked children: their CPU kernels run on one thread)
 
 # The public names, each imported from its module on first use (PEP 562): `import fastcolor` imports
 # neither torch nor the kernels, so `fastcolor --help` answers at once, and `fastcolor.soft_encode`
