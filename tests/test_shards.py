@@ -252,6 +252,9 @@ def test_reading_without_webdataset_names_the_extra(shards, monkeypatch):
     monkeypatch.setitem(sys.modules, "webdataset", None)
     with pytest.raises(ImportError, match=r"pip install 'fastcolor\[shards\]'"):
         next(iter(ShardDataset(sh, 16, 4)))
+    with pytest.raises(ImportError, match=r"pip install 'fastcolor\[shards\]'"):
+        resolve_shards(f"{shards}/train-{{000000..000001}}.tar")
+    assert resolve_shards(shards, "val")[0] == sh  # a shard folder is found without it
 
 
 def test_shard_command(photos, tmp_path, capsys):

@@ -256,7 +256,8 @@ def resolve_shards(spec: str | os.PathLike, split: str = "train") -> tuple[list[
     if Path(spec).is_dir():
         base, urls = spec, None
     else:
-        import braceexpand  # installed with webdataset (the shards extra)
+        require_webdataset()  # says which extra to install; braceexpand comes with it
+        import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
         base = _parent(urls[0])
