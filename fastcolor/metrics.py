@@ -31,7 +31,17 @@ import torch.nn.functional as F
 
 from fastcolor.color import l_ab_to_rgb
 from fastcolor.colorize import decode_ab, decode_temperature
-from fastcolor.data import TARGET_REDUCTIONS, ColorizationDataset, ImageItem, index_images, load_split, reduce_target
+from fastcolor.data import (
+    TARGET_REDUCTIONS,
+    ColorizationDataset,
+    DeviceStage,
+    ImageItem,
+    collate_bytes,
+    index_images,
+    load_split,
+    reduce_target,
+    resolve_decode,
+)
 from fastcolor.gamut import A_MIN, AB_BINS, B_MIN, Q
 from fastcolor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fastcolor.models.serialization import load_model
@@ -623,7 +633,7 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
              splits: Splits | None = None, compare: str | os.PathLike | None = None, T: float | None = None,
              batch_size: int = 32, device: str = "auto", max_images: int | None = None,
              grid_images: int = 6, backbone_weights: str | os.PathLike | None = None,
-             target_reduction: str | None = None) -> dict[str, Any]:
+             target_reduction: str | None = None, decode: str = "auto") -> dict[str, Any]:
     """Evaluate a trained model on ``data_dir``; write ``metrics.json``, ``metrics.md``, ``comparison.png``.
 
     ``run_dir_or_weights``: a run directory (its ``model.safetensors``) or a model or checkpoint
@@ -649,6 +659,9 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
     None (default) takes each model's run's (``target_reduction`` in the ``train_config.json``
     beside the model), else ``"subsample"`` (Zhang et al.'s choice). The ab metrics (MSE,
     R^2, AuC) are always at full resolution.
+    ``decode``: where the images are decoded, as in training (:func:`fastcolor.data.resolve_decode`):
+    ``"cpu"`` (PIL), ``"gpu"`` (nvjpeg on a CUDA device, batched), ``"auto"`` (default: ``"gpu"``
+    on CUDA for mostly-JPEG folders); Lab is computed batched on ``device`` either way.
 
     Rows hold, per class and split, the mean over images of: ``acc313``, ``ce313_soft``
     (:func:`soft_cross_entropy`, the study's), ``ce313_hard`` (:func:`hard_cross_entropy`),
@@ -691,11 +704,16 @@ def evaluate(run_dir_or_weights: str | os.PathLike, data_dir: str | os.PathLike,
         split_items_ = split_items_[:max_images] if max_images else split_items_
         groups: dict[str, dict[str, _Group]] = {k: defaultdict(_Group) for k in models}
         size = models["model"].config["input_size"]
-        ds = ColorizationDataset(data_dir, split_items_, size=size, target_stride=1, augment=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
-        for batch in loader:
-            L, ab = batch["L"].to(dev), batch["ab"].to(dev)
-            labels = [ds.items[int(i)].label for i in batch["index"]]
+        how = resolve_decode(decode, dev, [it.path for it in split_items_])
+        ds = ColorizationDataset(data_dir, split_items_, size=size, target_stride=1, augment=False,
+                                 output="bytes" if how == "gpu" else "rgb")
+        stage = DeviceStage(dev, 1, size=size)  # decoding (bytes), L and ab: batched on the device
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, pin_memory=dev.type == "cuda",
+                                             collate_fn=collate_bytes if how == "gpu" else None)
+        for raw in loader:
+            batch = stage(raw)
+            L, ab = batch["L"], batch["ab"]
+            labels = [ds.items[i].label for i in batch["index"].tolist()]
             true_rgb = l_ab_to_rgb(L, ab)
             preds = {}
             for key, model in models.items():

@@ -181,3 +181,31 @@ def test_nvjpeg_batch_matches_the_pil_path(mixed):
     assert x.is_cuda and kept == list(range(len(good)))
     for img, name in zip(x.cpu(), good, strict=True):
         assert (img.int() - load_square(root / name, SIZE).int()).abs().float().mean() <= 2, name
+
+
+def test_eval_reads_a_folder_through_the_same_decode(mixed, tmp_path):
+    """fastcolor eval on a folder: decode "cpu" (PIL) drops nothing readable, skips the bad files
+    with a warning; decode "gpu" needs a CUDA device and says so."""
+    import shutil
+
+    from fastcolor.metrics import evaluate
+    from fastcolor.models import build_model
+    from fastcolor.models.serialization import save_model
+
+    root, good, bad = mixed
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in [*good, *bad]:
+        shutil.copy(root / name, data / name)
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "m.safetensors", build_model("zhang_tiny"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = evaluate(model, data, out_dir=tmp_path / "eval", grid_images=0, device="cpu", decode="cpu")
+    # notes.jpg fails the listing's header check; truncated.jpg passes it and is skipped at load
+    # (replaced by the next readable image, the dataset's rule), with a warning naming it
+    assert [r["images"] for r in report["rows"] if r["class"] == "(all)"] == [len(good) + 1]
+    assert any("truncated.jpg" in str(m.message) for m in w)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="decode: 'gpu'"):
+        warnings.simplefilter("ignore")
+        evaluate(model, data, out_dir=tmp_path / "eval2", grid_images=0, device="cpu", decode="gpu")

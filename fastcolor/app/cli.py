@@ -421,6 +421,9 @@ examples:
     p.add_argument("--target-reduction", choices=["subsample", "area"], metavar="{subsample,area}",
                    help="how the true ab is reduced to the logits' size for the 313-bin metrics (default: the run's, "
                         "else subsample)")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",  # fastcolor.data.DECODES
+                   help="where JPEGs are decoded: cpu (PIL), gpu (nvjpeg, batched on the GPU), auto (gpu on CUDA "
+                        "when most files are JPEGs; default)")
     _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
@@ -920,7 +923,7 @@ def _eval_one(args, weights: str, data: Path, out: Path | None) -> dict:
             return evaluate(model_file, data, out_dir=out, splits=args.split if use_split else ("all",),
                             compare=compare, T=args.temperature, batch_size=args.batch_size, device=device,
                             max_images=args.max_images, backbone_weights=args.backbone_weights,
-                            target_reduction=args.target_reduction)
+                            target_reduction=args.target_reduction, decode=args.decode)
     except NoReadableImagesError as exc:
         raise _no_images(args, exc) from exc
 
