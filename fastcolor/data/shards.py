@@ -12,9 +12,11 @@ file's own bytes (no recompression) beside its class, WebDataset's way: members 
 (the original suffix, lower case), ``<key>.cls`` (the class number, decimal text) and
 ``<key>.json`` (``{"path", "label"}``), keys ``<split>-<position, 8 digits>``. Each shard is built
 in memory and written with :func:`fastcolor.io.atomic_write_bytes` (temporary name, fsync,
-rename), so a failure never leaves a partial ``.tar``; the index ``shards.json`` (classes, seed,
-fractions, what the split was made from, and per shard its images, bytes and images per class) is
-written last, so a shard set without an index is one whose writing did not finish.
+rename), so a failure never leaves a partial ``.tar``. (The standard library's ``tarfile``, not
+webdataset's ``TarWriter``, which streams into the final name: a shard is a plain tar, and
+atomicity stays with the one writer every fastcolor file goes through.) The index
+``shards.json`` (classes, seed, fractions, what the split was made from, and per shard its
+images, bytes and images per class) is written last: a set without one did not finish.
 
 Reading (:class:`ShardDataset`) uses the ``webdataset`` library (the ``shards`` extra, imported
 only here): local paths and the URLs it opens (``pipe:``, ``http(s)://``, ``gs://`` ...). The
