@@ -206,6 +206,7 @@ def read_caffe_layers(path: str | os.PathLike) -> tuple[str, dict[str, dict]]:
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"path: {path} is not a Caffe model (a binary NetParameter): the protobuf parser says "
                          f"{' '.join(str(exc).split())[:200] or 'it is malformed'}") from None
+    del raw  # the file's bytes (about 129 MB for the released model): the parsed message holds the values now
     if len(net.layers) and not len(net.layer):
         raise ValueError(f"path: {path} is a Caffe net in the old V1 format ({len(net.layers)} 'layers'), "
                          f"not {EXPECTED}, which uses BatchNorm layers (new format only)")
@@ -275,7 +276,7 @@ def convert_caffe_layers(layers: dict[str, dict], source: str = "the file") -> t
     state: dict[str, torch.Tensor] = {}
     want = _expected_blobs(*caffe_widths(layers))
     for name, (prefix, kind) in _layer_table().items():
-        blobs = [torch.from_numpy(b.reshape(w).copy())
+        blobs = [torch.from_numpy(b.reshape(w))  # read_caffe_layers' arrays are its own: shared, not copied
                  for b, w in zip(layers[name if name in layers else "conv1_1"]["blobs"], want[name], strict=True)]
         if kind == "conv":
             weight, bias = blobs
