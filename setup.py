@@ -46,10 +46,20 @@ class CMakeExtension(Extension):
         self.sourcedir = str(sourcedir)
 
 
-def _banner(msg):
+def _banner(msg, terminal_msg=None):
     line = "!" * 78
     sys.stderr.write(f"\n{line}\n{msg}\n{line}\n\n")
     sys.stderr.flush()
+    # pip captures a build's output and shows it only with -v or when the build fails, so a build
+    # that falls back to Python would install without a visible word: when stderr is captured, say
+    # it on the controlling terminal too, if there is one (a CI log has none: `import fastcolor`
+    # warns there, fastcolor._ext.warn_if_missing).
+    if terminal_msg and not sys.stderr.isatty():
+        try:
+            with open("/dev/tty", "w") as tty:
+                tty.write(f"\n{line}\n{terminal_msg}\n{line}\n\n")
+        except OSError:
+            pass
 
 
 def _find_tool(name, module, bin_dir_attr):
@@ -86,13 +96,15 @@ class CMakeBuild(build_ext):
                 raise
             detail = getattr(exc, "fastcolor_log", "") or traceback.format_exc(limit=3)
             reason = f"building the C++/CUDA extension failed: {exc}"
-            _banner(
+            headline = (
                 "WARNING: fastcolor's native extension fastcolor._C could NOT be built.\n"
                 f"{reason}\n"
                 "fastcolor will still install and work with its torch/numba/triton backends;\n"
                 "fastcolor.build_info()['reason'] tells why. Set FASTCOLOR_EXT_REQUIRED=1\n"
-                "to make this a hard error.\n\n" + detail[-4000:]
+                "to make this a hard error."
             )
+            _banner(headline + "\n\n" + detail[-4000:],
+                    terminal_msg=headline + "\n'pip install -v' shows the build's log.")
             self._record_failure(ext, reason + "\n" + detail[-4000:])
             return
         for p in self._failure_paths(ext):

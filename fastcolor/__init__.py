@@ -2,13 +2,75 @@
 
 Grayscale L in, a distribution over the 313 quantised ab bins out, an annealed mean back to
 colour. The hot paths (soft-encoding, the fused class-rebalanced cross-entropy, annealed-mean
-decoding) run on custom kernels chosen per device; :mod:`fastcolor.reference` is their spec.
+decoding) run on custom kernels chosen per device; `fastcolor.reference` is their spec.
+BSD 3-Clause licence; the command line is ``fastcolor --help``.
+
+## Quickstart
+
+The loss and the decoder in your own training loop (L in 0..100, ab in Lab units, at the
+logits' resolution):
+
+>>> import torch, fastcolor
+>>> from fastcolor.models import ZhangNet
+>>> model = ZhangNet.tiny()                        # L (N, 1, 32, 32) -> logits (N, 313, 8, 8)
+>>> L, ab = torch.rand(2, 1, 32, 32) * 100, torch.rand(2, 2, 8, 8) * 160 - 80
+>>> criterion = fastcolor.RebalancedCrossEntropyLoss()   # weights= the rarity weights, if any
+>>> loss = criterion(model(L), ab)                 # soft-encodes ab on the fly (k = 5, sigma = 5)
+>>> loss.backward()
+>>> with torch.no_grad():
+...     ab_pred = fastcolor.AnnealedMeanDecoder(T=0.38)(model(L))
+>>> ab_pred.shape
+torch.Size([2, 2, 8, 8])
+
+The class-rebalancing weights come from the training set's prior
+(`fastcolor.PriorAccumulator`, then `fastcolor.rarity_weights`). A trained model colorizes a
+photo with `fastcolor.colorize.colorize_image`; `fastcolor.load_model` reads fastcolor's files,
+a run directory, the authors' released PyTorch weights and their Caffe model.
+
+## Module map
+
+| module | what it holds |
+|---|---|
+| `fastcolor` | the ops (`soft_encode`, `rebalanced_cross_entropy`, `annealed_mean`, their modules), `load_model` |
+| `fastcolor.ops` | the ops, one module each (below): autograd and backend dispatch |
+| `fastcolor.reference` | the float64 numpy specification every backend is tested against |
+| `fastcolor.gamut` | the 313 ab bins and the nearest-bin search table |
+| `fastcolor.color` | sRGB <-> CIE Lab on torch tensors |
+| `fastcolor.models` | `fastcolor.models.zhang`, `fastcolor.models.fusion`; loading and saving weights |
+| `fastcolor.colorize` | a trained model to a colour image, at the photo's own resolution |
+| `fastcolor.data` | image folders, splits, tar shards, the dataset and the device half of the data path |
+| `fastcolor.train` | the training loop; `fastcolor.training` its parts; `fastcolor.recipes` named settings |
+| `fastcolor.metrics` | accuracy, AuC, PSNR, SSIM, ..., and `evaluate` (the tables of `fastcolor eval`) |
+| `fastcolor.export` | a model and its decoding as one ONNX graph |
+| `fastcolor.io` | atomic writes, pickle-free checkpoints |
+| `fastcolor.monitor` | TensorBoard logging |
+| `fastcolor.backends` | the backend registry: `resolve`, `available`, `BackendUnavailable` |
+
+The ops' modules: `fastcolor.ops.encode` (soft-encoding, `SoftLabels`), `fastcolor.ops.loss`
+(the fused loss), `fastcolor.ops.decode` (annealed mean), `fastcolor.ops.prior` (class prior,
+rarity weights).
+
+## Backends
+
+Every op takes ``backend="auto"`` (the default) or a name; ``FASTCOLOR_BACKEND=name`` overrides
+``auto`` everywhere, and a backend that cannot run raises `BackendUnavailable` saying why.
+
+| backend | device | what |
+|---|---|---|
+| ``numba`` | CPU | JIT-compiled kernels; ``auto``'s first choice on the CPU |
+| ``cpp`` | CPU | C++/OpenMP kernels in the native extension ``fastcolor._C`` |
+| ``triton`` | CUDA | Triton kernels; ``auto``'s first choice on a GPU |
+| ``cuda`` | CUDA | CUDA kernels in ``fastcolor._C`` (built where ``nvcc`` was found) |
+| ``torch`` | CPU, CUDA | plain PyTorch: the baseline, and the fallback |
+
+``import fastcolor`` imports neither torch nor the kernels: each name is imported on first use.
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fastcolor._ext import warn_if_missing as _warn_if_missing
 from fastcolor._version import __version__
 from fastcolor.backends import _fork  # noqa: F401  (marks forked children: their CPU kernels run on one thread)
 
@@ -50,6 +112,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         rebalanced_cross_entropy,
         soft_encode,
     )
+
+
+_warn_if_missing()  # once per process: a failed native build should not go unnoticed
 
 
 def __getattr__(name: str) -> Any:

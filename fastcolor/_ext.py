@@ -10,16 +10,50 @@ versions (None when not importable). Nothing here touches CUDA.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 
-__all__ = ["load_extension", "build_info"]
+__all__ = ["load_extension", "build_info", "ExtensionMissingWarning", "warn_if_missing"]
 
 _FAILURE_FILE = Path(__file__).with_name("_build_failure.txt")
 
 _module = None
 _error: str | None = None
 _loaded = False
+
+
+class ExtensionMissingWarning(UserWarning):
+    """``import fastcolor`` found no native extension ``fastcolor._C`` although it was not turned
+    off: the ``cpp`` and ``cuda`` backends cannot run (``auto`` uses the others)."""
+
+
+def _disabled() -> bool:
+    return os.environ.get("FASTCOLOR_NO_EXT", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def warn_if_missing() -> bool:
+    """Warn (:class:`ExtensionMissingWarning`, once: ``import fastcolor`` calls this) when
+    ``fastcolor._C`` is not in the package and nobody turned it off (``FASTCOLOR_NO_EXT=1`` at build
+    or run time); returns whether it warned. Finds the module without loading it (no cost at import).
+    """
+    if _disabled():
+        return False
+    failure = _build_failure_text()
+    if failure and failure.startswith("disabled by FASTCOLOR_NO_EXT"):
+        return False
+    try:
+        if importlib.util.find_spec("fastcolor._C") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+    why = f"its build failed: {failure.splitlines()[0]}" if failure else "it was not built"
+    warnings.warn(f"fastcolor's native extension fastcolor._C is missing ({why}): the 'cpp' and 'cuda' backends "
+                  f"cannot run, backend='auto' uses numba, triton or torch. fastcolor.build_info()['reason'] says "
+                  f"more; reinstall with a C++ compiler and CMake ('pip install -v .' shows the build), or set "
+                  f"FASTCOLOR_NO_EXT=1 to run without it and silence this", ExtensionMissingWarning, stacklevel=3)
+    return True
 
 
 def _build_failure_text() -> str | None:
@@ -48,7 +82,7 @@ def load_extension(force: bool = False):
     if _loaded and not force:
         return _module
     _module, _error = None, None
-    if os.environ.get("FASTCOLOR_NO_EXT", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if _disabled():
         _error = "disabled by FASTCOLOR_NO_EXT=1"
     else:
         try:

@@ -1,63 +1,32 @@
-"""The API reference (pdoc): it builds without a warning, and the public names have docstrings
-with an example.
-
-``make docs`` runs this file as a script (``python tests/test_docs.py OUT_DIR``), so the pages it
-writes are the pages this test builds.
-"""
+"""The API reference (pdoc, built by docs/api.py, which ``make docs`` runs): it builds without a
+warning, the landing page has the quickstart, the module map and the backends table and links
+every public module, backend internals stay out, and the public names have docstrings with an
+example."""
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
-import pkgutil
+import re
+import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pdoc")
 import pdoc.doc  # noqa: E402
-import pdoc.render  # noqa: E402
 
-import fastcolor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("fastcolor_docs_api", ROOT / "docs" / "api.py")
+docs_api = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs_api)
+build_api_docs, public_modules = docs_api.build_api_docs, docs_api.public_modules
 
 #: Modules whose public names the issue lists (issue 14, point 3): each name needs a docstring,
 #: each function and class one with an example.
 CHECKED = ["fastcolor", "fastcolor.models", "fastcolor.metrics", "fastcolor.io", "fastcolor.colorize"]
-#: Left out of the reference: the application (the command line is documented by --help) and the
-#: entry points.
-SKIPPED_PARTS = {"app", "bench", "__main__"}
-
-
-def public_modules() -> list[str]:
-    """fastcolor and every submodule of it that is not private (``_name``) or the application."""
-    names = ["fastcolor"]
-    for info in pkgutil.walk_packages(fastcolor.__path__, "fastcolor."):
-        parts = info.name.split(".")[1:]
-        if not any(p.startswith("_") or p in SKIPPED_PARTS for p in parts):
-            names.append(info.name)
-    return names
-
-
-def build_api_docs(out_dir: Path) -> tuple[dict[str, pdoc.doc.Module], list[str]]:
-    """Write the HTML reference of :func:`public_modules` into ``out_dir``; returns the pdoc modules
-    and the warnings pdoc emitted (a name in ``__all__`` that does not resolve, a docstring it
-    cannot parse, ...), which the test counts as errors."""
-    pdoc.render.configure(docformat="google")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # Each module by name (not pdoc's own walk, which hides submodules missing from a
-        # package's __all__): every public module gets its page.
-        modules = {name: pdoc.doc.Module.from_name(name) for name in public_modules()}
-        for module in modules.values():
-            html = pdoc.render.html_module(module, modules)
-            page = out_dir / f"{module.fullname.replace('.', '/')}.html"
-            page.parent.mkdir(parents=True, exist_ok=True)
-            page.write_text(html)
-        (out_dir / "index.html").write_text(pdoc.render.html_index(modules))
-        (out_dir / "search.js").write_text(pdoc.render.search_index(modules))
-    return modules, sorted({f"{w.category.__name__}: {w.message}" for w in caught})
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +49,50 @@ def test_reference_builds_without_a_warning(built):
 
 def test_reference_has_a_page_per_public_module(api):
     assert set(CHECKED) <= set(api)
-    assert not any(".app" in name or name.endswith("__main__") for name in api)
     for name, module in api.items():
         assert module.docstring.strip(), f"module {name} has no docstring"
+
+
+def test_landing_page_has_quickstart_module_map_and_backends(built):
+    """Issue 22.7: the package's page is the landing page (its docstring, as pdoc shows it)."""
+    out = built[0]
+    html = (out / "fastcolor.html").read_text()
+    for heading in ("Quickstart", "Module map", "Backends"):
+        assert re.search(rf"<h2[^>]*>.*?{heading}.*?</h2>", html, flags=re.S), heading
+    for backend in ("numba", "cpp", "triton", "cuda", "torch"):
+        assert f"<code>{backend}</code>" in html, backend
+    assert "RebalancedCrossEntropyLoss" in html and "AnnealedMeanDecoder" in html
+
+
+def test_every_public_module_is_reachable_from_the_landing_page(built, api):
+    """Following the links from fastcolor.html reaches every public module's page."""
+    out = built[0]
+    seen, todo = set(), [out / "fastcolor.html"]
+    while todo:
+        page = todo.pop()
+        if page in seen or not page.is_file():
+            continue
+        seen.add(page)
+        for href in re.findall(r'href="([^"#$]+\.html)', page.read_text()):
+            todo.append((page.parent / href).resolve())
+    reached = {p.relative_to(out.resolve()).with_suffix("").as_posix().replace("/", ".")
+               for p in seen if p.resolve().is_relative_to(out.resolve())}
+    assert set(api) - reached == set(), f"public modules no link leads to: {sorted(set(api) - reached)}"
+
+
+def test_backend_internals_stay_out_of_the_reference(api):
+    assert "fastcolor.backends" in api  # the registry a user calls stays
+    assert not [name for name in api if name.startswith("fastcolor.backends.")]
+    assert not any(".app" in name or name.endswith("__main__") for name in api)
+
+
+def test_make_docs_needs_no_test_tools():
+    """`make docs` runs docs/api.py: it must import with pytest and hypothesis unavailable."""
+    code = ("import runpy, sys\n"
+            "sys.modules['pytest'] = sys.modules['hypothesis'] = None\n"
+            f"runpy.run_path({str(ROOT / 'docs' / 'api.py')!r}, run_name='not_main')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+    assert "$(PY) docs/api.py $(DOCS_DIR)" in (ROOT / "Makefile").read_text()
 
 
 def _members(module: pdoc.doc.Module):
@@ -152,12 +162,3 @@ def test_public_functions_and_classes_have_an_example(api):
     missing = sorted({name for mod in CHECKED for name, member in _members(api[mod])
                       if _needs_example(member) and not _has_example(member.docstring or "")})
     assert not missing, f"{len(missing)} public functions/classes without an example ('>>>' or 'Example'): {missing}"
-
-
-if __name__ == "__main__":  # make docs
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "build/docs")
-    modules, problems = build_api_docs(out)
-    for problem in problems:
-        print(f"warning: {problem}", file=sys.stderr)
-    print(f"API reference ({len(modules)} modules): {out / 'index.html'}")
-    sys.exit(1 if problems else 0)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as md
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -135,3 +140,118 @@ def test_dependencies_and_dev_extra_cover_what_the_tests_import(meta):
 def test_console_script(meta):
     (ep,) = [e for e in md.entry_points(group="console_scripts") if e.name == "fastcolor"]
     assert ep.value == "fastcolor.app.cli:main"
+
+
+def test_sdist_holds_the_tests_the_readme_links_and_py_typed(tmp_path):
+    """Issue 22.6: an sdist whose tests collect (conftest.py, host_reads.py), with py.typed, the
+    licence and every file the README links; no compiled module or build record."""
+    import tarfile
+
+    proc = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; "
+                           f"print(b.build_sdist({str(tmp_path)!r}))"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdist = tmp_path / proc.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "x", filter="data")
+    linked = set(re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", (ROOT / "README.md").read_text()))
+    tracked_tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
+    expected = {"LICENSE", "fastcolor/py.typed", "docs/api.py", "pyproject.toml", "setup.py", *linked,
+                *tracked_tests}
+    assert expected - names == set(), sorted(expected - names)
+    assert not [n for n in names if n.endswith(".so") or n.endswith("_build_failure.txt") or "__pycache__" in n]
+    root = next((tmp_path / "x").iterdir())
+    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "tests"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert collect.returncode == 0, collect.stdout[-3000:] + collect.stderr[-2000:]
+    assert re.search(r"\d+ tests collected", collect.stdout), collect.stdout[-2000:]
+
+
+def test_wheel_ships_py_typed_and_the_licence(tmp_path):
+    """PEP 561 (mypy reads the annotations only with py.typed) and PEP 639 (the licence file in
+    .dist-info/licenses/); built without the native extension, which this does not look at."""
+    import zipfile
+
+    env = dict(os.environ, FASTCOLOR_NO_EXT="1")
+    proc = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; "
+                           f"print(b.build_wheel({str(tmp_path)!r}))"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / proc.stdout.strip().splitlines()[-1]) as whl:
+        names = set(whl.namelist())
+    assert "fastcolor/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
+
+
+def test_failed_native_build_speaks_on_the_terminal_when_pip_captures_stderr(tmp_path):
+    """pip shows a build's output only with -v or on failure: a native build that fails (and falls
+    back to Python) writes its headline on the controlling terminal too. Here a pseudo-terminal is
+    that terminal and stderr is a pipe, as under pip."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    tty_name = os.ttyname(slave)
+    env = dict(os.environ, FASTCOLOR_CMAKE=shutil.which("false") or "/bin/false",
+               FASTCOLOR_BUILD_DIR=str(tmp_path / "cmake"))
+    env.pop("FASTCOLOR_NO_EXT", None)
+    env.pop("FASTCOLOR_EXT_REQUIRED", None)
+
+    def own_the_terminal():  # a new session's first terminal opened becomes its controlling one
+        os.close(os.open(tty_name, os.O_RDWR))
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp",
+             str(tmp_path / "tmp")], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            start_new_session=True, preexec_fn=own_the_terminal, timeout=300)
+        seen = b""
+        while select.select([master], [], [], 0.5)[0]:
+            chunk = os.read(master, 65536)
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "could NOT be built" in proc.stderr  # the full log on stderr, as before
+    terminal = seen.decode(errors="replace")
+    assert "fastcolor._C could NOT be built" in terminal and "pip install -v" in terminal, terminal
+    assert len(terminal) < 2000  # the headline, not the build log
+
+
+def test_missing_extension_warns_once_at_import(tmp_path):
+    """`import fastcolor` says when the cpp backend was expected but fastcolor._C is not there (a
+    failed build installs quietly under pip), and is quiet when it was turned off."""
+    code = textwrap.dedent("""
+        import json, sys, warnings
+        sys.modules["fastcolor._C"] = None      # importlib finds no fastcolor._C
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastcolor
+            import fastcolor.ops
+        print(json.dumps([f"{w.category.__name__}: {w.message}" for w in caught]))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "FASTCOLOR_NO_EXT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    said = [w for w in json.loads(out.stdout.splitlines()[-1]) if "ExtensionMissingWarning" in w]
+    assert len(said) == 1 and "'cpp' and 'cuda' backends cannot run" in said[0] and "FASTCOLOR_NO_EXT=1" in said[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "FASTCOLOR_NO_EXT": "1"}, timeout=240)
+    assert not [w for w in json.loads(out.stdout.splitlines()[-1]) if "ExtensionMissingWarning" in w]
+
+
+def test_missing_extension_warning_gives_the_failed_builds_reason(tmp_path, monkeypatch):
+    from fastcolor import _ext
+
+    record = tmp_path / "_build_failure.txt"
+    record.write_text("building the C++/CUDA extension failed: `cmake --build` exited with 1\nlog...\n")
+    monkeypatch.setattr(_ext, "_FAILURE_FILE", record)
+    monkeypatch.setattr(_ext.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.warns(_ext.ExtensionMissingWarning, match=r"its build failed: building the C\+\+/CUDA extension "
+                                                           r"failed: `cmake --build` exited with 1\)"):
+        assert _ext.warn_if_missing() is True
+    record.write_text("disabled by FASTCOLOR_NO_EXT=1 at build time\n")  # turned off on purpose: quiet
+    assert _ext.warn_if_missing() is False
