@@ -30,14 +30,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Recipe", "RECIPES", "HYPERPARAMETERS", "get_recipe", "recipe_values", "DEFAULT_RECIPE"]
+__all__ = ["Recipe", "RECIPES", "HYPERPARAMETERS", "get_recipe", "recipe_values", "DEFAULT_RECIPE", "DEFAULT_PRIOR"]
 
 #: The TrainConfig fields every recipe sets (and only those).
 HYPERPARAMETERS = (
     "model", "loss", "image_size", "crop_size", "mirror", "augment", "batch_size", "epochs", "max_steps", "lr",
     "betas", "weight_decay", "lr_milestones", "lr_gamma", "patience", "min_delta", "keep_best", "split",
-    "prior_lam", "prior_sigma", "nongray", "target_reduction",
+    "prior", "prior_lam", "prior_sigma", "nongray", "target_reduction",
 )
+
+#: Where a run's class prior comes from unless a recipe or flag says otherwise: every training
+#: image up to 5000, a seeded sample of 5000 beyond (:mod:`fastcolor.data.prior`; bench/RESULTS.md,
+#: "class prior from a sample", measures how far such a sample lands from the full prior).
+DEFAULT_PRIOR = "sample:5000"
 
 #: The recipe ``fastcolor train`` uses without ``--recipe``.
 DEFAULT_RECIPE = "default"
@@ -84,8 +89,8 @@ ZHANG2016 = Recipe(
         "model": "zhang", "loss": "rebalanced", "image_size": 256, "crop_size": 176, "mirror": True,
         "augment": False, "batch_size": 40, "epochs": None, "max_steps": 500_000, "lr": 3e-5, "betas": (0.9, 0.99),
         "weight_decay": 1e-3, "lr_milestones": (225_000,), "lr_gamma": 0.1, "patience": None, "min_delta": 0.0,
-        "keep_best": False, "split": (0.8, 0.1, 0.1), "prior_lam": 0.5, "prior_sigma": 5.0, "nongray": True,
-        "target_reduction": "subsample",
+        "keep_best": False, "split": (0.8, 0.1, 0.1), "prior": "imagenet", "prior_lam": 0.5, "prior_sigma": 5.0,
+        "nongray": True, "target_reduction": "subsample",
     },
     sources={
         "model": "the ECCV16 network (fastcolor's 'zhang' preset, the authors' architecture)",
@@ -109,10 +114,14 @@ ZHANG2016 = Recipe(
         "min_delta": "unused without early stopping (any improvement marks best.safetensors)",
         "keep_best": "the model is the weights after the last iteration (the solver does no validation-based "
                      "selection); best.safetensors is still written",
-        "split": "deviation: the authors trained on ImageNet's training set and validated on its own validation "
-                 "images; on a folder fastcolor makes its seeded 80/10/10 split",
+        "split": "the authors trained on ImageNet's training set and validated on its own validation images: "
+                 "pass ImageNet's val/ as val_data (--val-data) to do the same; without it fastcolor makes its "
+                 "seeded 80/10/10 split of the folder",
+        "prior": f"the authors' ImageNet prior, resources/prior_probs.npy, which their class-rebalancing layer "
+                 f"loads ({_ISSUE}): a fact table in fastcolor.data.prior, no pass over the data",
         "prior_lam": f"lambda 0.5 ({_ISSUE}; paper sec. 2.2)",
-        "prior_sigma": f"prior smoothed with a Gaussian, sigma 5 ({_ISSUE})",
+        "prior_sigma": f"prior smoothed with a Gaussian, sigma 5 ({_ISSUE}); the ImageNet prior is already "
+                       f"smoothed, so only a prior computed from data (--prior data or sample:N) is",
         "nongray": f"the non-grey mask on: images whose ab never leaves |a|,|b| <= 5 get no loss ({_ISSUE})",
         "target_reduction": f"the ab target at 1/4 resolution by subsampling, the top-left pixel of every 4x4 block "
                             f"({_ISSUE})",
@@ -126,8 +135,8 @@ STUDY = Recipe(
         "model": "zhang_small", "loss": "rebalanced", "image_size": None, "crop_size": None, "mirror": False,
         "augment": True, "batch_size": 100, "epochs": 40, "max_steps": None, "lr": 1e-3, "betas": (0.9, 0.999),
         "weight_decay": 0.0, "lr_milestones": (), "lr_gamma": 0.1, "patience": 7, "min_delta": 1e-3,
-        "keep_best": True, "split": (0.8, 0.1, 0.1), "prior_lam": 0.5, "prior_sigma": 5.0, "nongray": False,
-        "target_reduction": "area",
+        "keep_best": True, "split": (0.8, 0.1, 0.1), "prior": DEFAULT_PRIOR, "prior_lam": 0.5, "prior_sigma": 5.0,
+        "nongray": False, "target_reduction": "area",
     },
     sources={
         "model": f"128x128 input, 32x32x313 output ({_REPORT}): fastcolor's 'zhang_small'",
@@ -149,6 +158,8 @@ STUDY = Recipe(
         "min_delta": f"an improvement is a validation loss lower by at least 0.001 ({_REPORT})",
         "keep_best": f"keep the best model by validation loss ({_REPORT})",
         "split": f"split 80/10/10 ({_REPORT})",
+        "prior": "the prior of the training images (the report facts do not say; a study-sized folder is under the "
+                 "default sample's 5000 images, so all of them are used)",
         "prior_lam": "the paper's lambda 0.5 (the study used the paper's rebalanced loss; the report facts give "
                      "no other value)",
         "prior_sigma": "the paper's sigma 5 (as for prior_lam)",
@@ -165,11 +176,13 @@ DEFAULT = Recipe(
         "model": "zhang_small", "loss": "rebalanced", "image_size": None, "crop_size": None, "mirror": False,
         "augment": True, "batch_size": 32, "epochs": 40, "max_steps": None, "lr": 3e-4, "betas": (0.9, 0.99),
         "weight_decay": 0.0, "lr_milestones": (), "lr_gamma": 0.1, "patience": 7, "min_delta": 1e-3,
-        "keep_best": True, "split": (0.8, 0.1, 0.1), "prior_lam": 0.5, "prior_sigma": 5.0, "nongray": False,
-        "target_reduction": "area",
+        "keep_best": True, "split": (0.8, 0.1, 0.1), "prior": DEFAULT_PRIOR, "prior_lam": 0.5, "prior_sigma": 5.0,
+        "nongray": False, "target_reduction": "area",
     },
-    sources={k: "fastcolor v1's 'fastcolor train' default (kept so that earlier commands and runs behave as before; "
-                "TrainConfig's own field defaults differ only in batch_size 100)" for k in HYPERPARAMETERS},
+    sources={**{k: "fastcolor v1's 'fastcolor train' default (kept so that earlier commands and runs behave as before; "
+                   "TrainConfig's own field defaults differ only in batch_size 100)" for k in HYPERPARAMETERS},
+             "prior": "v1's prior of every training image up to 5000 of them; beyond, a seeded sample of 5000 (v1 "
+                      "decoded every training image before step 1: 143 s for 16k images, hours for ImageNet)"},
 )
 
 #: The recipes by name.

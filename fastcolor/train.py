@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -88,6 +90,7 @@ from fastcolor.models.serialization import save_model
 from fastcolor.ops import rebalanced_cross_entropy
 from fastcolor.training.checkpoints import (
     CheckpointError,
+    check_resume_model,
     checkpoint_meta,
     load_resume_checkpoint,
     repair_best,
@@ -261,45 +264,82 @@ class _Trainer:
         lr = self.lr_at(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = self.loss(model, self.source.to_device(batch), weights)
+        batch = self.source.to_device(batch)  # L and ab on the device (made there from uint8 images or bytes)
+        loss = self.loss(model, batch, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         meter.add(loss, batch["L"].shape[0], index)
         self.step += 1
 
-    def steps_left(self) -> int | None:
-        return None if self.cfg.max_steps is None else max(0, self.cfg.max_steps - self.step)
+    # -- where the run is --------------------------------------------------------------------
+    def plan(self) -> None:
+        """The run's length in optimiser steps (:attr:`limit`, None: no limit) from ``epochs`` of
+        :attr:`steps_per_epoch` steps and ``max_steps``. The run is one stream of batches: step s
+        is batch ``s % steps_per_epoch`` of data epoch ``s // steps_per_epoch``, so a resumed run
+        continues exactly where its checkpoint was written, in the middle of an epoch too."""
+        cfg = self.cfg
+        self.steps_per_epoch = len(self.source.train_loader(0))
+        if cfg.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        limits = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * self.steps_per_epoch) if n is not None]
+        self.limit = min(limits) if limits else None
 
-    def run_epoch(self, model, opt, weights, epoch: int) -> float:
-        """Train one epoch (cut at ``max_steps_per_epoch`` and at ``max_steps`` in all); the mean
-        training loss. The loss is read every ``log_every`` steps and at the end (the progress bar
-        moves then); a non-finite loss raises FloatingPointError at that read."""
+    def steps_left(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.step)
+
+    def period_end(self) -> int:
+        """The step at which the period starting now ends with a validation and a checkpoint:
+        the end of this data epoch, or the next multiple of ``val_every``; at most :attr:`limit`."""
+        every = self.cfg.val_every or self.steps_per_epoch
+        end = (self.step // every + 1) * every
+        return end if self.limit is None else min(end, self.limit)
+
+    def _train_batches(self, epoch: int, skip: int):
+        """The training batches of data epoch ``epoch`` from its batch ``skip`` on (a source that
+        cannot start there has its first batches read and dropped)."""
+        if not skip:
+            return self.source.train_loader(epoch)
+        if "skip" in inspect.signature(self.source.train_loader).parameters:
+            return self.source.train_loader(epoch, skip=skip)
+        return itertools.islice(self.source.train_loader(epoch), skip, None)
+
+    def run_period(self, model, opt, weights, period: int) -> float:
+        """Train from the current step to :meth:`period_end` (over data epochs' ends where
+        ``val_every`` says so); the mean training loss. The loss is read every ``log_every`` steps
+        and at the end (the progress bar moves then); a non-finite loss raises
+        FloatingPointError at that read."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, self.d.rank))
         model.train()
-        loader = self.source.train_loader(epoch)
-        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        if self.steps_left() is not None:
-            steps = min(steps, self.steps_left())
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=not (cfg.progress and self.d.main))
+        end = self.period_end()
+        steps = end - self.step
+        bar = tqdm(total=steps, desc=f"epoch {period}", leave=False, disable=not (cfg.progress and self.d.main))
         meter = _LossMeter(self.device)
-        mean, shown = math.nan, 0
-        for i, batch in enumerate(loader):
-            if i >= steps:
-                break
-            self.train_step(model, opt, batch, weights, meter, i)
-            if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
-                got = meter.read(self.d)
-                if got.bad_steps:
-                    bar.close()
-                    raise FloatingPointError(self._nan_message(got, epoch, i))
-                mean = got.mean
-                bar.update(i + 1 - shown)
-                bar.set_postfix(loss=f"{mean:.4f}")
-                shown = i + 1
+        mean, shown, i = math.nan, 0, 0
+        while self.step < end:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            if not skip:
+                torch.manual_seed(epoch_seed(cfg.seed, epoch, self.d.rank))
+            stop = min(end, (epoch + 1) * self.steps_per_epoch)
+            taken = 0
+            for batch in self._train_batches(epoch, skip):
+                self.train_step(model, opt, batch, weights, meter, i)
+                i, taken = i + 1, taken + 1
+                if i % cfg.log_every == 0 or i == steps:
+                    got = meter.read(self.d)
+                    if got.bad_steps:
+                        bar.close()
+                        raise FloatingPointError(self._nan_message(got, period, i - 1))
+                    mean = got.mean
+                    bar.update(i - shown)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    shown = i
+                if self.step >= stop:
+                    break
+            if not taken:
+                raise RuntimeError(f"the data source gave no training batch for epoch {epoch} from batch {skip} on")
         bar.close()
         return mean
 
@@ -318,13 +358,21 @@ class _Trainer:
                 f"{self.cfg.lr}){' or use precision fp32' if self.cfg.precision != 'fp32' else ''}")
 
     @torch.no_grad()
-    def validate(self, model, weights) -> float:
-        """The mean validation loss (NaN when it is not finite): one host read, at the end."""
+    def validate(self, model, weights, max_batches: int | None = None) -> tuple[float, int]:
+        """(the mean validation loss, NaN when it is not finite; the images it was taken over):
+        one host read, at the end. At most ``max_batches`` batches per rank (the first ones of
+        the fixed validation order)."""
         model.eval()
         meter = _LossMeter(self.device)
-        for i, batch in enumerate(self.source.val_loader()):
-            meter.add(self.loss(model, self.source.to_device(batch), weights), batch["L"].shape[0], i)
-        return meter.read(self.d).mean
+        bounded = "max_batches" in inspect.signature(self.source.val_loader).parameters
+        loader = self.source.val_loader(max_batches) if bounded else self.source.val_loader()
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = self.source.to_device(batch)
+            meter.add(self.loss(model, batch, weights), batch["L"].shape[0], i)
+        got = meter.read(self.d)
+        return got.mean, got.images
 
     def _sync_buffers(self):
         """BatchNorm running stats: every rank takes rank 0's, so weights end identical."""
@@ -417,20 +465,27 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
     d.barrier()
 
     last_path, best_path = run_dir / "last.safetensors", run_dir / "best.safetensors"
+    # every check that can refuse the run comes before train_config.json is written, so that a
+    # refused run (a resume with other settings, above all) leaves the one of the run as it was
     ckpt = load_resume_checkpoint(last_path) if cfg.resume and last_path.is_file() else None
     resuming_from = last_path if ckpt is not None else None
+    if ckpt is not None:
+        check_resume_model(last_path, ckpt["model_config"], cfg.model)
+    if cfg.val_data is not None and not Path(cfg.val_data).is_dir():
+        raise ValueError(f"val_data (--val-data): expected a folder of validation images, got {cfg.val_data!r} "
+                         f"({'not a folder' if Path(cfg.val_data).exists() else 'no such folder'})")
     t.source.prepare(resuming_from)
     t.build(resume_model_config(last_path, ckpt, cfg.backbone_weights) if ckpt else cfg.model)
+    t.source.attach(t.model, t.size, t.stride)
+    batch = _check_training_memory(t, t.model)  # before the prior pass reads images at this size
+    prior = ClassPrior(cfg, run_dir, d) if t.model.config["arch"] == "zhang" else None
+    if prior is not None:
+        prior.check(prior.record(t.source, t.size, t.stride), resuming_from)
+    weights = prior.weights(t.source) if prior is not None else None  # written for "ce" too, as before
+    weights = weights if cfg.loss == "rebalanced" else None
     if d.main:
         atomic_write_json(run_dir / "train_config.json", {**asdict(cfg), "restart": False})  # replayable
-    t.source.attach(t.model, t.size, t.stride)
-    batch = _check_training_memory(t, t.model)  # before the prior pass reads every image at this size
-    weights = None
-    if t.model.config["arch"] == "zhang":
-        prior = ClassPrior(cfg, run_dir, d)
-        prior.check(prior.record(t.source, t.size, t.stride), resuming_from)
-        weights = prior.weights(t.source)
-    weights = weights if cfg.loss == "rebalanced" else None
+    t.plan()
     model = t.model
     # fused: one kernel per step, and no host read of the step count (the for-loop and foreach
     # versions read it with .item() every step)
@@ -438,7 +493,7 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
                            weight_decay=cfg.weight_decay, fused=True)
 
     history: list[dict[str, Any]] = []
-    start_epoch, best_val, best_epoch, bad_epochs, stopped_early = 0, math.inf, -1, 0, False
+    start_period, best_val, best_epoch, bad_epochs, stopped_early = 0, math.inf, -1, 0, False
     resumed_from = None
     if ckpt is not None:
         try:
@@ -451,7 +506,7 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
         history, best_val, best_epoch = meta["history"], meta["best_val_loss"], meta["best_epoch"]
         bad_epochs, stopped_early = meta["bad_epochs"], meta["stopped_early"]
         resumed_from = meta["epoch"]
-        start_epoch = meta["epoch"] + 1
+        start_period = meta["epoch"] + 1
         # optimiser steps done: recorded since recipes have step-based schedules; before, Adam's count
         counts = [st["step"] for st in opt.state.values() if "step" in st]
         t.step = meta["step"] if _is_int(meta.get("step")) else (int(counts[0]) if counts else 0)
@@ -466,18 +521,19 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
         ddp_model = DDP(model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
 
     title = f"{model.config['arch']} / {cfg.loss}"
-    epoch = start_epoch
+    epoch = start_period  # a period: the steps between two validations (a data epoch without val_every)
     advice = (f"lower batch_size (now {cfg.batch_size}) or image_size (now {t.size}); {last_path} holds the last "
               f"completed epoch and resume=True continues from it")
     if monitor is not None:
         monitor.pick_samples(t)
-    while ((cfg.epochs is None or epoch < cfg.epochs) and not stopped_early
-           and (t.steps_left() is None or t.steps_left() > 0)):
-        t0 = time.time()
+    while not stopped_early and (t.steps_left() is None or t.steps_left() > 0):
+        t0, first = time.time(), t.step
         with memory_guard(t.device, f"in epoch {epoch} (batches of {batch} at {t.size}x{t.size})", advice):
-            train_loss = t.run_epoch(ddp_model, opt, weights, epoch)
+            train_loss = t.run_period(ddp_model, opt, weights, epoch)
             t._sync_buffers()
-            val_loss = t.validate(model, weights)
+            # a validation never reads more batches than the steps it judges: a 3-step run
+            # validates 3 batches, not the whole validation set
+            val_loss, val_images = t.validate(model, weights, max_batches=t.step - first)
         improved = val_loss < best_val - cfg.min_delta
         if improved:
             best_val, best_epoch, bad_epochs = val_loss, epoch, 0
@@ -485,7 +541,8 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
             bad_epochs += 1
         stopped_early = cfg.patience is not None and bad_epochs >= cfg.patience
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best": improved,
-                        "seconds": round(time.time() - t0, 3), "lr": opt.param_groups[0]["lr"], "step": t.step})
+                        "seconds": round(time.time() - t0, 3), "lr": opt.param_groups[0]["lr"], "step": t.step,
+                        "val_images": val_images})
         if d.main:
             meta = {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "stopped_early": stopped_early, "world_size": d.world, "step": t.step}

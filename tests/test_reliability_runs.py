@@ -166,7 +166,7 @@ def test_stale_split_and_prior_are_rebuilt_without_a_checkpoint_and_refused_on_r
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:  # an attempt stopped before its first checkpoint
-        m.setattr(ft._Trainer, "run_epoch", interrupted)
+        m.setattr(ft._Trainer, "run_period", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train(_cfg(data, run))
     assert [len(v) for v in load_split(run / "split.json").values()] == [10, 1, 1]
@@ -382,3 +382,70 @@ def test_eval_on_a_folder_of_only_unreadable_images(capsys, zhang_file, tmp_path
     (bad / "b.jpg").write_text("not a jpeg")
     rc, _, err = _run(capsys, "eval", zhang_file, bad, "--split", "all")
     _one_error_line(rc, err, f"DATA {bad}: no readable image", "a.png (empty file", "b.jpg (not a readable image")
+
+
+# ----------------------------------------------------------------------------- issue 23: train
+
+
+def test_resume_as_another_model_is_refused_and_keeps_train_config(capsys, tmp_path):
+    """23.7: `--resume --model zhang-small` on a zhang-tiny run went on with the tiny model while recording and
+    announcing zhang-small. 23.8: a refused --resume rewrote train_config.json with settings never used."""
+    data, run = _photos(tmp_path / "data", 12), tmp_path / "run"
+    rc, _, err = _run(capsys, *_train_argv(data, run))
+    assert rc == 0, err
+    recorded = (run / "train_config.json").read_bytes()
+    last = (run / "last.safetensors").read_bytes()
+    small = [*_train_argv(data, run, "--resume")]
+    small[small.index("zhang-tiny")] = "zhang-small"
+    rc, _, err = _run(capsys, *small)
+    _one_error_line(rc, err, "holds a 'zhang_tiny' model", "'zhang_small'", "--model", "--restart")
+    rc, _, err = _run(capsys, *_train_argv(data, run, "--resume", "--size", "64"))
+    _one_error_line(rc, err, "--size")
+    assert (run / "train_config.json").read_bytes() == recorded and (run / "last.safetensors").read_bytes() == last
+    rc, _, err = _run(capsys, *_train_argv(data, run, "--resume"))  # the same settings still resume
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (("--betas", "1", "1"), ("--betas", "[0, 1)", "(1.0, 1.0)")),
+    (("--prior-lambda", "2"), ("--prior-lambda", "[0, 1]", "2.0")),
+    (("--crop-size", "64"), ("--crop-size", "at most the image size", "32", "64")),
+    (("--seed", "-1"), ("--seed", "0..2**63-1", "-1")),
+    (("--seed", str(2**64)), ("--seed", "0..2**63-1", str(2**64))),
+])
+def test_bad_settings_name_their_flag_and_write_nothing(capsys, tmp_path, flags, fragments):
+    """Before: the message named no option, and split.json, prior.safetensors and train_config.json were left."""
+    data = _photos(tmp_path / "data", 12)
+    rc, _, err = _run(capsys, *_train_argv(data, tmp_path / "run", *flags))
+    _one_error_line(rc, err, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_unreadable_image_is_warned_once_with_two_workers(capsys, tmp_path):
+    """Before: once per worker process and epoch (5 times over 3 epochs with --workers 2)."""
+    data = _photos(tmp_path / "data", 16)
+    (data / "bad.png").write_bytes(b"garbage" * 50)
+    rc, _, err = _run(capsys, "train", data, "--model", "zhang-tiny", "--epochs", "3", "--batch-size", "4",
+                      "--workers", "2", "--out", tmp_path / "run", "-q", "--prior", "data")
+    assert rc == 0, err
+    assert err.count("skipping unreadable image") == 1 and "skipping unreadable image 'bad.png'" in err, err
+
+
+def test_images_vanishing_during_training_give_one_readable_line(capsys, tmp_path, monkeypatch):
+    """Before: the worker's whole traceback, squeezed into one line."""
+    from fastcolor.training.source import FolderSource
+
+    data = _photos(tmp_path / "data", 16)
+    real = FolderSource.train_loader
+
+    def vanish(self, epoch, skip=0):
+        if epoch == 1:
+            for p in data.glob("*.png"):
+                p.unlink()
+        return real(self, epoch, skip)
+
+    monkeypatch.setattr(FolderSource, "train_loader", vanish)
+    rc, _, err = _run(capsys, "train", data, "--model", "zhang-tiny", "--epochs", "3", "--batch-size", "4",
+                      "--workers", "2", "--out", tmp_path / "run", "-q")
+    line = _one_error_line(rc, err, f"{data}: none of", "could be read", "No such file or directory")
+    assert "Original Traceback" not in line and "DataLoader worker" not in line and len(line) < 400, line

@@ -310,6 +310,10 @@ then:
     h.add_argument("--prior-lambda", dest="prior_lam", type=_nonnegative_float, metavar="LAM",
                    help="rarity weights: mix of the prior and the uniform distribution")
     h.add_argument("--prior-sigma", type=_positive_float, metavar="SIGMA", help="Gaussian smoothing of the prior")
+    h.add_argument("--prior", metavar="data|sample:N|imagenet",
+                   help="the class prior of the rarity weights: from every training image, from N of them drawn "
+                        "at random (seeded; the default, sample:5000, is every image up to 5000), or the authors' "
+                        "published ImageNet prior (no pass over the data; zhang2016's)")
     h.add_argument("--nongray", action=argparse.BooleanOptionalAction,
                    help="no loss for grey images (|a|, |b| <= 5 everywhere), as the authors trained")
     h.add_argument("--target-reduction", choices=["subsample", "area"],  # fastcolor.data.TARGET_REDUCTIONS
@@ -326,6 +330,12 @@ then:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--max-steps-per-epoch", type=_positive_int, metavar="S", help="cut epochs short (quick tries)")
+    p.add_argument("--val-images", type=_positive_int, metavar="N",
+                   help="validate on N images, a fixed seeded subset of the validation set (default: all of it)")
+    p.add_argument("--val-every", type=_positive_int, metavar="STEPS",
+                   help="validate and checkpoint every STEPS optimiser steps (default: at the end of each epoch)")
+    p.add_argument("--val-data", metavar="DIR", help="validate on the images of DIR (e.g. ImageNet's val/); then "
+                   "every image of DATA trains (no validation split is taken from it)")
     p.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
                    help="read the loss (progress bar, finiteness check) every N steps (default: %(default)s)")
     p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
@@ -777,7 +787,8 @@ def _train_config(args, data: Path, run: Path) -> tuple[TrainConfig, str]:
             classes=args.classes, seed=args.seed, workers=args.workers, resume=True, restart=args.restart,
             device=args.device, precision=args.precision, backbone_weights=args.backbone_weights,
             max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet, log_every=args.log_every,
-            tensorboard=tensorboard, sync_bn=args.sync_bn, **overrides)
+            tensorboard=tensorboard, sync_bn=args.sync_bn, val_images=args.val_images, val_every=args.val_every,
+            val_data=args.val_data, **overrides)
     except ValueError as exc:  # e.g. --epochs none without --max-steps: name the flag
         field = str(exc).split(" ", 1)[0].rstrip(":")
         flag = "--" + ({"image_size": "size", "prior_lam": "prior-lambda"}.get(field, field)).replace("_", "-")

@@ -25,6 +25,8 @@ Modules (everything public is re-exported here):
   on CUDA, PIL for what it refuses), for ``decode="gpu"``;
 - :mod:`fastcolor.data.device`: :class:`DeviceStage`, the batched device half (crop, mirror,
   augmentation, Lab, target) of the uint8 worker path;
+- :mod:`fastcolor.data.prior`: the class prior: from the data, a seeded sample, or the authors'
+  ImageNet prior (a fact table);
 - :mod:`fastcolor.data.shards`: tar shards in the WebDataset format: :func:`write_shards`, and
   :class:`ShardDataset`, split by rank and worker (reading needs the ``shards`` extra).
 """
@@ -33,14 +35,18 @@ from fastcolor.data.decode import DECODES, collate_bytes, decode_batch, read_byt
 from fastcolor.data.device import CropMirror, DeviceStage, OnDevice, TaggedCollate, lab_batch
 from fastcolor.data.folder import (
     ImageItem,
+    Listing,
     NoReadableImagesError,
     files_fingerprint,
+    folder_times,
     index_images,
+    list_folder,
     list_images,
     load_split,
     save_split,
     scan_images,
     split_change,
+    split_current,
     split_items,
     split_source,
 )
@@ -55,6 +61,7 @@ from fastcolor.data.images import (
     load_square,
     open_image,
 )
+from fastcolor.data.prior import compute_class_prior, imagenet_prior, parse_prior, prior_of_batches, sample_items
 from fastcolor.data.shards import (
     SHARD_INDEX,
     Shard,
@@ -75,4 +82,5 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "UnreadableImageError", "NoReadableI
            "draft_jpeg", "OUTPUTS", "DECODES", "read_bytes", "resolve_decode", "collate_bytes", "decode_batch",
            "lab_batch", "CropMirror", "DeviceStage", "SHARD_INDEX", "Shard", "ShardError", "ShardDataset",
            "write_shards", "read_shard_index", "resolve_shards", "is_shard_source", "sample_shards",
-           "TaggedCollate", "OnDevice"]
+           "TaggedCollate", "OnDevice", "Listing", "list_folder", "folder_times", "split_current",
+           "compute_class_prior", "prior_of_batches", "imagenet_prior", "parse_prior", "sample_items"]

@@ -48,11 +48,13 @@ class ColorizationDataset(Dataset):
             ``"bytes"`` the file's bytes (``data``, 1-D uint8) and ``path``, for
             ``decode="gpu"`` (``augment`` must be off: the device stage crops and mirrors;
             batch them with :func:`~fastcolor.data.collate_bytes`).
+        report_skips: how an unreadable file is reported (:meth:`__getitem__`): ``"warn"``
+            (default) or ``"sample"`` (in the sample's ``skipped``, for the reader to report).
     """
 
     def __init__(self, root: str | os.PathLike, items: Sequence[ImageItem], size: int = 128, target_stride: int = 4,
                  augment: bool | Any = False, embeddings: Any = None, max_retries: int = 20,
-                 target_reduction: str = "subsample", output: str = "lab"):
+                 target_reduction: str = "subsample", output: str = "lab", report_skips: str = "warn"):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if output == "bytes" and augment is not False and augment is not None:
@@ -78,6 +80,9 @@ class ColorizationDataset(Dataset):
         self.embeddings = embeddings
         self.max_retries = max_retries
         self.output = output
+        if report_skips not in ("warn", "sample"):
+            raise ValueError(f"report_skips must be 'warn' or 'sample', got {report_skips!r}")
+        self.report_skips = report_skips
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -111,17 +116,27 @@ class ColorizationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Like :meth:`load`, but an unreadable file is reported once and the next readable one is
-        returned; :class:`UnreadableImageError` when none of ``max_retries`` in a row can be read."""
+        returned; :class:`UnreadableImageError` when none of ``max_retries`` in a row can be read.
+
+        Reported: a warning from this process; or, with ``report_skips="sample"``, in the sample
+        (``skipped``: one ``"path\treason"`` line per file skipped for it, ``""`` for none), so
+        that the process that reads the batches reports each file once however many DataLoader
+        workers (each with its own copy of this dataset) met it."""
         tries = min(self.max_retries, len(self.items))
-        last = ""
+        last, skipped = "", []
         for attempt in range(tries):
             i = (index + attempt) % len(self.items)
             try:
-                return self.load(i)
+                sample = self.load(i)
+                if self.report_skips == "sample":
+                    sample["skipped"] = "\n".join(skipped)
+                return sample
             except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
                 path = self.items[i].path
                 last = f"{type(e).__name__}: {e}"
-                if path not in self._reported:
+                if self.report_skips == "sample":
+                    skipped.append(f"{path}\t{' '.join(last.split())}")
+                elif path not in self._reported:
                     self._reported.add(path)
                     warnings.warn(f"skipping unreadable image {path!r} ({last})", stacklevel=2)
         raise UnreadableImageError(

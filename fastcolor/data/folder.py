@@ -21,8 +21,9 @@ import numpy as np
 from fastcolor.data.images import IMAGE_EXTENSIONS, UnreadableImageError, file_kind, open_image
 from fastcolor.io import atomic_write_json
 
-__all__ = ["ImageItem", "NoReadableImagesError", "list_images", "scan_images", "index_images", "split_items",
-           "save_split", "load_split", "files_fingerprint", "split_source", "split_change"]
+__all__ = ["ImageItem", "NoReadableImagesError", "Listing", "list_folder", "folder_times", "list_images", "scan_images",
+           "index_images", "split_items", "save_split", "load_split", "files_fingerprint", "split_source",
+           "split_change", "split_current"]
 
 
 @dataclass(frozen=True)
@@ -70,41 +71,88 @@ class NoReadableImagesError(ValueError):
         super().__init__(f"root: expected at least one readable image in {str(root)!r}, found none: {what}")
 
 
-def list_images(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[ImageItem]:
-    """Every entry of ``root`` with an image suffix, flat or one subfolder per class (see
-    :func:`index_images`), as found in the folder: nothing is opened, so unreadable files,
-    FIFOs and dangling symbolic links are included. What a split is made from."""
+@dataclass(frozen=True)
+class Listing:
+    """One listing of a data folder (:func:`list_folder`): ``items`` every entry with an image
+    suffix, ``regular`` whether each is a regular file (a FIFO or a dangling link is not; told
+    from the directory entry, without opening or, mostly, stat-ing it), ``folders`` the folders
+    listed (``"."`` and every subfolder) -> their modification time in ns (:func:`folder_times`)."""
+
+    items: list[ImageItem]
+    regular: list[bool]
+    folders: dict[str, int]
+
+
+def folder_times(root: str | os.PathLike, names: Sequence[str]) -> dict[str, int | None]:
+    """The modification times (ns) of ``root/name`` for each name (``"."``: root itself); None
+    for one that is gone. A file added to, or removed from, a folder changes its time, so equal
+    times mean the same files without listing them (what lets a resumed run skip the listing)."""
+    out: dict[str, int | None] = {}
+    for name in names:
+        try:
+            out[name] = os.stat(os.path.join(root, name)).st_mtime_ns
+        except OSError:
+            out[name] = None
+    return out
+
+
+def list_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> Listing:
+    """The one listing a run makes of its data folder (see :func:`list_images`), with each
+    file's kind and the folders' times; ``os.scandir``, so no file is stat-ed or opened."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"root must be an existing directory of images, got {str(root)!r}")
 
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+    def scan(folder: Path) -> tuple[list[os.DirEntry], list[str]]:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        images = [e for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and not e.is_dir()]
+        return images, [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
 
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: images_in(d) for d in subdirs}
-    per_class = {k: v for k, v in per_class.items() if v}
-    if not per_class:
-        per_class = {root.resolve().name: images_in(root)}
+    # each folder's time is taken before it is read: a file added while it is read changes the
+    # time after the one recorded, so the next run lists again rather than miss it
+    root_time = folder_times(root, ["."])
+    top, subdirs = scan(root)
+    times = {**root_time, **folder_times(root, subdirs)}
+    per_class = {d: scan(root / d)[0] for d in subdirs}
+    per_class = {k: [(f"{k}/{e.name}", e) for e in v] for k, v in per_class.items() if v}
+    if top:  # images directly in root: one class named after it, beside any subfolders' classes
+        if per_class:
+            warnings.warn(f"{root} holds {len(top)} image file(s) at its top level beside the class subfolders "
+                          f"{sorted(per_class)[:3]}{'...' if len(per_class) > 3 else ''}: they are used too, as one "
+                          f"more class named {root.resolve().name!r}; move them into a subfolder to name their class",
+                          stacklevel=3)
+        per_class.setdefault(root.resolve().name, [])
+        per_class[root.resolve().name] = [(e.name, e) for e in top] + per_class[root.resolve().name]
     if classes is not None:
         unknown = sorted(set(classes) - set(per_class))
         if unknown:
             raise ValueError(f"classes must be subfolders of {str(root)!r} ({sorted(per_class)}), "
                              f"got unknown {unknown}")
         per_class = {k: v for k, v in per_class.items() if k in set(classes)}
-    return [ImageItem(p.relative_to(root).as_posix(), label) for label, paths in per_class.items() for p in paths]
+    pairs = [(ImageItem(rel, label), e) for label in sorted(per_class) for rel, e in per_class[label]]
+    return Listing([it for it, _ in pairs], [e.is_file() for _, e in pairs], times)
 
 
-def scan_images(root: str | os.PathLike, classes: Sequence[str] | None = None,
-                verify: bool = True) -> tuple[list[ImageItem], list[tuple[ImageItem, str]]]:
-    """(readable images, [(skipped image file, reason)]) of :func:`list_images`. Only regular
-    files are kept (a FIFO named ``x.png`` is skipped without being opened); ``verify`` also
-    opens each one (header and PIL's ``verify``, no full decode)."""
+def list_images(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[ImageItem]:
+    """Every entry of ``root`` with an image suffix, flat or one subfolder per class (see
+    :func:`index_images`), as found in the folder: nothing is opened, so unreadable files,
+    FIFOs and dangling symbolic links are included. What a split is made from."""
+    return list_folder(root, classes).items
+
+
+def scan_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True,
+                listing: Listing | None = None) -> tuple[list[ImageItem], list[tuple[ImageItem, str]]]:
+    """(readable images, [(skipped image file, reason)]) of :func:`list_images` (or of
+    ``listing``, made by :func:`list_folder`). Only regular files are kept (a FIFO named ``x.png``
+    is skipped without being opened); ``verify`` also opens each one (header and PIL's
+    ``verify``, no full decode)."""
     root = Path(root)
+    listing = listing or list_folder(root, classes)
     items, bad = [], []
-    for it in list_images(root, classes):
+    for it, regular in zip(listing.items, listing.regular, strict=True):
         p = root / it.path
-        reason = _not_regular(p) or (_verify(p) if verify else None)
+        reason = (None if regular else _not_regular(p) or "not a regular file") or (_verify(p) if verify else None)
         if reason is None:
             items.append(it)
         else:
@@ -112,15 +160,18 @@ def scan_images(root: str | os.PathLike, classes: Sequence[str] | None = None,
     return items, bad
 
 
-def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True) -> list[ImageItem]:
-    """All images under ``root``: flat (class = the folder's name) or one subfolder per class.
+def index_images(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True,
+                 listing: Listing | None = None) -> list[ImageItem]:
+    """All images under ``root``: flat (class = the folder's name) or one subfolder per class
+    (images directly in a folder that also has class subfolders are one more class, named after
+    the folder, with a warning saying so).
 
     ``classes`` restricts to those subfolders. Unreadable files (and anything with an image's
     name that is not a regular file: FIFOs, devices, dangling symbolic links) are skipped with
     one warning naming them all. Sorted by path, so the result is deterministic. A folder
     without a readable image raises :class:`NoReadableImagesError` (a ``ValueError``).
     """
-    items, bad = scan_images(root, classes, verify)
+    items, bad = scan_images(root, classes, verify, listing)
     if bad:
         warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root}: "
                       + "; ".join(f"{it.path} ({why})" for it, why in bad), stacklevel=2)
@@ -175,27 +226,75 @@ def load_split(path: str | os.PathLike) -> dict[str, list[ImageItem]]:
 
 
 def split_source(listed: Sequence[ImageItem], skipped: Sequence[ImageItem], classes: Sequence[str] | None,
-                 fractions: Sequence[float]) -> dict[str, Any]:
+                 fractions: Sequence[float], folders: dict[str, int | None] | None = None,
+                 val_data: str | os.PathLike | None = None, val_listed: Sequence[ImageItem] = (),
+                 val_folders: dict[str, int | None] | None = None) -> dict[str, Any]:
     """What a split is made from: the image files listed (their number and fingerprint), those
-    of them that were skipped as unreadable, the classes asked for and the fractions."""
-    return {"files": len(listed), "fingerprint": files_fingerprint(listed),
-            "skipped": [[it.path, it.label] for it in sorted(skipped, key=lambda it: it.path)],
-            "classes": None if classes is None else sorted(classes), "fractions": [float(f) for f in fractions]}
+    of them that were skipped as unreadable, the classes asked for and the fractions; with
+    ``folders`` (:attr:`Listing.folders`) the folders' times, which let :func:`split_current`
+    tell an unchanged folder without listing it; with ``val_data``, the validation folder, its
+    files (``val_listed``) and its folders' times."""
+    src = {"files": len(listed), "fingerprint": files_fingerprint(listed),
+           "skipped": [[it.path, it.label] for it in sorted(skipped, key=lambda it: it.path)],
+           "classes": None if classes is None else sorted(classes), "fractions": [float(f) for f in fractions]}
+    if folders is not None:
+        src["folders"] = folders
+    if val_data is not None:
+        src.update(val_data=os.path.abspath(val_data), val_files=len(val_listed),
+                   val_fingerprint=files_fingerprint(val_listed), val_folders=val_folders or {})
+    return src
+
+
+def _setting_changes(raw: dict[str, Any], seed: int, classes: Sequence[str] | None, fractions: Sequence[float],
+                     val_data: str | os.PathLike | None) -> list[str]:
+    src = raw.get("source") or {}
+    changes = []
+    if raw.get("seed") != seed:
+        changes.append(f"seed {raw.get('seed')} -> {seed}")
+    wanted = None if classes is None else sorted(classes)
+    if src.get("classes") != wanted:
+        changes.append(f"classes {src.get('classes') or 'all'} -> {wanted or 'all'}")
+    if [round(float(f), 9) for f in src.get("fractions", [])] != [round(float(f), 9) for f in fractions]:
+        changes.append(f"fractions {src.get('fractions')} -> {list(fractions)}")
+    val = None if val_data is None else os.path.abspath(val_data)
+    if src.get("val_data") != val:
+        changes.append(f"val_data {src.get('val_data') or 'none (a split of the data)'} -> {val or 'none'}")
+    return changes
+
+
+def split_current(path: str | os.PathLike, root: str | os.PathLike, seed: int, classes: Sequence[str] | None,
+                  fractions: Sequence[float], val_data: str | os.PathLike | None = None) -> bool:
+    """True if the split in ``path`` was made with these settings from the folders as they are
+    now, told from the folders' modification times alone (no listing: a stat per folder);
+    False when it cannot be told so (then :func:`split_change` compares a listing)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        src = raw["source"]
+        if not isinstance(src.get("folders"), dict) or _setting_changes(raw, seed, classes, fractions, val_data):
+            return False
+        if folder_times(root, list(src["folders"])) != src["folders"]:
+            return False
+        return val_data is None or folder_times(val_data, list(src["val_folders"])) == src["val_folders"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def split_change(path: str | os.PathLike, listed: Sequence[ImageItem], seed: int, classes: Sequence[str] | None,
-                 fractions: Sequence[float]) -> str | None:
+                 fractions: Sequence[float], val_data: str | os.PathLike | None = None,
+                 val_listed: Sequence[ImageItem] = ()) -> str | None:
     """None if the split in ``path`` was made from the image files ``listed`` (by
-    :func:`list_images`) with this seed, these classes and fractions; otherwise what changed, in
-    words ("3 image files added (a.png, ...)", "seed 0 -> 1", ...). A split written before
-    splits recorded their source says so."""
+    :func:`list_images`; with ``val_data``, the validation images ``val_listed`` of that folder)
+    with this seed, these classes and fractions; otherwise what changed, in words ("3 image
+    files added (a.png, ...)", "seed 0 -> 1", ...). A split written before splits recorded their
+    source says so."""
     raw = json.loads(Path(path).read_text())
     src = raw.get("source")
     if not isinstance(src, dict):
         return "it does not record what it was made from (written by an older fastcolor)"
     changes = []
     if src.get("fingerprint") != files_fingerprint(listed):
-        old = {(p, c) for k in ("train", "val", "test") for p, c in raw.get(k, [])}
+        parts = ("train", "test") if src.get("val_data") else ("train", "val", "test")
+        old = {(p, c) for k in parts for p, c in raw.get(k, [])}
         old |= {(p, c) for p, c in src.get("skipped", [])}
         now = {(it.path, it.label) for it in listed}
         added, removed = sorted(now - old), sorted(old - now)
@@ -206,11 +305,8 @@ def split_change(path: str | os.PathLike, listed: Sequence[ImageItem], seed: int
         if not changes:
             changes.append("the image files differ")
         changes.append(f"{src.get('files', len(old))} -> {len(listed)} image files")
-    if raw.get("seed") != seed:
-        changes.append(f"seed {raw.get('seed')} -> {seed}")
-    wanted = None if classes is None else sorted(classes)
-    if src.get("classes") != wanted:
-        changes.append(f"classes {src.get('classes') or 'all'} -> {wanted or 'all'}")
-    if [round(float(f), 9) for f in src.get("fractions", [])] != [round(float(f), 9) for f in fractions]:
-        changes.append(f"fractions {src.get('fractions')} -> {list(fractions)}")
+    if val_data is not None and src.get("val_fingerprint") not in (None, files_fingerprint(val_listed)):
+        changes.append(f"the validation images in {val_data} differ ({src.get('val_files')} -> {len(val_listed)} "
+                       f"image files)")
+    changes += _setting_changes(raw, seed, classes, fractions, val_data)
     return "; ".join(changes) or None

@@ -131,4 +131,11 @@ def rarity_weights(prior, lam: float = 0.5) -> np.ndarray:
         if isinstance(lam, (int, float)) and lam == 0 and (prior == 0).any():
             raise ValueError(f"lam: 0 needs every prior entry > 0 (the weight of an empty bin is infinite), "
                              f"got {int((prior == 0).sum())} empty bin(s); use lam > 0")
-    return reference.rarity_weights(prior, lam)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        w = reference.rarity_weights(prior, lam)
+    if not np.isfinite(w).all():  # lam near 0: w = 1 / p overflows where p is tiny (a subnormal, after smoothing)
+        q = int(np.argmin(np.where(prior > 0, prior, np.inf)))
+        raise ValueError(f"lam: {lam!r} weighs bin {q} (prior {prior[q]:.3g}) by about 1 / ((1 - lam) p + lam / "
+                         f"{Q}), which overflows, so the weights are not finite; use lam > 0 (then no weight exceeds "
+                         f"{Q} / lam times the smallest; the paper uses 0.5)")
+    return w

@@ -16,7 +16,8 @@ from typing import Any
 from fastcolor.io import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from fastcolor.models.serialization import check_stored_config
 
-__all__ = ["CheckpointError", "checkpoint_meta", "load_resume_checkpoint", "repair_best", "resume_model_config"]
+__all__ = ["CheckpointError", "checkpoint_meta", "load_resume_checkpoint", "repair_best", "resume_model_config",
+           "check_resume_model"]
 
 
 class CheckpointError(ValueError):
@@ -122,3 +123,26 @@ def resume_model_config(last_path: Path, ckpt: dict[str, Any], backbone_weights:
                          f"path stored in a checkpoint is never read: pass backbone_weights= (--backbone-weights) "
                          f"again to resume")
     return config
+
+
+def check_resume_model(last_path: Path, stored: dict[str, Any], wanted: str | dict[str, Any]) -> None:
+    """Refuse (ValueError naming ``model``) to resume ``last_path``, whose model is ``stored``,
+    as a run of another model ``wanted`` (a preset name or config): its weights could only be
+    continued as the stored model, while the run would record and announce the other one."""
+    from fastcolor.models import PRESETS
+
+    config = PRESETS.get(wanted, {}) if isinstance(wanted, str) else wanted
+    if not isinstance(config, dict):
+        return
+    diff = [f"{k} {json.dumps(stored.get(k))} -> {json.dumps(v)}" for k, v in config.items()
+            if k != "backbone_weights" and json.dumps(stored.get(k)) != json.dumps(v)]
+    if diff:
+        def name(c):  # the preset it is (the most specific one that fits; its size aside)
+            fits = [n for n, p in PRESETS.items()
+                    if all(json.dumps(c.get(k)) == json.dumps(v) for k, v in p.items() if k != "input_size")]
+            return repr(max(fits, key=lambda n: len(PRESETS[n]))) if fits else "another"
+
+        raise ValueError(f"model: {last_path} holds a {name(stored)} model, and this run asks for a {name(config)} "
+                         f"one ({'; '.join(diff)}): resume with the model and size the run was started with "
+                         f"(--model, --size; its train_config.json records them), or start a new run with "
+                         f"restart=True (fastcolor train --restart)")

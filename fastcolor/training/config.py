@@ -5,14 +5,16 @@ value is refused, naming its field, before a run directory is touched.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fastcolor.data import TARGET_REDUCTIONS
-from fastcolor.recipes import RECIPES, recipe_values
+from fastcolor.data import DECODES, TARGET_REDUCTIONS
+from fastcolor.data.prior import parse_prior
+from fastcolor.recipes import DEFAULT_PRIOR, RECIPES, recipe_values
 
 __all__ = ["TrainConfig", "check_device", "RUN_FILES", "LOSSES"]
 
@@ -64,8 +66,10 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     augment: bool = True  #: random zoom, rotation, shear and flip (:func:`fastcolor.data.augmentation`)
     workers: int = 2
-    prior_lam: float = 0.5
-    prior_sigma: float = 5.0
+    decode: str = "auto"  #: JPEGs decoded by the workers ("cpu", PIL) or batched on the GPU ("gpu", nvjpeg); "auto"
+    prior: str = DEFAULT_PRIOR  #: "data", "sample:N" or "imagenet" (:mod:`fastcolor.data.prior`)
+    prior_lam: float = 0.5  #: rarity weights: the weight of the uniform distribution in the mix, 0..1
+    prior_sigma: float = 5.0  #: Gaussian smoothing (ab units) of a prior computed from data
     nongray: bool = False  #: Zhang losses: no loss for grey images (|a|, |b| <= 5 everywhere), as the authors trained
     target_reduction: str = "area"  #: ab target at the logits' resolution: "area" (block means) or "subsample"
     recipe: str | None = None  #: the :mod:`fastcolor.recipes` name the values came from (recorded only)
@@ -77,6 +81,9 @@ class TrainConfig:
     backbone_weights: str | None = None  #: fusion: local weights file for the backbone
     embedding_cache: str | None = None  #: fusion: cache directory (default ``<run_dir>/embeddings``)
     max_steps_per_epoch: int | None = None  #: cut epochs short (smoke tests, demos)
+    val_images: int | None = None  #: validate on this many images (a fixed, seeded subset); None: all
+    val_every: int | None = None  #: validate (and checkpoint) every this many steps; None: at each epoch's end
+    val_data: str | None = None  #: a folder of validation images; then all of ``data_dir`` trains
     log_every: int = 50  #: read the loss (and check it is finite) every this many steps, and at epoch end
     tensorboard: str | None = None  #: write TensorBoard events to this folder (rank 0)
     progress: bool = True  #: tqdm bar on rank 0
@@ -129,6 +136,34 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in 0..2**63-1 (it seeds numpy and torch generators, which take "
+                             f"non-negative 64-bit seeds), got {self.seed!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
+        if not (isinstance(betas, tuple) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1) (Adam's decay rates of its gradient averages; "
+                             f"1 would never forget the first gradient), got {self.betas!r}")
+        if not (isinstance(self.prior_lam, (int, float)) and 0 <= self.prior_lam <= 1):
+            raise ValueError(f"prior_lam must be a number in [0, 1] (the weight of the uniform distribution in the "
+                             f"prior mixed for the rarity weights), got {self.prior_lam!r}")
+        sigma = self.prior_sigma
+        if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"prior_sigma must be a positive number, got {self.prior_sigma!r}")
+        parse_prior(self.prior)
+        for name in ("val_images", "val_every"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if self.val_data is not None and not isinstance(self.val_data, str):
+            raise ValueError(f"val_data must be a folder's path (str) or None, got {self.val_data!r}")
+        size = self.image_size or _input_size(self.model)
+        if self.crop_size is not None and size is not None and self.crop_size > size:
+            what = "image_size (--size)" if self.image_size else "the model's input size"
+            raise ValueError(f"crop_size must be at most the image size ({what}, {size}): crops are taken from the "
+                             f"resized images, got {self.crop_size}")
         check_device(self.device, available=False)
         self.betas = tuple(self.betas)
         self.split = tuple(self.split)
@@ -137,6 +172,19 @@ class TrainConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _input_size(model: str | dict) -> int | None:
+    """The input size of a model preset name or config (None when it cannot be told here)."""
+    from fastcolor.models import PRESETS, ZhangNet
+
+    config = PRESETS.get(model) if isinstance(model, str) else model
+    if not isinstance(config, dict):
+        return None
+    size = config.get("input_size")
+    if size is None and config.get("arch") == "zhang":  # ZhangNet's own default
+        size = inspect.signature(ZhangNet).parameters["input_size"].default
+    return size if _is_int(size) else None
 
 
 def check_device(device: str, available: bool = True) -> None:

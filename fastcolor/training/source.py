@@ -17,20 +17,23 @@ archives, a GPU decoder) provides the same methods and attributes.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from fastcolor.data import (
     ColorizationDataset,
+    UnreadableImageError,
     augmentation,
     files_fingerprint,
     index_images,
-    list_images,
     load_l,
     load_split,
     save_split,
@@ -38,11 +41,13 @@ from fastcolor.data import (
     split_items,
     split_source,
 )
+from fastcolor.data.folder import Listing, list_folder, split_current
+from fastcolor.data.prior import parse_prior, sample_items
 from fastcolor.models import EmbeddingCache
 from fastcolor.training.config import TrainConfig
 from fastcolor.training.distributed import Dist
 
-__all__ = ["FolderSource", "epoch_seed"]
+__all__ = ["FolderSource", "Batches", "epoch_seed", "worker_message"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -64,16 +69,25 @@ class FolderSource:
 
     # -- which images ----------------------------------------------------------------------
     def prepare(self, resuming_from: Path | None = None) -> None:
-        """The split: reused if it was made from the data as it is now, else made anew (without a
-        checkpoint) or refused (resuming: the checkpoint was trained on the old split)."""
+        """The split, recorded in ``split.json``: reused without listing the folders again while
+        their modification times are those recorded (:func:`~fastcolor.data.split_current`);
+        otherwise the folder is listed once and the split reused if it was made from the files as
+        they are now, else made anew (without a checkpoint) or refused (resuming: the checkpoint
+        was trained on the old split). No file is opened here: a file that cannot be decoded is
+        skipped, with one warning, when it is loaded. With ``val_data`` every image of
+        ``data_dir`` trains and the images of ``val_data`` validate."""
         split_path = self.run_dir / "split.json"
         cfg = self.cfg
         if self.d.main:
-            change = None
-            if split_path.is_file():
+            listing = val_listing = None
+            fresh = not split_path.is_file()
+            if not fresh and not split_current(split_path, cfg.data_dir, cfg.seed, cfg.classes, cfg.split,
+                                               cfg.val_data):
+                listing = list_folder(cfg.data_dir, cfg.classes)
+                val_listing = list_folder(cfg.val_data) if cfg.val_data else None
                 try:
-                    change = split_change(split_path, list_images(cfg.data_dir, cfg.classes), cfg.seed, cfg.classes,
-                                          cfg.split)
+                    change = split_change(split_path, listing.items, cfg.seed, cfg.classes, cfg.split, cfg.val_data,
+                                          val_listing.items if val_listing else ())
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json/structure damage
                     change = f"it does not parse ({type(exc).__name__}: {exc})"
                 legacy = change is not None and "older fastcolor" in change
@@ -87,17 +101,35 @@ class FolderSource:
                 if change is not None:
                     warnings.warn(f"{split_path} is out of date ({change}): making a new split (and class prior) "
                                   f"of {cfg.data_dir}", stacklevel=4)
-            if change is not None or not split_path.is_file():
-                listed = list_images(cfg.data_dir, cfg.classes)
-                items = index_images(cfg.data_dir, cfg.classes)  # warns about (and skips) unreadable files
-                readable = set(items)
-                source = split_source(listed, [it for it in listed if it not in readable], cfg.classes, cfg.split)
-                save_split(split_path, split_items(items, cfg.seed, cfg.split), seed=cfg.seed, source=source)
+                fresh = change is not None
+            if fresh:
+                self._new_split(split_path, listing, val_listing)
         self.d.barrier()
         self.split = load_split(split_path)
         if not self.split["train"] or not self.split["val"]:
             raise ValueError(f"data_dir: need at least one training and one validation image, got "
                              f"{len(self.split['train'])} and {len(self.split['val'])} ({self.cfg.data_dir})")
+        order = np.random.default_rng(cfg.seed).permutation(len(self.split["val"]))[: cfg.val_images]
+        #: the images validated, in a fixed seeded order (a bounded pass validates a prefix of it)
+        self.val_items = [self.split["val"][i] for i in order]
+
+    def _new_split(self, split_path: Path, listing: Listing | None, val_listing: Listing | None) -> None:
+        """List the folder (once: ``listing`` where the caller already has it), skip what is not a
+        regular file (with one warning), split and write ``split.json``."""
+        cfg = self.cfg
+        listing = listing or list_folder(cfg.data_dir, cfg.classes)
+        items = index_images(cfg.data_dir, cfg.classes, verify=False, listing=listing)
+        readable = set(items)
+        skipped = [it for it in listing.items if it not in readable]
+        if cfg.val_data is None:
+            split = split_items(items, cfg.seed, cfg.split)
+            source = split_source(listing.items, skipped, cfg.classes, cfg.split, listing.folders)
+        else:
+            val_listing = val_listing or list_folder(cfg.val_data)
+            split = {"train": items, "val": index_images(cfg.val_data, verify=False, listing=val_listing), "test": []}
+            source = split_source(listing.items, skipped, cfg.classes, cfg.split, listing.folders, cfg.val_data,
+                                  val_listing.items, val_listing.folders)
+        save_split(split_path, split, seed=cfg.seed, source=source)
 
     @property
     def train_fingerprint(self) -> str:
@@ -105,6 +137,11 @@ class FolderSource:
         return files_fingerprint(self.split["train"])
 
     # -- datasets --------------------------------------------------------------------------
+    @property
+    def val_root(self) -> Path:
+        """The folder the validation items' paths are relative to."""
+        return Path(self.cfg.val_data or self.cfg.data_dir)
+
     def attach(self, model: torch.nn.Module, size: int, stride: int) -> None:
         """Make the datasets for ``model`` at ``size`` with targets at ``1/stride``.
 
@@ -118,24 +155,27 @@ class FolderSource:
         if model.config["arch"] == "fusion":
             cache_dir = cfg.embedding_cache or self.run_dir / "embeddings"
             cache = EmbeddingCache(cache_dir, model.embedder, image_size=size)
-            cached = ("val", "test") if cfg.augment else ("train", "val", "test")
             if cfg.augment and self.d.main:
                 warnings.warn("fusion: augmentation is on, so the embedding cache is not used for training: each "
                               "batch is embedded from its augmented L (the cache serves validation)", stacklevel=4)
             if self.d.main:
-                root = Path(cfg.data_dir)
-                paths = [root / it.path for k in cached for it in self.split[k]]
+                parts = ("test",) if cfg.augment else ("train", "test")  # (the test images: for eval)
+                paths = [self.val_root / it.path for it in self.val_items]
+                paths += [Path(cfg.data_dir) / it.path for k in parts for it in self.split[k]]
                 cache.precompute(paths, lambda p: load_l(p, size), device=self.device)
             self.d.barrier()
 
-        def dataset(items, aug):
-            return ColorizationDataset(cfg.data_dir, items, size, stride, aug, None if aug else cache,
-                                       target_reduction=cfg.target_reduction)
+        def dataset(root, items, aug):
+            return ColorizationDataset(root, items, size, stride, aug, None if aug else cache,
+                                       target_reduction=cfg.target_reduction, report_skips="sample")
 
         train_aug, val_aug = self.transforms()
-        self.train_ds = dataset(self.split["train"], train_aug)
-        self.val_ds = dataset(self.split["val"], val_aug)
-        self.prior_ds = dataset(self.split["train"], False)
+        self.train_ds = dataset(cfg.data_dir, self.split["train"], train_aug)
+        self.val_ds = dataset(self.val_root, self.val_items, val_aug)
+        kind, n = parse_prior(cfg.prior)
+        prior_items = sample_items(self.split["train"], n, cfg.seed) if kind == "sample" else self.split["train"]
+        self.prior_ds = dataset(cfg.data_dir, prior_items, False)
+        self._reported: set[str] = set()
 
     def transforms(self) -> tuple[bool | v2.Transform, bool | v2.Transform]:
         """The ``augment=`` of the training and validation datasets: ``augment`` (zoom, rotation,
@@ -157,34 +197,110 @@ class FolderSource:
         return len(self.train_ds)
 
     # -- batches ---------------------------------------------------------------------------
-    def _loader(self, ds, epoch: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds, epoch: int, shuffle: bool, start: int = 0, stop: int | None = None) -> Batches:
         sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,
                                      seed=self.cfg.seed, drop_last=False)
         sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        return DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers,
-                          generator=g, pin_memory=self.device.type == "cuda", persistent_workers=False)
+        b = self.cfg.batch_size
+        loader = DataLoader(ds, batch_size=b, sampler=_Slice(sampler, start * b, None if stop is None else stop * b),
+                            num_workers=self.cfg.workers, generator=g, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        return Batches(loader, self._report)
 
-    def train_loader(self, epoch: int) -> DataLoader:
-        """This rank's training batches of ``epoch`` (shuffled with a seed of the run and epoch)."""
-        return self._loader(self.train_ds, epoch, shuffle=True)
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch of this rank (every rank has as many: the sampler pads)."""
+        return math.ceil(math.ceil(len(self.train_ds) / self.d.world) / self.cfg.batch_size)
 
-    def val_loader(self) -> DataLoader:
-        """This rank's validation batches (the same every time)."""
-        return self._loader(self.val_ds, 0, shuffle=False)
+    def train_loader(self, epoch: int, skip: int = 0) -> Batches:
+        """This rank's training batches of ``epoch`` (shuffled with a seed of the run and epoch),
+        from its batch ``skip`` on (a run resumed in the middle of an epoch)."""
+        return self._loader(self.train_ds, epoch, shuffle=True, start=skip)
 
-    def prior_loader(self) -> DataLoader:
-        """Batches of the images the class prior is computed from (un-augmented, whole)."""
-        return DataLoader(self.prior_ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers)
+    def val_loader(self, max_batches: int | None = None) -> Batches:
+        """This rank's validation batches: the same every time (at most ``max_batches``, the first
+        ones: :attr:`val_items` is in a fixed random order, so a prefix is a random subset)."""
+        return self._loader(self.val_ds, 0, shuffle=False, stop=max_batches)
+
+    def prior_loader(self) -> Batches:
+        """Batches of the images the class prior is computed from (un-augmented, whole): the
+        training images, or a seeded sample of them (``prior="sample:N"``)."""
+        loader = DataLoader(self.prior_ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers)
+        return Batches(loader, self._report)
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``L``, ``ab`` (and ``embedding`` when the batch has one) on the model's device."""
         keys = ("L", "ab", "embedding")
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
 
+    def _report(self, batch: dict[str, Any]) -> None:
+        """Warn once per run about each unreadable file a batch's samples skipped (the workers
+        put them in the samples: each worker alone would warn once per copy of the dataset)."""
+        for lines in batch.get("skipped", ()):
+            for line in filter(None, lines.split("\n")):
+                path, _, why = line.partition("\t")
+                if path not in self._reported:
+                    self._reported.add(path)
+                    warnings.warn(f"skipping unreadable image {path!r} ({why}); it is skipped wherever it comes up "
+                                  f"in this run, and said only this once", stacklevel=3)
+
     def samples(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` validation images at the training size, with full-resolution ab (for
         the monitor's pictures), on the device."""
-        ds = ColorizationDataset(self.cfg.data_dir, self.split["val"][:n], self.size, 1, False)
+        ds = ColorizationDataset(self.val_root, self.val_items[:n], self.size, 1, False)
         batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
         return {"L": batch["L"].to(self.device), "ab": batch["ab"].to(self.device)}
+
+
+class _Slice(Sampler):
+    """Indices ``start:stop`` of another sampler's order (a resumed epoch, a bounded validation)."""
+
+    def __init__(self, sampler: Sampler, start: int = 0, stop: int | None = None):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.start, self.stop)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return max(0, min(n, n if self.stop is None else self.stop) - self.start)
+
+
+class Batches:
+    """A DataLoader as the trainer reads it: each batch's skipped files reported once per run,
+    and an error raised in a worker process re-raised with the worker's own message (the
+    DataLoader's puts the worker's whole traceback into the message, which a one-line error
+    report then squeezes into one unreadable line)."""
+
+    def __init__(self, loader: DataLoader, report):
+        self.loader, self.report = loader, report
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UnreadableImageError as exc:
+                raise UnreadableImageError(worker_message(exc)) from None
+            self.report(batch)
+            yield batch
+
+
+def worker_message(exc: BaseException) -> str:
+    """The message of an exception as raised in a DataLoader worker, without the "Caught ... in
+    DataLoader worker process N. Original Traceback ..." wrapping the DataLoader adds."""
+    msg = str(exc)
+    if "Original Traceback" not in msg:
+        return msg
+    last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
