@@ -403,3 +403,33 @@ def test_shard_source_validation_subset_and_given_validation_shards(shards, phot
                                       for e in read_shard_index(shards)["splits"][k])
     with pytest.raises(ValueError, match="val_data: training on shards"):
         source(val_data=str(photos))
+
+
+@pytest.mark.parametrize("report", ["warn", "sample"])
+def test_an_image_that_does_not_decode_is_skipped_and_reported_once(shards, tmp_path, report):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    victim = copy / "val-000000.tar"
+    with tarfile.open(shards / victim.name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = next(m.name for m, _ in members if m.name.endswith((".png", ".jpg")))
+    with tarfile.open(victim, "w") as tar:
+        for m, data in members:
+            data = b"not an image at all" if m.name == bad else data
+            m.size = len(data)
+            tar.addfile(m, __import__("io").BytesIO(data))
+    sh, _ = resolve_shards(copy, "val")
+    ds = ShardDataset(sh, 16, 4, shuffle=False, report_skips=report)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        samples = list(ds)
+    warned = [str(x.message) for x in w if "unreadable image" in str(x.message)]
+    assert sorted(s["index"] for s in samples) == [i for i in range(ds.images) if f"val-{i:08d}." not in bad]
+    if report == "warn":
+        assert len(warned) == 1 and bad in warned[0]
+    else:
+        assert not warned
+        lines = [s["skipped"] for s in samples if s["skipped"]]
+        assert len(lines) == 1 and lines[0].startswith(f"{victim}/{bad}\t") and "not" in lines[0]

@@ -322,17 +322,23 @@ class ShardDataset(IterableDataset):
             batches per epoch on every rank.
         on_damaged: a shard that breaks while read: ``"skip"`` the rest of it with a warning
             (counted), or ``"raise"`` :class:`ShardError`.
+        report_skips: an image that does not decode is skipped and ``"warn"``-ed (once per
+            process), or reported in the next sample's ``skipped`` (``"sample"``: ``"name\treason"``
+            lines, ``""`` for none; every sample has the key), for the main process to warn once
+            per run as :class:`~fastcolor.data.ColorizationDataset` does.
     """
 
     def __init__(self, shards: Sequence[Shard | tuple[Shard, int]], size: int = 128, target_stride: int = 4,
                  augment: bool | Any = False, target_reduction: str = "subsample", output: str = "lab", *,
                  rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 repeat: bool = False, on_damaged: str = "skip"):
+                 repeat: bool = False, on_damaged: str = "skip", report_skips: str = "warn"):
         from fastcolor.data.dataset import OUTPUTS
         from fastcolor.data.transforms import TARGET_REDUCTIONS, augmentation
 
         if on_damaged not in ("skip", "raise"):
             raise ValueError(f"on_damaged must be 'skip' or 'raise', got {on_damaged!r}")
+        if report_skips not in ("warn", "sample"):
+            raise ValueError(f"report_skips must be 'warn' or 'sample', got {report_skips!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if target_reduction not in TARGET_REDUCTIONS:
@@ -355,6 +361,7 @@ class ShardDataset(IterableDataset):
         self.transform = augmentation() if augment is True else (augment or None)
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.shuffle_buffer, self.repeat, self.on_damaged = shuffle, shuffle_buffer, repeat, on_damaged
+        self.report_skips = report_skips
         self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
         self.max_retries = 20  #: unreadable images in a row before a worker gives up (the folder dataset's rule)
         self.damaged: list[str] = []  #: the damaged shards this process skipped (each worker counts its own)
@@ -400,14 +407,22 @@ class ShardDataset(IterableDataset):
         # plays the part worker (w + k) % active had in the whole epoch, past its share of the k.
         part = (worker + self.skip_batches) % active
         skip = len(range(part, self.skip_batches, active)) * self.batch_size
-        bad, last = 0, ""
+        bad, last, skipped = 0, "", []
         for group in itertools.islice(self._groups(wds, part, workers), skip, None):
             sample, why = self._sample(group)
             if sample is not None:
+                if self.report_skips == "sample":  # the images skipped since the last sample
+                    sample["skipped"], skipped = "\n".join(skipped), []
                 bad = 0
                 yield sample
                 continue
-            bad, last = bad + 1, why
+            name, _, last = why.partition("\t")
+            if self.report_skips == "sample":
+                skipped.append(why)
+            elif name not in self._reported:
+                self._reported.add(name)
+                warnings.warn(f"skipping unreadable image {name!r} ({last})", stacklevel=2)
+            bad += 1
             if bad >= self.max_retries:
                 raise UnreadableImageError(f"shards: none of {bad} image(s) in a row of rank {self.rank}, worker "
                                            f"{worker} could be read (the last: {last}); expected readable images")
@@ -471,7 +486,7 @@ class ShardDataset(IterableDataset):
                       f"far by rank {self.rank} (this worker)", stacklevel=3)
 
     def _sample(self, group: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        """(the sample of one image's members, "") or (None, why) if it cannot be used (warned once)."""
+        """(the sample of one image's members, "") or (None, "<name>\t<why>") if it cannot be used."""
         key = group["__key__"]
         image = [k for k in group if k not in ("__key__", "__url__", "cls", "json")]
         name = f"{group['__url__']}/{key}.{image[0] if image else 'jpg'}"
@@ -481,11 +496,7 @@ class ShardDataset(IterableDataset):
                 raise ValueError(f"expected an image and a .cls member, got {got}")
             return self._to_sample(group[image[0]], name, int(key.rsplit("-", 1)[-1])), ""
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if name not in self._reported:
-                self._reported.add(name)
-                warnings.warn(f"skipping unreadable image {name!r} ({why})", stacklevel=3)
-            return None, why
+            return None, f"{name}\t{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
     def _to_sample(self, data: bytes, name: str, index: int) -> dict[str, Any]:
         from fastcolor.color import rgb_to_lab

@@ -26,24 +26,30 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fastcolor.data.shards import ShardDataset, is_shard_source, resolve_shards, sample_shards
-from fastcolor.training.source import FolderSource, epoch_seed
+from fastcolor.data.prior import parse_prior
+from fastcolor.data.shards import ShardDataset, ShardError, is_shard_source, resolve_shards, sample_shards
+from fastcolor.training.source import Batches, FolderSource, epoch_seed, worker_message
 
 __all__ = ["ShardSource"]
 
 
-class _Batches:
-    """A loader's first ``steps`` batches (all with None), with that length where it is known
-    (what the trainer counts): an endless training stream cut to an epoch, a bounded validation."""
+class _Batches(Batches):
+    """:class:`~fastcolor.training.source.Batches` cut to its first ``steps`` batches (all with
+    None), with that length (what the trainer counts): an endless training stream cut to an
+    epoch, a bounded validation. A worker's :class:`ShardError` is re-raised with its own message."""
 
-    def __init__(self, loader: DataLoader, steps: int | None = None):
-        self.loader, self.steps = loader, steps
+    def __init__(self, loader: DataLoader, report, steps: int | None = None):
+        super().__init__(loader, report)
+        self.steps = steps
 
     def __len__(self) -> int:
         return len(self.loader) if self.steps is None else self.steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return itertools.islice(self.loader, self.steps)
+        try:
+            yield from itertools.islice(super().__iter__(), self.steps)
+        except ShardError as exc:
+            raise ShardError(worker_message(exc)) from None
 
 
 class ShardSource(FolderSource):
@@ -57,7 +63,7 @@ class ShardSource(FolderSource):
             raise ValueError(f"classes: the classes of shards are chosen when they are written (fastcolor shard "
                              f"--class), got {cfg.classes!r} for the shards {cfg.data_dir}")
         self.train_shards, self.index = resolve_shards(cfg.data_dir, "train")
-        val_data = getattr(cfg, "val_data", None)  # a given validation set: shards too
+        val_data = cfg.val_data  # a given validation set: shards too
         if val_data is not None and not is_shard_source(val_data):
             raise ValueError(f"val_data: training on shards, validation takes shards too (a folder of them or a "
                              f"pattern: fastcolor shard VAL_IMAGES OUT writes them), got {val_data!r}")
@@ -65,7 +71,7 @@ class ShardSource(FolderSource):
             self.val_shards, _ = resolve_shards(cfg.data_dir, "val")
         else:  # every shard of a given folder, or those of a pattern
             self.val_shards, _ = resolve_shards(val_data, "all" if Path(str(val_data)).is_dir() else "train")
-        n = getattr(cfg, "val_images", None)  # a fixed seeded subset of n images: from a few whole shards
+        n = cfg.val_images  # a fixed seeded subset of n images: from a few whole shards
         self.val_items = sample_shards(self.val_shards, n, cfg.seed) if n else self.val_shards
         self.split = {}  # made when the shards were written: shards.json records it
 
@@ -82,15 +88,16 @@ class ShardSource(FolderSource):
             warnings.warn("fusion on shards: each batch is embedded from its L (the embedding cache is keyed by "
                           "file, and shards have none)", stacklevel=4)
         train_aug, val_aug = self.transforms()
-        common = {"size": size, "target_stride": stride, "target_reduction": cfg.target_reduction, "seed": cfg.seed}
+        common = {"size": size, "target_stride": stride, "target_reduction": cfg.target_reduction, "seed": cfg.seed,
+                  "report_skips": "sample"}  # unreadable images: warned once per run by the main process
         self.train_ds = ShardDataset(self.train_shards, augment=train_aug, rank=d.rank, world=d.world, repeat=True,
                                      **common)
         self.val_ds = ShardDataset(self.val_items, augment=val_aug, rank=d.rank, world=d.world, shuffle=False,
                                    **common)
-        prior = str(getattr(cfg, "prior", "data"))  # "data" or "sample:N" (rank 0 computes the prior)
-        shards = (sample_shards(self.train_shards, int(prior.split(":", 1)[1]), cfg.seed)
-                  if prior.startswith("sample:") else self.train_shards)
+        kind, n = parse_prior(cfg.prior)  # rank 0 computes the prior: from all, or a few whole shards
+        shards = sample_shards(self.train_shards, n, cfg.seed) if kind == "sample" else self.train_shards
         self.prior_ds = ShardDataset(shards, shuffle=False, **common)
+        self._reported: set[str] = set()
 
     @property
     def train_images(self) -> int:
@@ -110,16 +117,16 @@ class ShardSource(FolderSource):
         the middle of an epoch: the batches before are passed over undecoded)."""
         self.train_ds.set_epoch(epoch, skip_batches=skip, batch_size=self.cfg.batch_size)
         g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        return _Batches(self._shard_loader(self.train_ds, g), max(0, self.steps_per_epoch() - skip))
+        return _Batches(self._shard_loader(self.train_ds, g), self._report, max(0, self.steps_per_epoch() - skip))
 
     def val_loader(self, max_batches: int | None = None) -> _Batches:
         """This rank's validation batches: its share of the validation shards, in order (at most
         ``max_batches`` of them)."""
-        return _Batches(self._shard_loader(self.val_ds), max_batches)
+        return _Batches(self._shard_loader(self.val_ds), self._report, max_batches)
 
-    def prior_loader(self) -> DataLoader:
+    def prior_loader(self) -> _Batches:
         """Batches of the training images the class prior is computed from (un-augmented)."""
-        return self._shard_loader(self.prior_ds)
+        return _Batches(self._shard_loader(self.prior_ds), self._report)
 
     def samples(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` validation images at the training size, with full-resolution ab, on the device."""
