@@ -50,6 +50,14 @@ def shards(photos, tmp_path_factory):
     return out
 
 
+def _copy(shards: Path, to: Path) -> Path:
+    """A copy of the shard folder, to damage."""
+    to.mkdir()
+    for p in shards.iterdir():
+        (to / p.name).write_bytes(p.read_bytes())
+    return to
+
+
 def _indices(batches) -> list[int]:
     return [int(i) for b in batches for i in b["index"]]
 
@@ -135,10 +143,7 @@ def test_repeat_gives_an_endless_stream_of_this_ranks_images(shards):
 
 
 def test_missing_shard_is_a_one_line_error_naming_it(shards, tmp_path):
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = _copy(shards, tmp_path / "copy")
     (copy / "train-000002.tar").unlink()
     for spec in (copy, f"{copy}/train-{{000000..000003}}.tar"):
         with pytest.raises(ShardError) as e:
@@ -154,10 +159,7 @@ def test_missing_shard_is_a_one_line_error_naming_it(shards, tmp_path):
 
 @pytest.mark.parametrize("cut", ["mid-image", "member boundary", "empty"])
 def test_damaged_shard_is_skipped_and_counted_or_raises(shards, tmp_path, cut):
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = _copy(shards, tmp_path / "copy")
     victim = copy / "train-000001.tar"
     data = victim.read_bytes()
     with tarfile.open(victim) as tar:
@@ -183,10 +185,9 @@ def test_damaged_shard_is_skipped_and_counted_or_raises(shards, tmp_path, cut):
 
 
 def test_a_worker_whose_shards_all_fail_says_so(shards, tmp_path):
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes() if p.suffix != ".tar" else b"not a tar" * 100)
+    copy = _copy(shards, tmp_path / "copy")
+    for p in copy.glob("*.tar"):
+        p.write_bytes(b"not a tar" * 100)
     sh, _ = resolve_shards(copy, "val")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -277,10 +278,7 @@ def served(shards, tmp_path):
     import http.server
     import threading
 
-    copy = tmp_path / "served"
-    copy.mkdir()
-    for p in shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = _copy(shards, tmp_path / "served")
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -407,10 +405,7 @@ def test_shard_source_validation_subset_and_given_validation_shards(shards, phot
 
 @pytest.mark.parametrize("report", ["warn", "sample"])
 def test_an_image_that_does_not_decode_is_skipped_and_reported_once(shards, tmp_path, report):
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in shards.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = _copy(shards, tmp_path / "copy")
     victim = copy / "val-000000.tar"
     with tarfile.open(shards / victim.name) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
