@@ -2,20 +2,31 @@
 
 ``train(TrainConfig(data_dir=..., run_dir=...))`` does, in the run directory:
 
-* ``split.json``: the seeded stratified 80/10/10 split, with what it was made from (the image
-  files listed, those skipped, seed, classes, fractions). A later run reuses it only while
-  that still holds: without a checkpoint a changed data folder gets a new split (and prior);
-  a resume from a checkpoint refuses, saying what changed;
-* ``prior.safetensors``: class prior of the training ab (streamed through
-  :class:`fastcolor.PriorAccumulator`) and the rarity weights (``lam`` 0.5), Zhang models only;
-  recorded with the split, image size and parameters it was computed from (recomputed, or
-  refused when resuming, like the split);
-* ``last.safetensors`` after every epoch, ``best.safetensors`` when the validation loss
-  improves by at least ``min_delta``: single-file, atomically written checkpoints (model,
-  Adam state, training state as JSON metadata, never pickle); ``resume=True`` continues
-  from ``last.safetensors``;
+* ``split.json``: the seeded stratified 80/10/10 split (with ``val_data``: all of ``data_dir``
+  trains, ``val_data``'s images validate), with what it was made from (the image files listed,
+  those skipped, seed, classes, fractions, the folders' modification times). It is the run's
+  file index: a later run whose folders kept their times reuses it without listing them again;
+  otherwise the folder is listed once and, without a checkpoint, a changed folder gets a new
+  split (and prior), while a resume from a checkpoint refuses, saying what changed. No image is
+  opened before step 1: one that cannot be decoded is skipped, with one warning, when loaded;
+* ``prior.safetensors``: the class prior (``prior``: of the training images, of a seeded
+  sample of them, or the authors' ImageNet prior; :mod:`fastcolor.data.prior`) and the rarity
+  weights (``lam`` 0.5), Zhang models only; recorded with what it was computed from
+  (recomputed, or refused when resuming, like the split);
+* ``last.safetensors`` after every validation (each epoch's end, or every ``val_every`` steps),
+  ``best.safetensors`` when the validation loss improves by at least ``min_delta``:
+  single-file, atomically written checkpoints (model, Adam state, training state as JSON
+  metadata, never pickle); ``resume=True`` continues from ``last.safetensors``, at the step it
+  was written (the run is one stream of batches: step s is batch ``s % steps_per_epoch`` of
+  data epoch ``s // steps_per_epoch``, so a resume continues in the middle of an epoch too);
 * ``model.safetensors`` + ``model.json``: the best weights and the model config;
-* ``metrics.jsonl`` (one JSON line per epoch), ``loss_curve.png``, ``train_config.json``.
+* ``metrics.jsonl`` (one JSON line per validation), ``loss_curve.png``, ``train_config.json``
+  (written once every check that can refuse the run has passed).
+
+Validation: over ``val_images`` images (a fixed seeded subset; all by default), at the end of
+each epoch or every ``val_every`` steps (then an "epoch" of the history, of ``patience`` and of
+the checkpoints is those steps); a validation reads at most as many batches as the steps it
+judges, so a 3-step run validates 3 batches.
 
 A run directory is owned by one process at a time: ``train`` holds an OS file lock on
 ``.fastcolor.lock`` in it (:func:`fastcolor.io.lock_directory`; released on any exit,
@@ -33,7 +44,8 @@ for Zhang; ``"mse"`` (the Deep Koalarization regression loss on ab / 128) for fu
 Hyper-parameters: named recipes (:mod:`fastcolor.recipes`, :meth:`TrainConfig.from_recipe`);
 the optimiser is Adam (fused: no host read per step) with L2 ``weight_decay``, its learning
 rate multiplied by ``lr_gamma`` at each of ``lr_milestones`` (optimiser steps, Caffe's
-"multistep"); ``max_steps`` ends a run by steps, ``epochs`` by epochs, early stopping by
+"multistep"); ``max_steps`` ends a run by steps, ``epochs`` after that many passes over the
+training images (``epochs`` x steps per epoch steps), early stopping by
 ``patience``. The step count is kept in every checkpoint (``meta["step"]``), so a resumed run
 continues its schedule.
 
@@ -54,7 +66,7 @@ Distributed: launch with ``torchrun --nproc_per_node=K`` (the environment variab
 nccl on GPU, gloo on CPU. Rank 0 writes the files (the others read the split and prior from the
 run directory); all ranks end with identical weights: BatchNorm statistics are rank 0's after
 each epoch, or synchronised at every step with ``sync_bn`` (:class:`torch.nn.SyncBatchNorm`,
-CUDA only). Checkpoints are written once per epoch, so a resumed run repeats the interrupted epoch.
+CUDA only).
 """
 from __future__ import annotations
 

@@ -190,8 +190,11 @@ def split_items(items: Sequence[ImageItem], seed: int = 0,
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions!r}")
     rng = np.random.default_rng(seed)
     out: dict[str, list[ImageItem]] = {"train": [], "val": [], "test": []}
-    for label in sorted({it.label for it in items}):
-        group = sorted((it for it in items if it.label == label), key=lambda it: it.path)
+    by_label: dict[str, list[ImageItem]] = {}
+    for it in items:  # one pass (ImageNet: 1.28 M images in 1000 classes)
+        by_label.setdefault(it.label, []).append(it)
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda it: it.path)
         group = [group[i] for i in rng.permutation(len(group))]
         n = len(group)
         n_val, n_test = int(round(n * fractions[1])), int(round(n * fractions[2]))

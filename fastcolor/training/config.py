@@ -52,7 +52,7 @@ class TrainConfig:
     crop_size: int | None = None  #: train on random crop_size x crop_size crops of them (validation: centre crop)
     mirror: bool = False  #: random horizontal mirroring (besides ``augment``)
     batch_size: int = 100
-    epochs: int | None = 40  #: None: no epoch limit (then ``max_steps`` must be set)
+    epochs: int | None = 40  #: passes over the training images (None: no limit; then ``max_steps`` must be set)
     max_steps: int | None = None  #: stop after this many optimiser steps in all (resumed ones included)
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.99)
