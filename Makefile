@@ -42,7 +42,7 @@ test: $(EXT_STAMP) lint
 	$(PY) -m pytest -q tests fastcolor --doctest-modules -m "not slow" $(PYTEST_ARGS) \
 	  || { rc=$$?; echo $$rc > $(PYTEST_RC); echo "pytest exited with $$rc"; exit $$rc; }
 
-LINT_PATHS ?= fastcolor tests bench setup.py
+LINT_PATHS ?= fastcolor tests bench docs setup.py
 
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)

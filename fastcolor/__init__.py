@@ -87,7 +87,7 @@ _LAZY: dict[str, str] = {
 
 #: The public submodules, also reachable as attributes after a bare ``import fastcolor``.
 _SUBMODULES = ("backends", "color", "colorize", "data", "export", "gamut", "io", "metrics", "models", "monitor",
-               "ops", "recipes", "reference", "train")
+               "ops", "recipes", "reference", "train", "training")
 
 __all__ = [
     "__version__", "build_info", "BackendUnavailable", "AB_BINS", "Q",

@@ -214,5 +214,46 @@ def test_bench_train_step_from_files(tmp_path):
     from fastcolor.app.bench.loader import make_jpegs, run_train_files
 
     make_jpegs(tmp_path, "imagenet", 6)
-    res = run_train_files(str(tmp_path), "cpu", "tiny", batch=2, steps=1, workers=0, decode="auto")
-    assert res["decode"] == "cpu" and res["images"] == 6 and res["files_ms"] > 0 and res["floor_ms"] > 0
+    res = run_train_files(str(tmp_path), "cpu", "tiny", batch=2, steps=1, workers=0, decodes=("auto",))
+    assert res["images"] == 6 and list(res["rows"]) == ["files, decode cpu", "memory (the floor)"]
+    assert all(r["ms"] > 0 for r in res["rows"].values())
+    with pytest.raises(ValueError, match="decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device"):
+        run_train_files(str(tmp_path), "cpu", "tiny", batch=2, steps=1, workers=0, decodes=("gpu",))
+
+
+# -- the trainer's folder source: uint8 from the workers, the rest on the device ------------
+
+def test_folder_source_makes_lab_on_the_device_like_the_per_sample_path(tmp_path):
+    from types import SimpleNamespace
+
+    from fastcolor.app.bench.loader import make_jpegs
+    from fastcolor.training.config import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.source import FolderSource
+
+    data = tmp_path / "data"
+    make_jpegs(data, "imagenet", 10)
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "run"), model="zhang_tiny", image_size=32,
+                      crop_size=24, mirror=True, augment=False, batch_size=4, workers=0, progress=False, plot=False,
+                      target_reduction="subsample", split=(0.6, 0.4, 0.0))
+    (tmp_path / "run").mkdir()
+    src = FolderSource(cfg, tmp_path / "run", Dist(), torch.device("cpu"))
+    src.prepare()
+    src.attach(SimpleNamespace(config={"arch": "zhang"}), 32, 4)
+    assert src.decode == "cpu" and src.train_ds.output == "rgb"
+    raw = next(iter(src.val_loader()))
+    assert raw["rgb"].dtype == torch.uint8 and raw["rgb"].shape[-2:] == (32, 32)  # the workers only decode, resize
+    val = src.to_device(raw)
+    ref = ColorizationDataset(data, src.val_items, 32, 4, v2.CenterCrop(24), target_reduction="subsample")
+    want = [ref[i] for i in range(len(val["L"]))]
+    torch.testing.assert_close(val["L"], torch.stack([w["L"] for w in want]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(val["ab"], torch.stack([w["ab"] for w in want]), atol=1e-4, rtol=0)
+    train = src.to_device(next(iter(src.train_loader(0))))
+    assert train["L"].shape[1:] == (1, 24, 24) and train["ab"].shape[1:] == (2, 6, 6)
+    kept = src.train_loader(1).loader
+    assert src.train_loader(2).loader is kept and kept.sampler.sampler.epoch == 2  # the workers persist
+    prior = src.prior_loader()
+    assert len(prior) == 2 and all(b["ab"].shape[1:] == (2, 8, 8) for b in prior)  # whole images, no crop
+    cfg.decode = "gpu"
+    with pytest.raises(ValueError, match="decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device"):
+        src.attach(SimpleNamespace(config={"arch": "zhang"}), 32, 4)

@@ -322,6 +322,10 @@ then:
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
                    help="train on this class subfolder only (repeatable)")
     p.add_argument("--workers", type=int, default=2, metavar="W", help="data loader processes (default: %(default)s)")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",  # fastcolor.data.DECODES
+                   help="where JPEGs are decoded: cpu (PIL in the workers), gpu (the workers read the files, nvjpeg "
+                        "decodes each batch on the GPU; PIL for what it cannot), auto (gpu on CUDA when most files "
+                        "are JPEGs; default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--restart", action="store_true", help="start a new run in RUN_DIR: delete the files of the "
@@ -785,6 +789,7 @@ def _train_config(args, data: Path, run: Path) -> tuple[TrainConfig, str]:
         cfg = TrainConfig.from_recipe(
             args.recipe, data_dir=str(data), run_dir=str(run), model=config, loss=loss, image_size=size,
             classes=args.classes, seed=args.seed, workers=args.workers, resume=True, restart=args.restart,
+            decode=args.decode,
             device=args.device, precision=args.precision, backbone_weights=args.backbone_weights,
             max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet, log_every=args.log_every,
             tensorboard=tensorboard, sync_bn=args.sync_bn, val_images=args.val_images, val_every=args.val_every,

@@ -30,12 +30,17 @@ from torchvision.transforms import v2
 
 from fastcolor.data import (
     ColorizationDataset,
+    CropMirror,
+    DeviceStage,
+    OnDevice,
+    TaggedCollate,
     UnreadableImageError,
     augmentation,
     files_fingerprint,
     index_images,
     load_l,
     load_split,
+    resolve_decode,
     save_split,
     split_change,
     split_items,
@@ -165,9 +170,15 @@ class FolderSource:
                 cache.precompute(paths, lambda p: load_l(p, size), device=self.device)
             self.d.barrier()
 
-        def dataset(root, items, aug):
-            return ColorizationDataset(root, items, size, stride, aug, None if aug else cache,
-                                       target_reduction=cfg.target_reduction, report_skips="sample")
+        # The workers decode and resize (uint8), or only read the files (decode "gpu"); the
+        # augmentation, crops and mirroring, Lab and the target run batched on the device
+        # (to_device), so the workers draw nothing at random and persist across epochs.
+        self.decode = resolve_decode(cfg.decode, self.device, [it.path for it in self.split["train"]])
+
+        def dataset(root, items, aug):  # aug: the device transforms these images, so no cached embedding
+            return ColorizationDataset(root, items, size, stride, False, None if aug else cache,
+                                       target_reduction=cfg.target_reduction, report_skips="sample",
+                                       output="bytes" if self.decode == "gpu" else "rgb")
 
         train_aug, val_aug = self.transforms()
         self.train_ds = dataset(cfg.data_dir, self.split["train"], train_aug)
@@ -198,14 +209,22 @@ class FolderSource:
 
     # -- batches ---------------------------------------------------------------------------
     def _loader(self, ds, epoch: int, shuffle: bool, start: int = 0, stop: int | None = None) -> Batches:
+        b, stage = self.cfg.batch_size, "train" if shuffle else "val"
+        kept = self.__dict__.setdefault("_loaders", {}).get(stage)
+        if kept is not None and kept.dataset is ds:  # persistent workers: only the epoch and the slice change
+            kept.sampler.sampler.set_epoch(epoch)
+            kept.sampler.start, kept.sampler.stop = start * b, None if stop is None else stop * b
+            return Batches(kept, self._report)
         sampler = DistributedSampler(ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=shuffle,
                                      seed=self.cfg.seed, drop_last=False)
         sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        b = self.cfg.batch_size
+        workers = self.cfg.workers
         loader = DataLoader(ds, batch_size=b, sampler=_Slice(sampler, start * b, None if stop is None else stop * b),
-                            num_workers=self.cfg.workers, generator=g, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            num_workers=workers, generator=g, pin_memory=self.device.type == "cuda",
+                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                            collate_fn=TaggedCollate(stage, self.decode == "gpu"))
+        self._loaders[stage] = loader
         return Batches(loader, self._report)
 
     def steps_per_epoch(self) -> int:
@@ -222,16 +241,34 @@ class FolderSource:
         ones: :attr:`val_items` is in a fixed random order, so a prefix is a random subset)."""
         return self._loader(self.val_ds, 0, shuffle=False, stop=max_batches)
 
-    def prior_loader(self) -> Batches:
+    def prior_loader(self) -> OnDevice:
         """Batches of the images the class prior is computed from (un-augmented, whole): the
         training images, or a seeded sample of them (``prior="sample:N"``)."""
-        loader = DataLoader(self.prior_ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers)
-        return Batches(loader, self._report)
+        loader = DataLoader(self.prior_ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+                            pin_memory=self.device.type == "cuda",
+                            collate_fn=TaggedCollate("prior", self.decode == "gpu"))
+        return OnDevice(Batches(loader, self._report), self.to_device)  # the ab targets made on the device
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``L``, ``ab`` (and ``embedding`` when the batch has one) on the model's device."""
-        keys = ("L", "ab", "embedding")
+        if "stage" in batch:  # uint8 images or file bytes from the workers: the device does the rest
+            return self._stage(batch["stage"])(batch)
+        keys = ("L", "ab", "embedding")  # made by the workers (shards)
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
+
+    def _stage(self, name: str) -> DeviceStage:
+        """The device half of the ``name`` batches ("train", "val" or "prior"): decoding (bytes), the
+        augmentation (training), the crop (training: random; validation: the centre) and mirror
+        (training), Lab and the target (:class:`~fastcolor.data.DeviceStage`)."""
+        stages = self.__dict__.setdefault("_stages", {})
+        if name not in stages:
+            cfg, train = self.cfg, name == "train"
+            crop = CropMirror(cfg.crop_size if name != "prior" else None, random_crop=train,
+                              mirror=train and cfg.mirror)
+            augment = augmentation().ops.to(self.device) if train and cfg.augment else None
+            stages[name] = DeviceStage(self.device, self.stride, cfg.target_reduction, size=self.size, crop_mirror=crop,
+                                       augment=augment)
+        return stages[name]
 
     def _report(self, batch: dict[str, Any]) -> None:
         """Warn once per run about each unreadable file a batch's samples skipped (the workers

@@ -29,8 +29,13 @@ Providers run round-robin (``--rounds``, the median kept), each over every file 
 goal of issue 20: ``whole_batched`` per worker at >= 80% of ``pil_decode``'s images/s.
 
 ``--train-step --data DIR`` times the training step fed from the image files (DataLoader with
-``--workers``, pinned memory, persistent workers, prefetch, the device stage, ``--decode``)
-against the same step on one batch already on the device (the floor), ``--steps`` each.
+``--workers``, pinned memory, persistent workers, prefetch, the device stage) with ``--decode``
+``gpu`` and/or ``cpu`` (``both``, the default on CUDA: nvjpeg, then CPU workers), against the same
+step on one batch already on the device (the floor), ``--steps`` each; ``--make-images N`` first
+writes N ImageNet-like JPEGs into the folder. On a lent GPU::
+
+    python -m fastcolor.bench --loader --device cuda
+    python -m fastcolor.bench --train-step --data /tmp/jpegs --make-images 2000 --device cuda --workers 8
 """
 from __future__ import annotations
 
@@ -238,10 +243,12 @@ def loader_table(res: dict) -> str:
 # ----------------------------------------------------------------------------- the step from files
 
 
-def run_train_files(data: str, device: str, model_name: str, batch: int, steps: int, workers: int, decode: str,
-                    seed: int = 0) -> dict:
+def run_train_files(data: str, device: str, model_name: str, batch: int, steps: int, workers: int,
+                    decodes: tuple[str, ...] = ("auto",), seed: int = 0) -> dict:
     """The Adam step of ``model_name`` (:data:`fastcolor.app.bench.train_step.MODELS`) fed from the
-    images in ``data`` against the same step on one batch already on the device."""
+    images in ``data``, once per entry of ``decodes`` (``"cpu"``: PIL in the workers; ``"gpu"``:
+    bytes in the workers, nvjpeg on the device), against the same step on one batch already on
+    the device (the floor)."""
     import fastcolor as fc
     from fastcolor.app.bench.train_step import BETAS, LR, MODELS
     from fastcolor.data import ColorizationDataset, CropMirror, DeviceStage, collate_bytes, list_images, resolve_decode
@@ -250,23 +257,12 @@ def run_train_files(data: str, device: str, model_name: str, batch: int, steps: 
     make, px = MODELS[model_name]
     size, crop = (256, 176) if model_name == "zhang" else (px, None)  # zhang: the zhang2016 recipe's crops
     items = list_images(data)
-    how = resolve_decode(decode, device, [it.path for it in items])
     torch.manual_seed(seed)
     model = make().to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
     weights = torch.ones(Q, device=device)
-    cm = CropMirror(crop, mirror=True)
-    if how == "gpu":
-        ds = ColorizationDataset(data, items, size, model.output_stride, output="bytes")
-        stage = DeviceStage(device, model.output_stride, size=size, crop_mirror=cm)
-    else:
-        ds = ColorizationDataset(data, items, size, model.output_stride, cm, output="rgb")
-        stage = DeviceStage(device, model.output_stride)
     cuda = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=cuda, drop_last=True,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-        collate_fn=collate_bytes if how == "gpu" else None, generator=torch.Generator().manual_seed(seed))
+    stride = model.output_stride
 
     def step(b):
         opt.zero_grad(set_to_none=True)
@@ -278,37 +274,50 @@ def run_train_files(data: str, device: str, model_name: str, batch: int, steps: 
         if cuda:
             torch.cuda.synchronize()
 
-    def batches():
-        while True:
-            yield from loader
+    def timed(fn) -> float:
+        fn()  # untimed: Adam's state, the allocator, the workers started
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / steps
 
-    it = batches()
-    first = stage(next(it))
-    step(first)  # Adam's state, the allocator, the workers started
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(stage(next(it)))
-    sync()
-    files_s = (time.perf_counter() - t0) / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(first)
-    sync()
-    floor_s = (time.perf_counter() - t0) / steps
-    return dict(kind="train_files", device=device, model=model_name, size=size, crop=crop, batch=batch,
-                steps=steps, workers=workers, decode=how, images=len(items),
-                files_ms=files_s * 1e3, floor_ms=floor_s * 1e3, files_images_per_s=batch / files_s,
-                floor_images_per_s=batch / floor_s, above_floor=files_s / floor_s - 1)
+    res = dict(kind="train_files", device=device, model=model_name, size=size, crop=crop, batch=batch, steps=steps,
+               workers=workers, images=len(items), rows={})
+    first = None
+    for decode in decodes:
+        how = resolve_decode(decode, device, [it.path for it in items])
+        ds = ColorizationDataset(data, items, size, stride, output="bytes" if how == "gpu" else "rgb")
+        stage = DeviceStage(device, stride, size=size, crop_mirror=CropMirror(crop, mirror=True))
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=cuda, drop_last=True,
+            persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+            collate_fn=collate_bytes if how == "gpu" else None, generator=torch.Generator().manual_seed(seed))
+
+        def endless(loader=loader):
+            while True:
+                yield from loader
+
+        it = endless()
+        first = first or stage(next(it))
+        s = timed(lambda it=it, stage=stage: step(stage(next(it))))
+        res["rows"][f"files, decode {how}"] = dict(ms=s * 1e3, images_per_s=batch / s)
+        del it, loader
+    floor = timed(lambda: step(first))
+    res["rows"]["memory (the floor)"] = dict(ms=floor * 1e3, images_per_s=batch / floor)
+    for rec in res["rows"].values():
+        rec["above_floor"] = rec["ms"] / (floor * 1e3) - 1
+    return res
 
 
 def train_files_table(r: dict) -> str:
-    return (f"Training step from files ({r['model']}, square {r['size']}, crop {r['crop']}, batch {r['batch']}, "
-            f"{r['steps']} steps, {r['workers']} workers, decode {r['decode']}, {r['device']})\n\n"
-            "| fed from | ms per step | images/s |\n|---|---|---|\n"
-            f"| files (DataLoader + device stage) | {r['files_ms']:.1f} | {r['files_images_per_s']:.1f} |\n"
-            f"| memory (one batch on the device: the floor) | {r['floor_ms']:.1f} | {r['floor_images_per_s']:.1f} |\n"
-            f"\nfrom files: {100 * r['above_floor']:+.1f}% over the floor")
+    lines = [f"Training step from files ({r['model']}, square {r['size']}, crop {r['crop']}, batch {r['batch']}, "
+             f"{r['steps']} steps each, {r['workers']} workers, {r['images']} images, {r['device']})", "",
+             "| fed from | ms per step | images/s | over the floor |", "|---|---|---|---|"]
+    for name, rec in r["rows"].items():
+        lines.append(f"| {name} | {rec['ms']:.1f} | {rec['images_per_s']:.1f} | {100 * rec['above_floor']:+.1f}% |")
+    return "\n".join(lines)
 
 
 def _decoder_versions() -> dict:
@@ -344,7 +353,11 @@ def main(argv=None) -> int:
                     help="--train-step: default small on the CPU, zhang (zhang2016's crops) on cuda")
     ap.add_argument("--steps", type=int, default=None, help="--train-step: timed steps each (default 5 CPU, 30 cuda)")
     ap.add_argument("--workers", type=int, default=2, help="--train-step: DataLoader workers")
-    ap.add_argument("--decode", choices=DECODES, default="auto", help="--train-step: where JPEGs are decoded")
+    ap.add_argument("--decode", choices=(*DECODES, "both"), default=None,
+                    help="--train-step: where JPEGs are decoded (default: both on cuda: nvjpeg, then CPU workers; "
+                         "else cpu)")
+    ap.add_argument("--make-images", type=int, default=0, metavar="N",
+                    help="--train-step: first write N ImageNet-like JPEGs into --data (an empty or new folder)")
     ap.add_argument("--quick", action="store_true", help="--loader: 8 images, 1 round (tests)")
     args, _ = ap.parse_known_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -353,9 +366,14 @@ def main(argv=None) -> int:
     if args.train_step:
         if not args.data:
             ap.error("--train-step --data DIR: expected a folder of images with --data, got none")
+        if args.make_images:
+            if Path(args.data).exists() and any(Path(args.data).iterdir()):
+                ap.error(f"--make-images: --data must be a new or empty folder, got {args.data!r} (not empty)")
+            make_jpegs(args.data, "imagenet", args.make_images)
+        decode = args.decode or ("both" if cuda else "cpu")
         res = run_train_files(args.data, args.device, args.model or ("zhang" if cuda else "small"),
                               args.batch or (40 if cuda else 16), args.steps or (30 if cuda else 5), args.workers,
-                              args.decode)
+                              ("gpu", "cpu") if decode == "both" else (decode,))
         table = train_files_table(res)
     else:
         images, rounds = (8, 1) if args.quick else (args.images, args.rounds)
