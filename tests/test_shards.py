@@ -67,6 +67,7 @@ def test_written_as_the_folder_split_with_the_files_own_bytes(photos, shards):
     items = index_images(photos)
     split = split_items(items, seed=3)
     assert index["classes"] == sorted({it.label for it in items}) and index["seed"] == 3
+    assert index["suffixes"] == {"jpg": 5, "png": 30}
     names = sorted(p.name for p in shards.iterdir())
     assert SHARD_INDEX in names and not [n for n in names if n.endswith(".tmp")]
     for name in ("train", "val", "test"):

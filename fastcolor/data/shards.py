@@ -15,8 +15,9 @@ in memory and written with :func:`fastcolor.io.atomic_write_bytes` (temporary na
 rename), so a failure never leaves a partial ``.tar``. (The standard library's ``tarfile``, not
 webdataset's ``TarWriter``, which streams into the final name: a shard is a plain tar, and
 atomicity stays with the one writer every fastcolor file goes through.) The index
-``shards.json`` (classes, seed, fractions, what the split was made from, and per shard its
-images, bytes and images per class) is written last: a set without one did not finish.
+``shards.json`` (classes, seed, fractions, what the split was made from, the images per file
+suffix, and per shard its images, bytes and images per class) is written last: a set without one
+did not finish.
 
 Reading (:class:`ShardDataset`) uses the ``webdataset`` library (the ``shards`` extra, imported
 only here): local paths and the URLs it opens (``pipe:``, ``http(s)://``, ``gs://`` ...). The
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastcolor.data.folder import ImageItem, index_images, list_images, split_items, split_source
+from fastcolor.data.folder import ImageItem, index_images, list_folder, split_items, split_source
 from fastcolor.data.images import UnreadableImageError
 from fastcolor.io import atomic_write_bytes, atomic_write_json
 
@@ -140,8 +141,8 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, images
         what = "a file" if not out.is_dir() else f"a directory holding {sum(1 for _ in out.iterdir())} entries"
         raise ValueError(f"out_dir: expected a new or empty directory, got {str(out)!r}, {what}; choose another "
                          f"or empty it")
-    listed = list_images(root, classes)
-    items = index_images(root, classes)  # header check; unreadable files skipped with one warning
+    listing = list_folder(root, classes)  # one listing; then a header check, unreadable files skipped (one warning)
+    listed, items = listing.items, index_images(root, classes, listing=listing)
     readable = set(items)
     split = split_items(items, seed, fractions)
     labels = sorted({it.label for it in items})
@@ -152,6 +153,7 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, images
         "format": SHARDS_FORMAT, "classes": labels, "seed": seed, "images_per_shard": images_per_shard,
         "data_dir": str(root.resolve()),
         "source": split_source(listed, [it for it in listed if it not in readable], classes, fractions),
+        "suffixes": dict(sorted(Counter(Path(it.path).suffix.lower().lstrip(".") for it in items).items())),
         "splits": {}}
     from tqdm.auto import tqdm
 
