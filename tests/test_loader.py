@@ -257,3 +257,34 @@ def test_folder_source_makes_lab_on_the_device_like_the_per_sample_path(tmp_path
     cfg.decode = "gpu"
     with pytest.raises(ValueError, match="decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device"):
         src.attach(SimpleNamespace(config={"arch": "zhang"}), 32, 4)
+
+
+def test_folder_source_workers_persist_across_epochs_and_slices(tmp_path):
+    """With a worker process the training DataLoader is kept: each epoch still covers every
+    training image once, in its own order, and a resumed epoch's slice (skip) is honoured."""
+    from types import SimpleNamespace
+
+    from fastcolor.app.bench.loader import make_jpegs
+    from fastcolor.training.config import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.source import FolderSource
+
+    data = tmp_path / "data"
+    make_jpegs(data, "imagenet", 10)
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "run"), model="zhang_tiny", image_size=32,
+                      augment=False, batch_size=2, workers=1, progress=False, plot=False, split=(0.6, 0.4, 0.0))
+    (tmp_path / "run").mkdir()
+    src = FolderSource(cfg, tmp_path / "run", Dist(), torch.device("cpu"))
+    src.prepare()
+    src.attach(SimpleNamespace(config={"arch": "zhang"}), 32, 4)
+    n = len(src.train_ds)
+    orders = []
+    for epoch in range(2):
+        batches = src.train_loader(epoch)
+        orders.append([i for b in batches for i in src.to_device(b)["index"].tolist()])
+        assert sorted(orders[-1]) == list(range(n))
+    assert orders[0] != orders[1]
+    assert src.train_loader(0).loader is batches.loader and batches.loader.persistent_workers
+    resumed = [i for b in src.train_loader(1, skip=1) for i in b["index"].tolist()]
+    assert resumed == orders[1][2:]
+    assert len(list(src.val_loader(max_batches=1))) == 1
