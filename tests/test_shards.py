@@ -331,9 +331,9 @@ def test_every_rank_trains_the_same_number_of_full_batches(shards, tmp_path):
         src.attach(model, 16, 4)
         assert src.train_images == 25 and src.train_ds.rank_images(0) != src.train_ds.rank_images(1)
         loader = src.train_loader(epoch=1)
-        sizes = [b["L"].shape[0] for b in loader]
+        sizes = [len(b["index"]) for b in loader]
         assert len(loader) == len(sizes) == 4 and sizes == [4] * 4  # ceil(25 / (2 x 4))
-        counts.append(sum(b["L"].shape[0] for b in src.val_loader()))
+        counts.append(sum(len(b["index"]) for b in src.val_loader()))
     assert sum(counts) == sum(s.images for s in src.val_shards)  # validation: each rank its share, once
 
 
@@ -429,3 +429,31 @@ def test_an_image_that_does_not_decode_is_skipped_and_reported_once(shards, tmp_
         assert not warned
         lines = [s["skipped"] for s in samples if s["skipped"]]
         assert len(lines) == 1 and lines[0].startswith(f"{victim}/{bad}\t") and "not" in lines[0]
+
+
+def test_shard_batches_on_the_device_equal_the_folders(photos, shards, tmp_path):
+    """The same validation image gives the same L and ab from its shard as from its file, through
+    the same device half (the workers' uint8 images; Lab and the target on the device)."""
+    from fastcolor.models import build_model
+    from fastcolor.train import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.shard_source import ShardSource
+    from fastcolor.training.source import FolderSource
+
+    model, got = build_model("zhang_tiny"), {}
+    for kind, data in (("folder", photos), ("shards", shards)):
+        cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / kind), model="zhang_tiny", batch_size=4,
+                          workers=0, seed=3, crop_size=8, mirror=True, device="cpu")
+        src = (FolderSource if kind == "folder" else ShardSource)(cfg, tmp_path / kind, Dist(), torch.device("cpu"))
+        (tmp_path / kind).mkdir()
+        src.prepare()
+        src.attach(model, 16, 4)
+        names = ([it.path for it in src.val_items] if kind == "folder"
+                 else [it.path for it in split_items(index_images(photos), seed=3)["val"]])
+        for batch in src.val_loader():
+            out = src.to_device(batch)
+            for i, L, ab in zip(out["index"].tolist(), out["L"], out["ab"], strict=True):
+                got.setdefault(names[i], []).append((L, ab))
+    assert len(got) == 5 and all(len(v) == 2 for v in got.values())
+    for (L1, ab1), (L2, ab2) in got.values():
+        assert L1.shape == (1, 8, 8) and torch.equal(L1, L2) and torch.equal(ab1, ab2)

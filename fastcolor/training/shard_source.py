@@ -8,7 +8,9 @@ workers its own share of them (:class:`~fastcolor.data.shards.ShardDataset`), th
 buffer; an epoch is the same number of full batches on every rank, ``ceil(images / (ranks x
 batch))``, so distributed ranks never wait for each other: a rank whose shards run out first
 goes on with its shards of the next pass. The class prior is computed from the training shards
-(all of them, or a few drawn at random for ``sample:N``). A fusion model embeds each batch's
+(all of them, or a few drawn at random for ``sample:N``). As for a folder, the workers return
+uint8 images (or, with ``decode="gpu"``, the files' bytes) and the device does the rest
+(:meth:`~fastcolor.training.source.FolderSource.to_device`). A fusion model embeds each batch's
 ``L`` (no embedding cache: the cache is keyed by file). Everything else is
 :class:`~fastcolor.training.source.FolderSource`'s.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from fastcolor.data import OnDevice, TaggedCollate, resolve_decode
 from fastcolor.data.prior import parse_prior
 from fastcolor.data.shards import ShardDataset, ShardError, is_shard_source, resolve_shards, sample_shards
 from fastcolor.training.source import Batches, FolderSource, epoch_seed, worker_message
@@ -87,13 +90,16 @@ class ShardSource(FolderSource):
         if model.config["arch"] == "fusion" and d.main:
             warnings.warn("fusion on shards: each batch is embedded from its L (the embedding cache is keyed by "
                           "file, and shards have none)", stacklevel=4)
-        train_aug, val_aug = self.transforms()
+        # As for a folder: the workers decode and resize (uint8), or only read the bytes (decode
+        # "gpu"); the augmentation, crops, mirroring, Lab and the target run batched on the device
+        # (FolderSource.to_device). decode "auto" goes by the set's commonest image suffix.
+        suffixes = self.index.get("suffixes") or {"jpg": 1}
+        self.decode = resolve_decode(cfg.decode, self.device, [f"image.{max(suffixes, key=suffixes.get)}"])
         common = {"size": size, "target_stride": stride, "target_reduction": cfg.target_reduction, "seed": cfg.seed,
+                  "output": "bytes" if self.decode == "gpu" else "rgb",
                   "report_skips": "sample"}  # unreadable images: warned once per run by the main process
-        self.train_ds = ShardDataset(self.train_shards, augment=train_aug, rank=d.rank, world=d.world, repeat=True,
-                                     **common)
-        self.val_ds = ShardDataset(self.val_items, augment=val_aug, rank=d.rank, world=d.world, shuffle=False,
-                                   **common)
+        self.train_ds = ShardDataset(self.train_shards, rank=d.rank, world=d.world, repeat=True, **common)
+        self.val_ds = ShardDataset(self.val_items, rank=d.rank, world=d.world, shuffle=False, **common)
         kind, n = parse_prior(cfg.prior)  # rank 0 computes the prior: from all, or a few whole shards
         shards = sample_shards(self.train_shards, n, cfg.seed) if kind == "sample" else self.train_shards
         self.prior_ds = ShardDataset(shards, shuffle=False, **common)
@@ -104,9 +110,13 @@ class ShardSource(FolderSource):
         """How many images an epoch trains on (all ranks together, as the index counts them)."""
         return self.train_ds.images
 
-    def _shard_loader(self, ds: ShardDataset, generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers, generator=generator,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+    def _shard_loader(self, ds: ShardDataset, stage: str, generator: torch.Generator | None = None) -> DataLoader:
+        """A DataLoader of ``ds``, its batches tagged with ``stage`` for the device half. Workers are
+        made anew each epoch (not persistent): the epoch's shard order is set on the dataset."""
+        workers = self.cfg.workers
+        return DataLoader(ds, batch_size=self.cfg.batch_size, num_workers=workers, generator=generator,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers else None, collate_fn=TaggedCollate(stage, self.decode == "gpu"))
 
     def steps_per_epoch(self) -> int:
         """Batches in one epoch, the same on every rank: ``ceil(images / (ranks x batch_size))``."""
@@ -117,16 +127,18 @@ class ShardSource(FolderSource):
         the middle of an epoch: the batches before are passed over undecoded)."""
         self.train_ds.set_epoch(epoch, skip_batches=skip, batch_size=self.cfg.batch_size)
         g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.d.rank))
-        return _Batches(self._shard_loader(self.train_ds, g), self._report, max(0, self.steps_per_epoch() - skip))
+        return _Batches(self._shard_loader(self.train_ds, "train", g), self._report,
+                        max(0, self.steps_per_epoch() - skip))
 
     def val_loader(self, max_batches: int | None = None) -> _Batches:
         """This rank's validation batches: its share of the validation shards, in order (at most
         ``max_batches`` of them)."""
-        return _Batches(self._shard_loader(self.val_ds), self._report, max_batches)
+        return _Batches(self._shard_loader(self.val_ds, "val"), self._report, max_batches)
 
-    def prior_loader(self) -> _Batches:
-        """Batches of the training images the class prior is computed from (un-augmented)."""
-        return _Batches(self._shard_loader(self.prior_ds), self._report)
+    def prior_loader(self) -> OnDevice:
+        """Batches of the training images the class prior is computed from (un-augmented), their
+        ab targets made on the device."""
+        return OnDevice(_Batches(self._shard_loader(self.prior_ds, "prior"), self._report), self.to_device)
 
     def samples(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` validation images at the training size, with full-resolution ab, on the device."""
