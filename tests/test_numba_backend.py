@@ -435,7 +435,7 @@ _CHILD = textwrap.dedent("""
     import torch
     from fastcolor.backends import numba_backend as nb
     idx, w = nb.soft_encode(torch.tensor([[[3.0, 1e4], [4.0, 0.0]]]), k=2, sigma=5.0)
-    print("CACHE", nb.CACHE, "STAMPED", nb._jit.PACKAGE_STAMPED, "IDX", idx.flatten().tolist())
+    print("CACHE", nb.CACHE, "IDX", idx.flatten().tolist())
     print("W", [round(v, 4) for v in w.flatten().tolist()])
 """)
 
@@ -448,7 +448,7 @@ def _run_child(tmp_path, env_extra, pkg_parent):
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return out.stdout + out.stderr
 
 
 def _copy_package(dst: Path) -> Path:
@@ -459,29 +459,37 @@ def _copy_package(dst: Path) -> Path:
 
 def test_cache_falls_back_when_no_cache_folder_is_writable(tmp_path):
     """NUMBA_CACHE_DIR unwritable, the package's __pycache__ unusable (a file in its way) and
-    no user-wide cache folder: the backend must compile without a cache, not fail at import."""
+    no user-wide cache folder: the backend must compile without a cache, not fail at import,
+    and say once where the cache could not be written and what to set (issue 23, "Also")."""
     parent = _copy_package(tmp_path / "ro")
     (parent / "fastcolor" / "backends" / "numba_backend" / "__pycache__").write_text("not a folder")
     unwritable = {"NUMBA_CACHE_DIR": "/dev/null/numba", "HOME": "/dev/null", "XDG_CACHE_HOME": "/dev/null/x"}
     out = _run_child(tmp_path, unwritable, parent)
     assert "CACHE False" in out, out
+    assert out.count("RuntimeWarning: numba's cache folder /dev/null/numba/fastcolor/") == 1, out
+    assert "compile again in every process" in out and "set FASTCOLOR_CACHE_DIR" in out, out
     want = np.moveaxis(R.soft_encode(np.array([[[3.0, 1e4], [4.0, 0.0]]]), k=2)[0], 1, -1).ravel()
     assert f"IDX {np.moveaxis(want.reshape(1, 2, 2), -1, 1).ravel().tolist()}" in out, out
 
 
 def test_cache_is_written_read_back_and_stamped_by_the_whole_package(tmp_path):
-    """A writable NUMBA_CACHE_DIR: the first run writes the cache, the second loads it, and an
-    edit of a helper file alone (_math.py: fexp, compiled into encode.py's kernels) recompiles
-    them: numba's own stamp is per file, which would have served the stale kernels."""
+    """The default cache folder ($XDG_CACHE_HOME/fastcolor/numba): the first run writes the cache
+    there (nothing inside the package, which pip uninstall would leave behind: issue 22.3) and
+    says so on stderr, the second loads it silently,
+    and an edit of a helper file alone (_math.py: fexp, compiled into encode.py's kernels)
+    recompiles them: numba's own stamp is per file, which would have served the stale kernels."""
     parent = _copy_package(tmp_path / "rw")
-    cache = tmp_path / "cache"
-    env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_DEBUG_CACHE": "1"}
+    cache = tmp_path / "xdg"
+    env = {"XDG_CACHE_HOME": str(cache), "NUMBA_DEBUG_CACHE": "1"}
     out = _run_child(tmp_path, env, parent)
-    assert "CACHE True STAMPED True" in out, out
-    assert list(cache.rglob("*.nbi")), "numba wrote no cache index"
+    assert "CACHE True" in out, out
+    assert out.count("fastcolor: compiling the numba CPU kernels") == 1, out
+    assert list((cache / "fastcolor" / "numba").rglob("*.nbi")), "numba wrote no cache index"
+    assert not list((parent / "fastcolor").rglob("__pycache__")), "files written inside the package"
     assert "data saved to" in out and "W [0.5987, 0.8808, 0.4013, 0.1192]" in out, out
     out = _run_child(tmp_path, env, parent)
     assert "data loaded from" in out and "data saved to" not in out, out  # all from the cache
+    assert "compiling the numba CPU kernels" not in out, out
     math_py = parent / "fastcolor" / "backends" / "numba_backend" / "_math.py"
     src = math_py.read_text()
     assert "    return p * pow2_of_magic(t)\n" in src

@@ -1079,6 +1079,11 @@ def cmd_info(args) -> int:
         for name, r in d["backends"].items():
             mark = "yes" if r["available"] else f"no: {one_line(r['reason'], 120)}"
             say(f"      {name:<7} {mark}")
+    c = info.get("numba_cache")
+    if c:
+        state = ("warm" if c["warm"] else f"cold: {len(c['cached'])} of {c['kernels']} kernels compiled there, "
+                 f"the first op compiles the rest") if c["enabled"] else f"off: {one_line(c['problem'] or '?', 160)}"
+        say(f"numba cache: {c['dir']} ({state}; chosen by {c['chosen_by']})")
     return EXIT_OK
 
 

@@ -2,8 +2,9 @@
 
 The contract (:mod:`fastcolor.backends.contract`) is implemented here; the kernels live in:
 
-* :mod:`._jit`: the numba import, JIT decorators, the on-disk cache (one stamp for the whole
-  package), the LLVM intrinsics (bit conversions, atomic claim).
+* :mod:`._jit`: the numba import, JIT decorators, the on-disk cache (a per-user folder, one
+  stamp for the whole package; :func:`cache_status`), the LLVM intrinsics (bit conversions,
+  atomic claim).
 * :mod:`._math`: float32 ``fexp`` / ``flog`` that vectorise (the CPU exp/log rule), tile max.
 * :mod:`.encode`: the k-nearest-bin search of :func:`fastcolor.gamut.candidate_table`, shared
   by ``soft_encode`` and the loss's on-the-fly encoding.
@@ -32,6 +33,7 @@ import torch
 
 from fastcolor.backends._alloc import empty_cpu
 from fastcolor.backends.contract import LossCall
+from fastcolor.backends.numba_backend import _jit
 from fastcolor.backends.numba_backend._jit import CACHE, IMPORT_ERROR, X86_64
 from fastcolor.backends.numba_backend._launch import SERIAL_MAX_TILES, TILE, launch
 from fastcolor.gamut import K_MAX
@@ -42,10 +44,19 @@ if IMPORT_ERROR is None:
     from fastcolor.backends.numba_backend.loss import ce_kernel, ce_worker
 
 __all__ = ["unavailable_reason", "soft_encode", "ce_forward", "annealed_mean", "SUPPORTS_FLOAT64", "TILE",
-           "K_MAX", "CACHE"]
+           "K_MAX", "CACHE", "cache_status"]
 
 #: float64 logits are not taken (the ops layer converts them to float32).
 SUPPORTS_FLOAT64 = False
+
+
+def cache_status() -> dict:
+    """Where numba's on-disk cache of these kernels is, and whether it is warm (every entry
+    kernel, parallel and serial, compiled there for at least one input type): see
+    :func:`._jit.cache_status`. ``fastcolor info`` prints it."""
+    kernels = () if IMPORT_ERROR is not None else (
+        soft_encode_kernel, soft_encode_worker, ce_kernel, ce_worker, annealed_kernel, annealed_worker)
+    return _jit.cache_status(kernels)
 
 
 def unavailable_reason(device_type: str) -> str | None:

@@ -1,38 +1,68 @@
 """numba setup shared by the kernels: the import, the JIT decorators, the on-disk cache, and the
 bit-level LLVM intrinsics numba does not offer on scalars.
 
-Caching: kernels use numba's on-disk cache (``cache=True``) when numba finds a writable cache
-folder (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user-wide cache); when none
-is writable they are compiled without a cache instead of failing at import.
+Caching: the kernels are cached on disk (numba's ``cache=True`` files) in a per-user folder,
+never inside the package (so ``pip uninstall`` leaves nothing behind, and a read-only install
+caches as well): ``$FASTCOLOR_CACHE_DIR/numba``, else ``$NUMBA_CACHE_DIR/fastcolor`` where
+``NUMBA_CACHE_DIR`` is set, else the user cache folder (``$XDG_CACHE_HOME/fastcolor/numba`` or
+``~/.cache/fastcolor/numba`` on Linux); inside it, one subfolder per package stamp and numba
+version (:data:`CACHE_DIR`). ``FASTCOLOR_NUMBA_CACHE=0`` turns caching off.
 
 numba stamps a cached function with the source of *its own file* only, but a kernel here
 compiles in helpers from the package's other files (``_math._fexp`` into ``loss``, say): an
 edit of ``_math.py`` alone would leave the kernels of ``loss.py`` stale in the cache. So the
 functions of this package are cached under one stamp, a hash of every ``.py`` file of the
-package and of ``fastcolor/gamut.py`` (see :class:`_PackageLocator`): any edit recompiles all.
+package and of ``fastcolor/gamut.py`` (:func:`_package_stamp`): any edit recompiles all.
+
+Caching is an optimisation and never fails an op (:class:`_KernelCache`): the first compile of a
+process without a cache hit prints one line on stderr (it takes ~15 s, once); a damaged cache
+file (zero-length, truncated) is replaced by a new compile with one warning; a cache that cannot
+be written (read-only, full disk, no home) leaves the kernels uncached with one warning that
+says where and how to set a folder.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 
+numba = None
 try:
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
+    from numba.core.caching import CompileResultCacheImpl, FunctionCache, _CacheLocator
     from numba.extending import intrinsic
 except ImportError as _exc:  # pragma: no cover - numba is an optional dependency
-    numba = None
     IMPORT_ERROR: str | None = f"numba is not installed ({_exc})"
+except Exception as _exc:  # numba refuses its configuration at import, e.g. NUMBA_NUM_THREADS=0
+    _threads = os.environ.get("NUMBA_NUM_THREADS")
+    if _threads is not None and "thread" in str(_exc).lower():
+        IMPORT_ERROR = (f"NUMBA_NUM_THREADS={_threads!r} is refused by numba: expected a whole number from 1 to "
+                        f"the CPU count ({os.cpu_count()} here) ({type(_exc).__name__}: {_exc})")
+    else:
+        IMPORT_ERROR = f"numba failed to import ({type(_exc).__name__}: {_exc})"
+    numba = None
 else:
     IMPORT_ERROR = None
+    if numba.config.DISABLE_JIT:
+        # numba would hand the kernels back as Python functions, which cannot run the LLVM
+        # intrinsics below (bit casts, atomics, streamed stores): the backend is unavailable.
+        IMPORT_ERROR = ("NUMBA_DISABLE_JIT is set: numba then runs functions as plain Python, and the numba "
+                        "backend's kernels use LLVM intrinsics that cannot run so (unset it to use this backend)")
 
 _PKG_DIR = Path(__file__).resolve().parent
 #: x86-64, where the kernels' non-temporal stores and ``sfence`` apply (see ``store_fence``
 #: and ``numba_backend.streams_gradient``).
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+#: What to set to move the cache (said in the messages).
+CACHE_ENV = "FASTCOLOR_CACHE_DIR"
+#: The compile time the notice quotes (a cold compile of every kernel, 2 threads, Zen 3).
+COMPILE_SECONDS = 15
 
 
 def _package_stamp() -> str:
@@ -47,99 +77,206 @@ def _package_stamp() -> str:
     return h.hexdigest()
 
 
-def _install_package_locator() -> bool:
-    """Put :class:`_PackageLocator` first in numba's locator list; False if this numba has
-    no such list (then each file keeps numba's own per-file stamp)."""
+def _user_cache_root() -> Path:
+    """fastcolor's user cache folder: ``$XDG_CACHE_HOME/fastcolor`` (an absolute path; else
+    ``~/.cache/fastcolor``) on Linux and other Unix, as the XDG base directory spec says;
+    numba's copy of ``appdirs`` on macOS and Windows."""
+    if sys.platform.startswith(("darwin", "win")):  # pragma: no cover - not Linux
+        from numba.misc.appdirs import AppDirs
+
+        return Path(AppDirs("fastcolor", appauthor=False).user_cache_dir)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "fastcolor"
+
+
+def cache_root() -> tuple[Path, str]:
+    """The folder the kernels are cached under, and what chose it (see the module docstring)."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser() / "numba", CACHE_ENV
+    numba_dir = getattr(getattr(numba, "config", None), "CACHE_DIR", "") if numba is not None else ""
+    if numba_dir:
+        return Path(numba_dir).expanduser() / "fastcolor", "NUMBA_CACHE_DIR"
     try:
-        from numba.core import caching
-    except ImportError:  # pragma: no cover
-        return False
-    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
-    base = getattr(caching, "_CacheLocator", None)
-    classes = getattr(impl, "_locator_classes", None)
-    if base is None or not isinstance(classes, list):  # pragma: no cover
-        return False
-    if any(getattr(c, "_fastcolor_locator", False) for c in classes):
-        return True  # (the module re-imported)
-    stamp = _package_stamp()
-    others = list(classes)
-
-    class _PackageLocator(base):
-        """numba's own locator for the file (the same cache folder), but the package's stamp."""
-
-        _fastcolor_locator = True
-
-        def __init__(self, inner):
-            self._inner = inner
-            self._py_file = inner._py_file  # numba reads it for warnings
-
-        def ensure_cache_path(self):
-            self._inner.ensure_cache_path()
-
-        def get_cache_path(self):
-            return self._inner.get_cache_path()
-
-        def get_source_stamp(self):
-            return stamp
-
-        def get_disambiguator(self):
-            return self._inner.get_disambiguator()
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            try:
-                if Path(py_file).resolve().parent != _PKG_DIR:
-                    return None
-            except (OSError, ValueError):
-                return None
-            for other in others:
-                inner = other.from_function(py_func, py_file)
-                if inner is not None:
-                    return cls(inner) if hasattr(inner, "_py_file") else inner
-            return None
-
-    classes.insert(0, _PackageLocator)
-    return True
+        return _user_cache_root() / "numba", "the user cache folder"
+    except RuntimeError as exc:  # Path.home() with no home: no cache
+        return Path("~/.cache/fastcolor/numba"), f"the user cache folder (unknown: {exc})"
 
 
-def _cache_works() -> bool:
-    """Whether numba can cache functions of this package (some writable cache folder exists).
-
-    numba looks for a locator when a function is decorated with ``cache=True`` and raises
-    RuntimeError when no cache folder is writable; probe with a throwaway function.
-    """
-    if os.environ.get("FASTCOLOR_NUMBA_CACHE", "1") == "0":
-        return False
+def _probe(path: Path) -> str | None:
+    """None if ``path`` (made if missing) takes a new file, else why not."""
     try:
-        njit(cache=True)(lambda: 0)
-    except Exception:  # RuntimeError("cannot cache function ...: no locator available")
-        return False
-    return True
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_STAMP = _package_stamp()
+#: The folder of this package's cache files (one per package stamp and numba version, so that
+#: two installs of different versions do not overwrite each other's files).
+CACHE_DIR = cache_root()[0] / f"{_STAMP[:16]}-numba{getattr(numba, '__version__', '')}"
+if IMPORT_ERROR is not None:
+    CACHE_PROBLEM: str | None = "numba is unavailable"
+elif os.environ.get("FASTCOLOR_NUMBA_CACHE", "1") == "0":
+    CACHE_PROBLEM = "FASTCOLOR_NUMBA_CACHE=0"
+else:
+    CACHE_PROBLEM = _probe(CACHE_DIR)
+#: Whether the kernels are cached on disk (False: compiled in every process).
+CACHE = CACHE_PROBLEM is None
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str, *, warn: bool) -> None:
+    """One message per ``key`` and process: a warning, or a line on stderr (a notice)."""
+    if key in _said:
+        return
+    _said.add(key)
+    if warn:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    else:
+        print(f"fastcolor: {message}", file=sys.stderr, flush=True)
+
+
+def _compiling() -> None:
+    """A kernel is about to compile (no cache hit): say so, once per process."""
+    if CACHE:
+        _say_once("compile", f"compiling the numba CPU kernels (~{COMPILE_SECONDS} s, once: they are cached in "
+                             f"{CACHE_DIR})", warn=False)
+    elif CACHE_PROBLEM == "FASTCOLOR_NUMBA_CACHE=0":
+        _say_once("compile", f"compiling the numba CPU kernels (~{COMPILE_SECONDS} s; not cached: "
+                             f"FASTCOLOR_NUMBA_CACHE=0)", warn=False)
+    else:
+        _say_once("compile", f"numba's cache folder {CACHE_DIR} cannot be written ({CACHE_PROBLEM}): the numba "
+                             f"CPU kernels compile again in every process (~{COMPILE_SECONDS} s); set {CACHE_ENV} "
+                             f"to a writable folder to compile them once", warn=True)
 
 
 if numba is not None:
-    PACKAGE_STAMPED = _install_package_locator()
-    CACHE = _cache_works()
+    class _KernelLocator(_CacheLocator):
+        """Every function of this package is cached in :data:`CACHE_DIR` under the package stamp."""
+
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file  # numba reads it for warnings
+            self._lineno = py_func.__code__.co_firstlineno
+
+        def ensure_cache_path(self):
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+
+        def get_cache_path(self):
+            return str(CACHE_DIR)
+
+        def get_source_stamp(self):
+            return _STAMP
+
+        def get_disambiguator(self):
+            return str(self._lineno)
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return cls(py_func, py_file)
+
+    class _KernelCacheImpl(CompileResultCacheImpl):
+        _locator_classes = [_KernelLocator]
+
+    class _KernelCache(FunctionCache):
+        """numba's per-function disk cache, made an optimisation that never fails an op: a file
+        that cannot be read back (zero-length, truncated, not numba's) is dropped and the kernel
+        compiled again (issue 23.10: ``EOFError`` / ``UnpicklingError`` from every op before); a
+        write that fails (full disk, read-only folder) turns caching off for the process (23.11:
+        ``ENOSPC`` failed the op, and ``colorize`` blamed the user's output disk)."""
+
+        _impl_class = _KernelCacheImpl
+
+        def load_overload(self, sig, target_context):
+            try:
+                cres = super().load_overload(sig, target_context)
+            except Exception as exc:  # a damaged file: the compile below replaces it
+                index = Path(self._cache_file._index_path)
+                _say_once("damaged", f"numba's cache of fastcolor's CPU kernels is damaged ({index.parent}: "
+                                     f"{type(exc).__name__}: {exc}); compiling the kernels again and replacing it",
+                          warn=True)
+                try:  # the save after the compile then starts a new index
+                    index.unlink()
+                except OSError:
+                    pass
+                cres = None
+            if cres is None:
+                _compiling()
+            return cres
+
+        def save_overload(self, sig, data):
+            if _write_failure is not None:
+                return
+            try:
+                super().save_overload(sig, data)
+            except OSError as exc:
+                _stop_writing(f"{type(exc).__name__}: {exc}")
+
+    #: Why a cache write failed in this process (no more are tried), or None.
+    _write_failure: str | None = None
+
+    def _stop_writing(reason: str) -> None:
+        """A cache write failed: no more writes in this process (reads stay on), one warning."""
+        global _write_failure
+        _write_failure = reason
+        _say_once("unwritable", f"numba's cache of fastcolor's CPU kernels cannot be written in {CACHE_DIR} "
+                                f"({reason}): running uncached (the kernels compile again in every process, "
+                                f"~{COMPILE_SECONDS} s); set {CACHE_ENV} to a folder with space to keep them",
+                  warn=True)
+
+    def _njit(**options):
+        """``numba.njit(**options)``, cached through :class:`_KernelCache` (off when
+        :data:`CACHE` is False, yet still announcing a compile)."""
+        make = njit(**options)
+
+        def decorate(fn):
+            disp = make(fn)
+            disp._cache = _KernelCache(fn)
+            if not CACHE:
+                disp._cache.disable()
+            return disp
+
+        return decorate
+
+
+def cache_status(dispatchers=()) -> dict:
+    """Where the kernels are cached and whether ``dispatchers`` (numba functions of this package)
+    are all there already: ``{"dir", "chosen_by", "enabled", "problem", "warm", "cached",
+    "kernels"}``."""
+    cached = []
+    for disp in dispatchers:
+        cache = getattr(disp, "_cache", None)
+        try:
+            if CACHE and cache is not None and cache._cache_file._load_index():
+                cached.append(disp.__name__)
+        except Exception:  # a damaged index: not warm (the next compile replaces it)
+            pass
+    return {"dir": str(CACHE_DIR), "chosen_by": cache_root()[1], "enabled": CACHE, "problem": CACHE_PROBLEM,
+            "warm": CACHE and len(cached) == len(dispatchers), "cached": cached, "kernels": len(dispatchers)}
+
+
+if IMPORT_ERROR is None:
     _FM = {"contract"}  # FMA contraction only: NaN/Inf semantics stay IEEE
     # Helpers that take arrays are inlined at numba IR level: a real call would cost an
     # atomic incref/decref of every array argument per pixel.
-    jit = njit(fastmath=_FM, cache=CACHE, inline="always", nogil=True)
+    jit = _njit(fastmath=_FM, inline="always", nogil=True)
     # Scalar helpers (exp, log): real functions (LLVM inlines them), compiled once.
-    ijit = njit(fastmath=_FM, cache=CACHE, nogil=True)
+    ijit = _njit(fastmath=_FM, nogil=True)
     # Per-tile bodies: real calls (one per tile of TILE pixels, so the argument refcounts
     # cost nothing), compiled once and shared by the kernels: less to compile.
-    tjit = njit(fastmath=_FM, cache=CACHE, nogil=True, no_cpython_wrapper=True)
+    tjit = _njit(fastmath=_FM, nogil=True, no_cpython_wrapper=True)
     # The same with IEEE arithmetic, no contraction: the nearest-bin search, whose distances
     # must be the plain (a - a_q)^2 + (b - b_q)^2 of the rule in fastcolor/gamut.py. numba
     # without fastmath emits no `contract` flag, and LLVM fuses nothing without it.
     # (fastmath flags are per instruction: they survive LLVM inlining either way.)
-    xjit = njit(fastmath=False, cache=CACHE, nogil=True, no_cpython_wrapper=True)
+    xjit = _njit(fastmath=False, nogil=True, no_cpython_wrapper=True)
     # Workers: called by the parallel kernels, and directly (serially) from Python.
-    cjit = njit(fastmath=_FM, cache=CACHE, nogil=True)
-    pjit = njit(parallel=True, fastmath=_FM, cache=CACHE, nogil=True)
-else:  # pragma: no cover
-    PACKAGE_STAMPED = False
-    CACHE = False
+    cjit = _njit(fastmath=_FM, nogil=True)
+    pjit = _njit(parallel=True, fastmath=_FM, nogil=True)
+else:  # numba missing or unusable: the kernels' modules are not imported (see __init__)
 
     def _identity(f):
         return f

@@ -11,8 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from fastcolor.backends._fork import forked
-from fastcolor.backends.numba_backend._jit import claim_index, jit, numba
+from fastcolor.backends.numba_backend import _jit
+from fastcolor.backends.numba_backend._jit import jit, numba
 from fastcolor.gamut import Q
+
+claim_index = getattr(_jit, "claim_index", None)  # (None where numba is unusable: nothing is compiled then)
 
 #: Pixels per tile (the inner, vectorised loop length).
 TILE = 128
