@@ -457,3 +457,24 @@ def test_shard_batches_on_the_device_equal_the_folders(photos, shards, tmp_path)
     assert len(got) == 5 and all(len(v) == 2 for v in got.values())
     for (L1, ab1), (L2, ab2) in got.values():
         assert L1.shape == (1, 8, 8) and torch.equal(L1, L2) and torch.equal(ab1, ab2)
+
+
+def test_torchrun_two_ranks_train_from_shards_of_unequal_share(shards, tmp_path):
+    """Two gloo ranks whose shards hold 15 and 10 training images run the same number of steps
+    (ceil(25 / (2 x 4)) = 4), so the epoch ends without a rank waiting forever in an all-reduce."""
+    import os
+    import subprocess
+
+    sh, _ = resolve_shards(shards)
+    ds = ShardDataset(sh, 16, 4, world=2, seed=0)
+    assert ds.rank_images(0) != ds.rank_images(1)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastcolor",
+           "train", str(shards), "--out", str(run), "--model", "zhang-tiny", "--workers", "1", "--epochs", "1",
+           "--batch-size", "4", "--device", "cpu", "--prior", "data", "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["step"] == 4, history
