@@ -146,7 +146,11 @@ def test_bytes_dataset_and_device_stage_give_the_rgb_path_batch(mixed):
         DeviceStage("cpu", 4)(batch)
 
 
-def test_resolve_decode():
+def test_resolve_decode(monkeypatch):
+    import fastcolor.data.decode as dec
+
+    problem: list[str | None] = [None]  # what nvjpeg_problem says on the (here pretended) CUDA device
+    monkeypatch.setattr(dec, "nvjpeg_problem", lambda device: problem[0])
     jpgs, pngs = ["a.jpg", "b.JPEG", "c.png"], ["a.png", "b.png", "c.jpg"]
     assert resolve_decode("auto", "cpu", jpgs) == "cpu"
     assert resolve_decode("auto", "cuda", jpgs) == "gpu"
@@ -157,6 +161,19 @@ def test_resolve_decode():
         resolve_decode("gpu", "cpu", jpgs)
     with pytest.raises(ValueError, match="decode must be one of"):
         resolve_decode("nvjpeg", "cuda", jpgs)
+    problem[0] = "RuntimeError: no nvjpeg in this build"
+    with pytest.warns(UserWarning, match="decoded by PIL in the workers.*no nvjpeg in this build"):
+        assert resolve_decode("auto", "cuda", jpgs) == "cpu"
+    with pytest.raises(ValueError, match="decode: 'gpu' needs torchvision's nvjpeg decoder.*no nvjpeg"):
+        resolve_decode("gpu", "cuda", jpgs)
+
+
+def test_nvjpeg_problem_names_what_fails():
+    from fastcolor.data.decode import nvjpeg_problem
+
+    assert nvjpeg_problem("cpu") is None  # the probe itself works (torchvision's CPU decoder)
+    if not torch.cuda.is_available():
+        assert nvjpeg_problem("cuda") is not None  # no CUDA here: a reason, not a crash
 
 
 def test_read_bytes_refuses_what_is_no_regular_file(tmp_path):

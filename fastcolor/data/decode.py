@@ -28,7 +28,8 @@ from torchvision.transforms import v2
 
 from fastcolor.data.images import UnreadableImageError, _open_regular, load_square
 
-__all__ = ["DECODES", "JPEG_SUFFIXES", "read_bytes", "is_jpeg", "resolve_decode", "collate_bytes", "decode_batch"]
+__all__ = ["DECODES", "JPEG_SUFFIXES", "read_bytes", "is_jpeg", "nvjpeg_problem", "resolve_decode", "collate_bytes",
+           "decode_batch"]
 
 #: Values of ``--decode``: ``auto`` is ``gpu`` on a CUDA device when most files are JPEGs, else ``cpu``.
 DECODES = ("auto", "cpu", "gpu")
@@ -52,21 +53,50 @@ def is_jpeg(data: torch.Tensor | bytes) -> bool:
     return head == _JPEG_MAGIC
 
 
+def nvjpeg_problem(device: torch.device | str) -> str | None:
+    """Why ``torchvision.io.decode_jpeg`` cannot decode on ``device`` (a CUDA device), or None:
+    one tiny JPEG is decoded there to find out (a torchvision built without nvjpeg, a driver
+    that refuses it)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buf, "JPEG")
+    try:
+        out = _decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], torch.device(device),
+                            raise_=True)
+    except Exception as e:  # noqa: BLE001 - RuntimeError, AssertionError (no CUDA), ...
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None if out[0] is not None and out[0].shape == (3, 16, 16) else "it decoded a test JPEG wrongly"
+
+
 def resolve_decode(decode: str, device: torch.device | str, paths: Sequence[str] = ()) -> str:
     """What ``decode`` means on ``device``: ``"cpu"`` (PIL in the workers) or ``"gpu"`` (bytes in
     the workers, :func:`decode_batch` on the device). ``"auto"`` is ``"gpu"`` on a CUDA device
     when at least half of ``paths`` have a JPEG suffix (the rest would be decoded by PIL in the
-    training process), else ``"cpu"``; ``"gpu"`` needs a CUDA device."""
+    training process) and nvjpeg decodes there (:func:`nvjpeg_problem`; else ``"cpu"`` with a
+    warning saying why), else ``"cpu"``; ``"gpu"`` needs a CUDA device where nvjpeg decodes."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     device = torch.device(device)
     if decode == "gpu" and device.type != "cuda":
         raise ValueError(f"decode: 'gpu' decodes JPEGs with nvjpeg on a CUDA device, got device {str(device)!r}; "
                          f"use decode 'cpu' or 'auto'")
-    if decode != "auto":
+    if decode == "cpu":
         return decode
     jpegs = sum(str(p).lower().endswith(JPEG_SUFFIXES) for p in paths)
-    return "gpu" if device.type == "cuda" and paths and 2 * jpegs >= len(paths) else "cpu"
+    if decode == "auto" and not (device.type == "cuda" and paths and 2 * jpegs >= len(paths)):
+        return "cpu"
+    problem = nvjpeg_problem(device)
+    if problem is None:
+        return "gpu"
+    if decode == "gpu":
+        raise ValueError(f"decode: 'gpu' needs torchvision's nvjpeg decoder on {device}, which failed there "
+                         f"({problem}); use decode 'cpu'")
+    warnings.warn(f"decode 'auto': JPEGs are decoded by PIL in the workers, as torchvision's nvjpeg decoder failed "
+                  f"on {device} ({problem})", stacklevel=2)
+    return "cpu"
 
 
 def collate_bytes(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -78,9 +108,10 @@ def collate_bytes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device, raise_: bool = False) -> list[torch.Tensor | None]:
     """``decode_jpeg`` on the list, upright RGB on ``device``; None for each one it refuses. The
-    batched call gives no partial result when one image fails, so then each is tried alone."""
+    batched call gives no partial result when one image fails, so then each is tried alone
+    (``raise_``: the batched call's error is raised instead)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def run(x):
@@ -91,6 +122,8 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     try:
         return list(run(data))
     except RuntimeError:
+        if raise_:
+            raise
         out: list[torch.Tensor | None] = []
         for x in data:
             try:
