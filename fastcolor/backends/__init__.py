@@ -119,21 +119,34 @@ def resolve(backend: str, device_type: str) -> str:
     """Turn ``backend`` ("auto" or a name) into the name of a backend that runs on ``device_type``.
 
     ``"auto"`` honours the ``FASTCOLOR_BACKEND`` environment variable, then takes the first
-    available backend of :data:`AUTO_ORDER`. A named backend that cannot run raises
-    :class:`BackendUnavailable` with the reason.
+    available backend of :data:`AUTO_ORDER` (``torch`` under a ``torch.func`` transform such as
+    ``vmap`` or ``grad``, which the other backends' kernels cannot run under). A named backend
+    that cannot run raises :class:`BackendUnavailable` with the reason.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    transformed = _in_func_transform()
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             backend = env
         else:
-            return (available(device_type) or ["torch"])[0]
+            return "torch" if transformed else (available(device_type) or ["torch"])[0]
     reason = unavailable_reason(backend, device_type)
+    if reason is None and transformed and backend != "torch":
+        reason = ("its kernels read the tensors' memory, which the wrapped tensors of torch.func transforms (vmap, "
+                  "grad, jacrev, ...) do not have; backend='torch' (or 'auto', which takes it there) runs under them")
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} is unavailable: {reason}")
     return backend
+
+
+def _in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) is active here: then only the
+    torch backend runs (``auto`` takes it)."""
+    torch = sys.modules.get("torch")
+    level = getattr(getattr(getattr(torch, "_C", None), "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
 
 
 def get(name: str) -> ModuleType:
