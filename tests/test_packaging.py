@@ -73,11 +73,14 @@ def test_licence_is_bsd_3_clause_in_the_file_and_the_metadata(meta):
 
 
 def test_published_tables_say_where_they_come_from():
-    """The authors' bin table names its source and that source's licence."""
+    """The authors' tables (the 313 bins, the ImageNet prior) name their source and its licence."""
     import fastcolor.gamut
 
     doc = fastcolor.gamut.__doc__
     assert "pts_in_hull.npy" in doc and "richzhang/colorization" in doc and "BSD 2-Clause" in doc
+    source = (ROOT / "fastcolor" / "data" / "prior.py").read_text()
+    note = source[:source.index("_IMAGENET_PRIOR:")].rsplit("\n\n", 1)[-1]  # the comment above the table
+    assert "prior_probs.npy" in note and "richzhang/colorization" in note and "BSD 2-Clause" in note
 
 
 def test_extras(meta):

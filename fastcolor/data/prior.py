@@ -56,7 +56,9 @@ def sample_items(items: Sequence[Any], n: int, seed: int) -> list[Any]:
 #: ``resources/prior_probs.npy`` of github.com/richzhang/colorization (313 float64 values, the
 #: empirical ab distribution of ImageNet's training images, smoothed with sigma 5, in the order
 #: of their ``pts_in_hull.npy``), given here to 6 significant figures as
-#: ``a: (first b, (p(a, b), p(a, b + 10), ...))`` for each column a of the gamut.
+#: ``a: (first b, (p(a, b), p(a, b + 10), ...))`` for each column a of the gamut. Published in that
+#: repository under the BSD 2-Clause licence (copyright 2016 Richard Zhang, Phillip Isola, Alexei A.
+#: Efros); fastcolor's own code is BSD 3-Clause (README, section Licence).
 _IMAGENET_PRIOR: dict[int, tuple[int, tuple[float, ...]]] = {
     -90: (50, (4.88637e-08, 1.38518e-07, 5.76575e-07, 2.63934e-06, 9.50312e-07)),
     -80: (20, (
