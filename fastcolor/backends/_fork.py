@@ -6,10 +6,10 @@ thread pool still lists the parent's threads, which fork did not copy, and the c
 them forever (issue 23.1: a DataLoader worker soft-encoding its batches hung once the parent had
 run any multi-threaded torch op, a 1000 x 1000 matmul say). libgomp cannot be asked whether the
 parent ran one, and any torch op may have, so a process forked after fastcolor was imported
-(``os.fork``: DataLoader workers, ``multiprocessing``'s fork and forkserver children) runs the
-CPU kernels on one thread: what PyTorch's DataLoader does for torch's own ops
-(``torch.set_num_threads(1)`` in each worker). Children started with ``spawn`` keep their
-threads. The fork of a process that had not imported fastcolor is not seen here: import
+(``os.fork``: DataLoader workers, ``multiprocessing``'s fork children, forkserver children of a
+server that imported fastcolor) runs the CPU kernels on one thread: what PyTorch's DataLoader
+does for torch's own ops (``torch.set_num_threads(1)`` in each worker). Children started with
+``spawn`` keep their threads. The fork of a process that had not imported fastcolor is not seen here: import
 fastcolor before forking workers that use it.
 """
 from __future__ import annotations
