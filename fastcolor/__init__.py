@@ -79,7 +79,7 @@ from fastcolor.backends import _fork  # noqa: F401  (marks forked children: thei
 # imports what it needs then. tests/test_import.py checks what each step imports.
 _LAZY: dict[str, str] = {
     "build_info": "fastcolor._ext", "BackendUnavailable": "fastcolor.backends", "AB_BINS": "fastcolor.gamut",
-    "Q": "fastcolor.gamut",
+    "Q": "fastcolor.gamut", "warmup": "fastcolor.backends._tables",
     **{name: "fastcolor.ops" for name in (
         "AnnealedMeanDecoder", "PriorAccumulator", "RebalancedCrossEntropyLoss", "SoftLabels", "annealed_mean",
         "image_mask_nongray", "nearest_bin", "rarity_weights", "rebalanced_cross_entropy", "soft_encode")},
@@ -93,12 +93,13 @@ __all__ = [
     "__version__", "build_info", "BackendUnavailable", "AB_BINS", "Q",
     "AnnealedMeanDecoder", "PriorAccumulator", "RebalancedCrossEntropyLoss", "SoftLabels",
     "annealed_mean", "image_mask_nongray", "nearest_bin", "rarity_weights",
-    "rebalanced_cross_entropy", "soft_encode", "load_model",
+    "rebalanced_cross_entropy", "soft_encode", "load_model", "warmup",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from fastcolor._ext import build_info
     from fastcolor.backends import BackendUnavailable
+    from fastcolor.backends._tables import warmup
     from fastcolor.gamut import AB_BINS, Q
     from fastcolor.ops import (
         AnnealedMeanDecoder,

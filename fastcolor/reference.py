@@ -97,13 +97,20 @@ def soft_encode(ab: np.ndarray, k: int = 5, sigma: float = 5.0) -> tuple[np.ndar
 
 
 def densify(indices: np.ndarray, weights: np.ndarray, num_bins: int = Q) -> np.ndarray:
-    """Sparse ``(N, k, *S)`` (indices, weights) -> dense ``(N, num_bins, *S)`` distribution."""
-    indices = np.asarray(indices)
+    """Sparse ``(N, k, *S)`` (indices, weights) -> dense ``(N, num_bins, *S)`` distribution.
+
+    A bin listed twice for a pixel (possible in a hand-made target, never from :func:`soft_encode`)
+    gets the SUM of its weights: ``Z_q = sum_{j: idx_j = q} w_j``. That is the target the loss's
+    sum over the k entries implies (``-sum_j w_j log p_{idx_j} = -sum_q Z_q log p_q``), so the
+    gradient ``softmax - Z`` is the true one; every backend does the same.
+    """
+    indices = np.asarray(indices).astype(np.int64)
     weights = np.asarray(weights, dtype=np.float64)
-    out_shape = (indices.shape[0], num_bins) + indices.shape[2:]
-    dense = np.zeros(out_shape, dtype=np.float64)
-    np.put_along_axis(dense, indices.astype(np.int64), weights, axis=1)
-    return dense
+    k = indices.shape[1]
+    idx = np.moveaxis(indices, 1, -1).reshape(-1, k)
+    dense = np.zeros((idx.shape[0], num_bins), dtype=np.float64)
+    np.add.at(dense, (np.arange(idx.shape[0])[:, None], idx), np.moveaxis(weights, 1, -1).reshape(-1, k))
+    return np.moveaxis(dense.reshape((indices.shape[0],) + indices.shape[2:] + (num_bins,)), -1, 1)
 
 
 def image_mask_nongray(ab: np.ndarray) -> np.ndarray:

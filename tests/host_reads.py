@@ -24,7 +24,14 @@ What is recorded, and how:
   and copies from a non-CPU tensor to the CPU (``t.cpu()``, ``t.to("cpu")``, ``t.numpy()``
   after them), which only a GPU run can show;
 * a :class:`~torch.overrides.TorchFunctionMode` sees ``Tensor.tolist``, which reads a CPU
-  tensor's memory without calling an aten op.
+  tensor's memory without calling an aten op;
+* host-to-device copies of pageable memory (issue 21.5): not a read, but on a GPU a copy that
+  waits for the host and that a CUDA graph capture forbids. A copy from an unpinned CPU tensor
+  to another device is recorded as ``"pageable host-to-device copy"``; and, since a CPU-only run
+  has no other device to copy to, so is every tensor the library makes from host data
+  (``torch.tensor(...)``, ``torch.as_tensor(array)``: ``aten.lift_fresh``), which on a GPU route is
+  exactly such a copy. Only copies made by the library itself count (the innermost caller outside
+  torch is under ``fastcolor/``), not a test building its inputs.
 
 A custom op (any namespace but aten/prims, e.g. ``fastcolor::ce_forward``) is opaque to a plain
 dispatch mode, which would record the op and miss the host reads of its Python implementation.
@@ -56,6 +63,9 @@ DATA_DEPENDENT_SHAPE = frozenset({
     "aten.unique_consecutive", "aten.unique_dim_consecutive", "aten.bincount",
 })
 _COPIES = frozenset({"aten._to_copy", "aten.copy_", "aten._copy_from", "aten._copy_from_and_resize"})
+_LIFT = frozenset({"aten.lift_fresh", "aten.lift_fresh_copy"})
+#: the package whose own host-to-device copies are recorded
+_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastcolor") + os.sep
 _INDEXING = frozenset({"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"})
 _KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA, "meta": torch._C.DispatchKey.Meta}
 _HERE = os.path.dirname(torch.__file__)
@@ -70,10 +80,12 @@ class HostReads(list):
         super().__init__()
         self.sites: list[str] = []
 
-    def add(self, name: str) -> None:
-        self.append(name)
+    def add(self, name: str, library_only: bool = False) -> None:
         stack = traceback.extract_stack()
         user = [i for i, f in enumerate(stack) if f.filename != __file__ and not f.filename.startswith(_HERE)]
+        if library_only and not (user and os.path.abspath(stack[user[-1]].filename).startswith(_LIBRARY)):
+            return
+        self.append(name)
         if not user:
             self.sites.append(name)
             return
@@ -119,6 +131,24 @@ def _host_read(name: str, func, args, kwargs) -> str | None:
     return None
 
 
+def _pageable_upload(name: str, args, kwargs) -> str | None:
+    """The name to record for a host-to-device copy of pageable memory (or a tensor made from host
+    data, which is one on a GPU route), or None."""
+    if name in _LIFT:
+        return f"{name} (a tensor from host data: a pageable host-to-device copy on a GPU)"
+    if name in _COPIES:
+        tensors = list(_tensors(args, kwargs))
+        if name == "aten._to_copy":
+            src, dst = (tensors[0] if tensors else None), kwargs.get("device")
+        else:  # copy_(self=dst, src)
+            src = tensors[1] if len(tensors) > 1 else None
+            dst = tensors[0].device if tensors else None
+        if src is not None and dst is not None and src.device.type == "cpu" and torch.device(dst).type != "cpu":
+            if not src.is_pinned():
+                return f"{name} (pageable host-to-device copy)"
+    return None
+
+
 class _DispatchRecorder(TorchDispatchMode):
     def __init__(self, reads: HostReads):
         super().__init__()
@@ -140,6 +170,9 @@ class _DispatchRecorder(TorchDispatchMode):
         read = _host_read(name, func, args, kwargs)
         if read is not None:
             self.reads.add(read)
+        upload = _pageable_upload(name, args, kwargs)
+        if upload is not None:
+            self.reads.add(upload, library_only=True)
         return func(*args, **kwargs)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reference import duplicate_target
 
 import fastcolor as fc
 from fastcolor import reference as R
@@ -136,6 +137,25 @@ def test_precomputed_target_equals_ab_target(target):
     c = fc.rebalanced_cross_entropy(x, labels, weights, nongray=True, target_ab=ab, backend=name)
     d = fc.rebalanced_cross_entropy(x, ab, weights, k=10, nongray=True, backend=name)
     torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_duplicate_bins_in_a_target_are_summed(target, reduction):
+    """Issue 21.6: a bin listed twice in a user's SoftLabels counts with the sum of its weights, in
+    the loss and in the gradient (the reference's densify), on every backend; SoftLabels.dense too."""
+    name, device = target
+    logits64, _, weights = make_inputs(2, 3, 5, seed=21)
+    idx, wts = duplicate_target(2, 3, 5, seed=2)  # shared with tests/test_reference.py
+    labels = fc.SoftLabels(torch.tensor(idx, dtype=torch.int32).to(device), torch.tensor(wts).float().to(device))
+    np.testing.assert_allclose(labels.dense().cpu().double().numpy(), R.densify(idx, wts), atol=1e-7)
+    x = logits64.float().to(device).requires_grad_(True)
+    loss = fc.rebalanced_cross_entropy(x, labels, weights.float().to(device), reduction=reduction, backend=name)
+    go = torch.rand(loss.shape, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.3)
+    loss.backward(go.float().to(device))
+    want, want_g = R.rebalanced_cross_entropy(logits64.float().double().numpy(), None, weights.numpy(),
+                                              target=(idx, wts), reduction=reduction, grad_output=go.double().numpy())
+    np.testing.assert_allclose(loss.detach().cpu().double().numpy(), want, rtol=2e-5)
+    np.testing.assert_allclose(x.grad.cpu().double().numpy(), want_g, rtol=0, atol=2e-5 * np.abs(want_g).max())
 
 
 def test_non_contiguous_and_channels_last_inputs(target):

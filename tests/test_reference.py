@@ -188,6 +188,40 @@ def test_gradient_matches_finite_differences(reduction):
         assert grad[pos] == pytest.approx((fp - fm) / (2 * eps), rel=1e-5, abs=1e-9)
 
 
+def duplicate_target(n=2, h=2, w=3, seed=0):
+    """A hand-made (N, 4, H, W) target listing some bins twice or three times per pixel."""
+    r = np.random.default_rng(seed)
+    idx = r.integers(0, 313, size=(n, 4, h, w))
+    idx[:, 1] = idx[:, 0]  # the nearest bin again
+    idx[0, 3, 0, 0] = idx[0, 0, 0, 0]  # three times
+    idx[1, 3] = idx[1, 2]
+    wts = r.uniform(0.05, 1.0, size=idx.shape)
+    return idx, wts / wts.sum(1, keepdims=True)
+
+
+def test_duplicate_bins_are_summed_in_the_target_and_the_gradient():
+    """Issue 21.6: a bin listed twice counts with the sum of its weights, in the dense target, the
+    loss and its gradient (which must be the loss's true derivative, checked by differences)."""
+    idx, wts = duplicate_target()
+    d = R.densify(idx, wts)
+    np.testing.assert_allclose(d.sum(1), 1.0)
+    q = idx[0, 0, 0, 0]
+    assert d[0, q, 0, 0] == pytest.approx(wts[0, [0, 1, 3], 0, 0].sum())
+    logits = rng.normal(size=(2, 313, 2, 3))
+    cw = rng.uniform(0.2, 3, size=313)
+    loss, grad = R.rebalanced_cross_entropy(logits, None, cw, target=(idx, wts), reduction="sum")
+    eps = 1e-6
+    for pos in [(0, q, 0, 0), (1, idx[1, 2, 1, 2], 1, 2), (0, idx[0, 2, 1, 1], 1, 1), (1, 7, 0, 0)]:
+        lp, lm = logits.copy(), logits.copy()
+        lp[pos] += eps
+        lm[pos] -= eps
+        px = (pos[0],) + pos[2:]  # the only pixel whose loss moves: no rounding of the others' sum
+        fp = R.rebalanced_cross_entropy(lp, None, cw, target=(idx, wts), reduction="none")[0][px]
+        fm = R.rebalanced_cross_entropy(lm, None, cw, target=(idx, wts), reduction="none")[0][px]
+        assert grad[pos] == pytest.approx((fp - fm) / (2 * eps), rel=1e-5, abs=1e-9)
+    np.testing.assert_allclose(grad.sum(1), 0, atol=1e-12)  # softmax and the summed Z both sum to 1
+
+
 def test_loss_invariant_to_adding_a_constant_to_logits():
     logits = rng.normal(size=(1, 313, 3, 3))
     ab = rng.uniform(-80, 80, size=(1, 2, 3, 3))

@@ -71,6 +71,17 @@ def test_recorder_sees_each_host_read(how):
     assert len(reads.sites) == len(reads) and __file__ in reads.sites[0], reads.sites
 
 
+def test_recorder_sees_the_librarys_host_to_device_copies():
+    """Issue 21.5: a tensor the library makes from host data (a pageable host-to-device copy on a
+    GPU route; here ``fastcolor.gamut.ab_bins``) is recorded; a test building its inputs is not."""
+    from fastcolor.gamut import ab_bins
+
+    with record_host_reads() as reads:
+        torch.tensor([1.0, 2.0])  # the test's own input
+        ab_bins("cpu")
+    assert len(reads) == 1 and "pageable host-to-device" in reads[0] and "gamut.py" in reads.sites[0], reads.sites
+
+
 def test_recorder_sees_nothing_in_device_side_code():
     t = torch.tensor([1.0, 2.0, 0.0])
     with record_host_reads() as reads:
@@ -93,6 +104,7 @@ def backend(request, monkeypatch):
     reason = backends.unavailable_reason(name, "cpu")
     if reason is not None:
         pytest.fail(f"backend {name!r} should run on the CPU here but: {reason}")
+    fc.warmup("cpu")  # the tables and bin centres uploaded ahead, as before a CUDA graph capture
     return name
 
 
@@ -182,6 +194,42 @@ def test_encode_and_decode_read_nothing_on_the_host(backend, device_route):
     assert x.grad is not None and p.grad is not None
 
 
+def test_tables_refuse_a_first_upload_during_capture(monkeypatch):
+    """A first use of a table or the bin centres inside ``torch.cuda.graph`` would copy pageable
+    host memory: a clear error naming fastcolor.warmup; warmed up, nothing is uploaded again."""
+    from fastcolor.backends import _tables
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(RuntimeError, match=r"capture.*fastcolor\.warmup\('cuda:0'\)"):
+        _tables.bin_centres("cuda")
+    with pytest.raises(RuntimeError, match=r"candidate table of k = 7 is not on cuda:0"):
+        _tables.device_table(7, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fc.warmup("cpu")
+    with record_host_reads() as reads:
+        for k in range(1, 17):
+            _tables.device_table(k, "cpu")
+        _tables.bin_centres("cpu")
+    assert reads == [], reads.sites
+
+
+def test_loss_module_moves_its_weights_once():
+    """RebalancedCrossEntropyLoss keeps its weights where the logits are after the first call (on
+    a GPU: no host-to-device copy per call); on the same device the buffer is left as it is."""
+    logits, ab, weights = _inputs()
+    criterion = fc.RebalancedCrossEntropyLoss(weights)
+    buf = criterion.weights
+    criterion(logits, ab)
+    assert criterion.weights is buf and "weights" in dict(criterion.named_buffers())
+    if torch.cuda.is_available():
+        criterion(logits.cuda(), ab.cuda())
+        moved = criterion.weights
+        assert moved.is_cuda and "weights" in dict(criterion.named_buffers())
+        criterion(logits.cuda(), ab.cuda())
+        assert criterion.weights is moved
+
+
 def test_the_loss_reduction_is_deterministic(backend, device_route):
     logits, ab, weights = _inputs(seed=5, n=3, h=3, w=5) if backend != "triton" else _inputs(seed=5)
     runs = [fc.rebalanced_cross_entropy(logits, ab, weights, backend=backend) for _ in range(2)]
@@ -213,7 +261,8 @@ def test_cpu_route_reads_only_in_its_guarded_checks():
         fc.rebalanced_cross_entropy(x, SoftLabels(labels.indices, labels.weights), weights, backend=name,
                                     target_ab=ab, nongray=True).backward()
     where = {re.sub(r".* in ", "", s) for s in reads.sites}
-    assert where == {"check_bin_indices", "check_finite_non_negative", "scale_grad_"}, reads.sites
+    guarded = {"check_bin_indices", "check_finite_non_negative", "check_class_weights", "scale_grad_"}
+    assert where == guarded, reads.sites
     with pytest.raises(ValueError, match=r"got values in \d+..313"):
         bad = labels.indices.clone()
         bad[0, 0, 0, 0] = 313
@@ -337,46 +386,15 @@ def test_triton_streaming_decode_non_finite_like_the_register_kernel(monkeypatch
         tb.annealed_mean(x, T=0.38, is_probs=False)
 
 
-def test_new_triton_kernels_compile_for_sm90(monkeypatch):
+def test_new_triton_kernels_compile_for_sm90():
     """The scale and streaming-decode kernels built for an sm_90 target by triton's own LLVM and
-    ptxas on the host (no GPU needed), as tests/test_triton_backend.py does for the others.
-    Their registers, spills and speed are for a session with a GPU to measure."""
-    triton = pytest.importorskip("triton")
-    import importlib.util
-    import os
-    import sys
+    ptxas on the host (no GPU needed), through the compile check of every variant
+    (tests/test_triton_compile.py runs all of them, with the spill bound)."""
+    pytest.importorskip("triton")
+    from fastcolor.backends.triton_backend import compile_check as cc
 
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - a triton without these
-        pytest.skip(f"triton's compiler API: {exc}")
-    from fastcolor.backends import triton_backend as tb
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    path = os.path.join(os.path.dirname(tb.__file__), "kernels.py")
-    name = "fastcolor.backends.triton_backend._kernels_sync_compile_test"
-    spec = importlib.util.spec_from_file_location(name, path)
-    km = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, km)  # inspect.getsource needs to find it
-    spec.loader.exec_module(km)
-
-    def compile_(fn, sig, consts):
-        sig = dict(sig, **{c: "constexpr" for c in consts})
-        try:
-            return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        except (RuntimeError, FileNotFoundError) as exc:
-            if "ptxas" in str(exc) or "cuda" in str(exc).lower() and "not found" in str(exc).lower():
-                pytest.skip(f"no CUDA toolchain in this triton: {exc}")
-            raise
-
-    built = [compile_(km.scale_kernel, {"g_ptr": f"*{dt}", "f_ptr": "*fp32", "numel": "i64"}, {"BLOCK": tb.SCALE_BLOCK})
-             for dt in ("fp32", "bf16")]
-    bp = tb.config("am_stream", torch.bfloat16, 4096)[0]
-    built += [compile_(km.annealed_mean_stream_kernel, {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "cent_ptr": "*fp32",
-                                                         "P": "i32", "inv_t": "fp32"},
-                       dict(IS_PROBS=probs, BP=bp, QC=tb.STREAM_CLASSES))
-              for dt in ("fp32", "bf16") for probs in (False, True)]
-    for c in built:
-        assert c.asm["cubin"], c.metadata.name
+    chosen = [v for v in cc.variants() if v.kernel == "scale_kernel" and v.dtype != torch.float16
+              or v.kernel == "annealed_mean_stream_kernel" and v.layout == "aligned" and v.dtype != torch.float16]
+    assert len(chosen) == 6
+    for v in chosen:
+        assert cc.compile_variant(v, 90).asm["cubin"], v.name

@@ -15,10 +15,8 @@ the registry hands "triton" CPU tensors.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import sys
+import types
 
 import numpy as np
 import pytest
@@ -317,7 +315,7 @@ def test_config_hooks(monkeypatch):
     monkeypatch.setenv("FASTCOLOR_TRITON_CONFIG", "ce=64x8x0,am=16x2x128")
     assert tb.config("ce", torch.float32) == (64, 8, None)
     assert tb.config("am", torch.bfloat16) == (16, 2, 128)
-    assert tb.config("enc", torch.float32) == (128, 4, None)
+    assert tb.config("enc", torch.float32) == (128, 4, 168)
     monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"enc": (256, 8)})
     assert tb.config("enc", torch.float32) == (256, 8, None)
     monkeypatch.setenv("FASTCOLOR_TRITON_CONFIG", "ce=bad")
@@ -430,78 +428,123 @@ def test_loss_mode(monkeypatch):
     assert tb.persistent_programs(torch.device("cpu")) == tb.INTERP_PROGRAMS
 
 
+# ----------------------------------------------------------------------------- duplicates, lists of pixels, grids
+
+
+@pytest.mark.parametrize("mode", ["registers", "persistent"])
+def test_duplicate_bins_are_summed(dev, monkeypatch, mode):
+    """Issue 21.6: a precomputed target listing a bin twice gets the sum of its weights in the
+    gradient (every duplicate stores that one value, so no store order matters on a GPU) and the
+    loss, in both loss kernels, as the reference's densify."""
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", mode)
+    n, p = 2, 37
+    r = np.random.default_rng(4)
+    idx = r.integers(0, Q, size=(n, 4, p))
+    idx[:, 1] = idx[:, 0]
+    idx[0, 3, :5] = idx[0, 0, :5]  # three times
+    idx[1, 3] = idx[1, 2]
+    w = r.uniform(0.05, 1.0, size=idx.shape)
+    w /= w.sum(1, keepdims=True)
+    x = torch.randn(n, Q, p, generator=torch.Generator().manual_seed(1)) * 3
+    cw = torch.rand(Q, generator=torch.Generator().manual_seed(2)) + 0.5
+    loss, grad = tb.ce_forward(LossCall(logits=x.to(dev), indices=torch.tensor(idx, dtype=torch.int32).to(dev),
+                                        weights=torch.tensor(w, dtype=torch.float32).to(dev),
+                                        class_weights=cw.to(dev), k=4, grad_scale=0.5))
+    want_l, want_g = _ref_loss(x, idx, w, cw, np.ones((n, p)), 0.5)
+    np.testing.assert_allclose(loss.cpu().double().numpy(), want_l, rtol=2e-5)
+    np.testing.assert_allclose(grad.cpu().double().numpy(), want_g, rtol=0, atol=2e-5 * np.abs(want_g).max())
+
+
+@pytest.mark.parametrize("mode", ["default", "opt-in"])
+def test_lists_of_pixels_take_the_row_wise_path(dev, monkeypatch, mode):
+    """(M, 2) ab and (M, 313) logits arrive as (M, C, 1): read as one image of M pixels with
+    contiguous channels (ROWS), every op, both kernels of each, against the reference; with the
+    image factor (nongray) per row and a per-row grad_output."""
+    if mode == "opt-in":
+        monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "persistent")
+        monkeypatch.setenv("FASTCOLOR_TRITON_DECODE", "stream")
+    m = 45
+    ab = torch.cat([_gamut_ab(1, m - 3, 9)[0].T, torch.tensor([[300.0, -4.0], [1.0, 2.0], [float("nan"), 0.0]])])
+    x64 = torch.randn(m, Q, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    cw = torch.rand(Q, generator=torch.Generator().manual_seed(4)) + 0.5
+    calls = []
+    real = tb._launch
+    monkeypatch.setattr(tb, "_launch", lambda kernel, grid, args, consts, *a: calls.append(consts.get("ROWS"))
+                        or real(kernel, grid, args, consts, *a))
+    labels = fc.soft_encode(ab.to(dev), k=5, backend="triton")
+    ri, rw = R.soft_encode(ab.double().numpy()[..., None], 5)
+    np.testing.assert_array_equal(labels.indices.cpu().numpy()[:-1], ri[:-1, :, 0])
+    np.testing.assert_allclose(labels.weights.cpu().double().numpy(), rw[..., 0], atol=1e-6, equal_nan=True)
+    xr = x64.float().to(dev).requires_grad_(True)
+    loss = fc.rebalanced_cross_entropy(xr, ab.to(dev), cw.to(dev), reduction="none", nongray=True, backend="triton")
+    go = torch.rand(m, dtype=torch.float64) + 0.5
+    loss.backward(go.float().to(dev))
+    want, want_g = R.rebalanced_cross_entropy(x64.numpy(), ab.double().numpy(), cw.double().numpy(), reduction="none",
+                                              nongray=True, grad_output=go.numpy())
+    np.testing.assert_allclose(loss.detach().cpu().double().numpy(), want, rtol=2e-5, atol=1e-6, equal_nan=True)
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(xr.grad.cpu().double().numpy()[ok], want_g[ok], rtol=0,
+                               atol=2e-5 * np.abs(want_g[ok]).max())
+    got = fc.annealed_mean(x64.float().to(dev), T=0.38, backend="triton")
+    np.testing.assert_allclose(got.cpu().double().numpy(), R.annealed_mean(x64.float().double().numpy(), T=0.38),
+                               atol=2e-3, rtol=1e-4)
+    assert calls and all(calls), calls  # every launch took the row-wise layout
+
+
+def test_every_launch_keeps_grid_axes_1_and_2_within_cuda_limits(monkeypatch):
+    """Issue 21.4: CUDA caps grid axes 1 and 2 at 65535 (the interpreter has no limit, triton 3.6
+    passes a larger one through). 70000 pixels of (M, 2) ab, (M, 313) logits and (N, 313, P) images
+    with N = 70000: every launch's grid is recorded (the kernels not run: the grid is the point)."""
+    seen = []
+    monkeypatch.setattr(tb, "_launch", lambda kernel, grid, *a: seen.append((kernel.__name__, grid)))
+    monkeypatch.setattr(tb, "_kernels", lambda device: _StubKernels())
+    m = 70_000
+    ab = torch.zeros(m, 2, 1)
+    x = torch.zeros(m, Q, 1)
+    for mode in ("registers", "persistent"):
+        monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", mode)
+        monkeypatch.setenv("FASTCOLOR_TRITON_DECODE", "stream" if mode == "persistent" else "registers")
+        tb.soft_encode(ab, k=5, sigma=5.0)
+        tb.ce_forward(LossCall(logits=x, ab=ab, k=5))
+        tb.ce_forward(LossCall(logits=x.reshape(m // 2, Q, 2), ab=ab.reshape(m // 2, 2, 2), k=5))
+        tb.annealed_mean(x, T=0.38, is_probs=False)
+        tb.annealed_mean(x.reshape(m // 2, Q, 2), T=0.38, is_probs=False)
+        tb.soft_encode(ab.reshape(m // 2, 2, 2), k=5, sigma=5.0)
+    tb.scale_(torch.zeros(m, Q, 1), torch.ones(1))
+    assert len(seen) == 13, seen
+    for name, grid in seen:
+        assert all(g <= tb.GRID_YZ_MAX for g in grid[1:]) and 1 <= grid[0] < 2**31, (name, grid)
+    with pytest.raises(ValueError, match="axes 1 and 2 hold at most 65535"):
+        _real_launch(None, (1, 65536), (), {}, None, torch.device("cpu"))
+
+
+_real_launch = tb._launch
+
+
+class _StubKernels:
+    """Kernels that are never launched (the grid test replaces _launch)."""
+
+    def __getattr__(self, name):
+        return types.SimpleNamespace(__name__=name)
+
+
 # ----------------------------------------------------------------------------- the GPU build, without a GPU
 
 
-def _compiled_kernels_module(monkeypatch):
-    """A fresh, non-interpreted instance of kernels.py (triton.jit), whatever the environment."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    path = os.path.join(os.path.dirname(tb.__file__), "kernels.py")
-    name = "fastcolor.backends.triton_backend._kernels_compile_test"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, mod)  # inspect.getsource needs to find it
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_kernels_compile_for_sm90_without_contracted_distances(monkeypatch):
+def test_kernels_compile_for_sm90_without_contracted_distances():
     """triton.compile for an sm_90 target runs triton's own LLVM and ptxas on the host: the GPU
-    build of every kernel is checked here even without a GPU. The search's squared distances are
-    explicit-rounding PTX (mul.rn / add.rn, never fused into an FMA), float32 and float64."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - a triton without these
-        pytest.skip(f"triton's compiler API: {exc}")
-    km = _compiled_kernels_module(monkeypatch)
-    target = GPUTarget("cuda", 90, 32)
+    build is checked here even without a GPU (every variant, with the spill bound:
+    tests/test_triton_compile.py). The search's squared distances are explicit-rounding PTX
+    (mul.rn / add.rn, never fused into an FMA), float32 and float64; the persistent kernel loads the
+    logits 16 bytes at a time and stores the gradient in vectors."""
+    from fastcolor.backends.triton_backend import compile_check as cc
 
-    def compile_(fn, sig, consts, **opts):
-        sig = dict(sig, **{c: "constexpr" for c in consts})
-        try:
-            return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                                  options=dict(num_warps=4, **opts))
-        except (RuntimeError, FileNotFoundError) as exc:
-            if "ptxas" in str(exc) or "cuda" in str(exc).lower() and "not found" in str(exc).lower():
-                pytest.skip(f"no CUDA toolchain in this triton: {exc}")
-            raise
-
-    _, consts = tb._knn_consts(5, "cpu")
-    enc = compile_(km.encode_kernel, {"ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32", "offs_ptr": "*i32",
-                                      "tbins_ptr": "*i16", "cent_ptr": "*fp32", "P": "i32",
-                                      "neg_inv_two_sigma2": "fp32"},
-                   dict(**consts, BP=128))
-    ce = compile_(km.ce_kernel, {"x_ptr": "*bf16", "ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32",
-                                 "cw_ptr": "*fp32", "mask_ptr": "*fp32", "ps_ptr": "*fp32", "offs_ptr": "*i32",
-                                 "tbins_ptr": "*i16", "cent_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": "*bf16",
-                                 "P": "i32", "neg_inv_two_sigma2": "fp32", "grad_scale": "fp32"},
-                  dict(**consts, ENCODE=True, HAS_CW=True, HAS_MASK=True, HAS_PS=True, WRITE_GRAD=True, BP=32),
-                  maxnreg=168)
-    am = compile_(km.annealed_mean_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "cent_ptr": "*fp32", "P": "i32",
-                                            "inv_t": "fp32"}, dict(IS_PROBS=True, BP=32))
-    # The persistent loss kernel, bf16 and float32, with pointers and P known 16-divisible (as
-    # triton specialises them at launch for P % 16 == 0): 16-byte loads of the logits.
-    psig = {"x_ptr": "*bf16", "ab_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*fp32", "cw_ptr": "*fp32",
-            "mask_ptr": "*fp32", "ps_ptr": "*fp32", "offs_ptr": "*i32", "tbins_ptr": "*i16", "cent_ptr": "*fp32",
-            "loss_ptr": "*fp32", "grad_ptr": "*bf16", "P": "i32", "T": "i32", "TPI": "i32",
-            "neg_inv_two_sigma2": "fp32", "grad_scale": "fp32"}
-    div16 = {(km.ce_persistent_kernel.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a in ("x_ptr", "grad_ptr", "loss_ptr", "ab_ptr", "P")}
-    pers = []
-    for xt in ("*bf16", "*fp32"):
-        sig = dict(psig, x_ptr=xt, grad_ptr=xt, **{c: "constexpr" for c in consts})
-        sig.update({c: "constexpr" for c in ("ENCODE", "HAS_CW", "HAS_MASK", "HAS_PS", "WRITE_GRAD", "BP", "QC")})
-        pc = dict(**consts, ENCODE=True, HAS_CW=True, HAS_MASK=True, HAS_PS=True, WRITE_GRAD=True,
-                  BP=tb.config("ce_persistent", torch.float32)[0], QC=tb.PERSISTENT_CLASSES)
-        try:
-            pers.append(triton.compile(ASTSource(fn=km.ce_persistent_kernel, signature=sig, constexprs=pc,
-                                                 attrs=div16), target=target, options=dict(num_warps=4)))
-        except (RuntimeError, FileNotFoundError) as exc:
-            if "ptxas" in str(exc):
-                pytest.skip(f"no CUDA toolchain in this triton: {exc}")
-            raise
+    pick = {v.name: v for v in cc.variants()}
+    enc = cc.compile_variant(pick["encode_kernel fp32 aligned k5"], 90)
+    ce = cc.compile_variant(pick["ce_kernel bf16 aligned k5 ENCODE WRITE_GRAD"], 90)
+    am = cc.compile_variant(pick["annealed_mean_kernel fp32 aligned IS_PROBS"], 90)
+    pers = [cc.compile_variant(pick[f"ce_persistent_kernel {dt} aligned k5 ENCODE WRITE_GRAD"], 90)
+            for dt in ("bf16", "fp32")]
     for c in pers:
         assert re.search(r"\bld\.global(\.\w+)*\.v4\.b32\b", c.asm["ptx"]), "no 16-byte loads of the logits"
         assert re.search(r"\bst\.global(\.\w+)*\.v[24]\.b32\b", c.asm["ptx"]), "no vector stores of the gradient"

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from fastcolor.backends._tables import centres_for
 from fastcolor.backends.contract import LossCall
-from fastcolor.gamut import Q, ab_bins
+from fastcolor.gamut import Q
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -21,7 +22,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def _bins(like: torch.Tensor) -> torch.Tensor:
-    return ab_bins(device=like.device, dtype=torch.float32)
+    return centres_for(like)  # cached on the device: no host-to-device copy per call
 
 
 def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +39,10 @@ def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor
 
 
 def dense_target(indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(N, k, P) sparse -> (N, Q, P) float32 dense distribution."""
+    """(N, k, P) sparse -> (N, Q, P) float32 dense distribution (a bin listed twice: its weights summed)."""
     n, _, p = indices.shape
     z = torch.zeros(n, Q, p, dtype=torch.float32, device=indices.device)
-    return z.scatter_(1, indices.long(), weights.float())
+    return z.scatter_add_(1, indices.long(), weights.float())
 
 
 def _pixel_factor(indices, class_weights, image_mask, pixel_scale, compute):

@@ -6,7 +6,8 @@ from torch import nn
 
 from fastcolor import backends
 from fastcolor.backends import torch_backend
-from fastcolor.gamut import Q, ab_bins
+from fastcolor.backends._tables import centres_for
+from fastcolor.gamut import Q
 from fastcolor.ops._common import check_positive, check_tensor, flat
 from fastcolor.reference import T_MODE
 
@@ -34,7 +35,7 @@ def _backward(ctx, grad_out):
     y = torch.log(x.float()) if ctx.is_probs else x.float()
     f = torch.softmax(y / ctx.T, dim=1)
     g = grad_out.float()
-    gc = torch.einsum("ncp,qc->nqp", g, ab_bins(x.device))
+    gc = torch.einsum("ncp,qc->nqp", g, centres_for(x))  # cached: no host-to-device copy
     grad_y = f * (gc - (g * out).sum(1, keepdim=True)) / ctx.T
     grad_x = grad_y / x.float() if ctx.is_probs else grad_y
     return grad_x.to(x.dtype), None, None, None
@@ -111,7 +112,7 @@ def annealed_mean(
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if T < T_MODE:
         x = x.detach()
-        out = ab_bins(x.device, out_dtype)[x.argmax(1)].movedim(-1, 1)
+        out = centres_for(x).to(out_dtype)[x.argmax(1)].movedim(-1, 1)
         nan = torch.full((), float("nan"), dtype=out_dtype, device=x.device)
         return torch.where(torch.isnan(x).any(1, keepdim=True), nan, out)
     xf = flat(x)

@@ -71,10 +71,11 @@ class SoftLabels:
         return self.indices.shape[1]
 
     def dense(self) -> torch.Tensor:
-        """The ``(N, 313, *spatial)`` float32 distribution."""
+        """The ``(N, 313, *spatial)`` float32 distribution; a bin listed twice for a pixel gets the
+        sum of its weights (as :func:`fastcolor.reference.densify`, and every loss backend)."""
         shape = (self.indices.shape[0], Q) + tuple(self.indices.shape[2:])
         z = torch.zeros(shape, dtype=torch.float32, device=self.indices.device)
-        return z.scatter_(1, self.indices.long(), self.weights.float())
+        return z.scatter_add_(1, self.indices.long(), self.weights.float())
 
     def to(self, *args, **kwargs) -> SoftLabels:
         """Move both tensors (e.g. ``labels.to("cuda", non_blocking=True)``); indices stay integers."""

@@ -505,6 +505,10 @@ class RebalancedCrossEntropyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target, target_ab: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.weights is not None and self.weights.device != logits.device:
+            # Once: the buffer follows the logits (a module left on the CPU would otherwise copy its
+            # weights to the GPU on every call, a pageable host-to-device copy; issue 21.5).
+            self.weights = self.weights.to(logits.device)
         return rebalanced_cross_entropy(
             logits, target, self.weights, self.k, self.sigma, self.reduction, self.nongray, self.backend, target_ab,
             mask=mask,

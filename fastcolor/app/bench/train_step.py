@@ -32,7 +32,8 @@ import torch
 import fastcolor as fc
 from fastcolor import backends
 from fastcolor.app.bench.common import log, srgb_ab
-from fastcolor.gamut import AB_BINS, Q, ab_bins
+from fastcolor.backends._tables import centres_for
+from fastcolor.gamut import AB_BINS, Q
 from fastcolor.models.zhang import ZhangNet
 
 #: model name -> (constructor, input size in px)
@@ -63,7 +64,7 @@ def plain_loss(logits: torch.Tensor, ab: torch.Tensor, weights: torch.Tensor, k:
     (313,) rarity weights. Returns the mean over the N*H*W pixels (a 0-dim float32 tensor).
     """
     n, _, h, w = logits.shape
-    bins = ab_bins(device=ab.device)  # (313, 2) float32
+    bins = centres_for(ab)  # (313, 2) float32, cached on the device (a user would keep it too)
     pixels = ab.permute(0, 2, 3, 1).reshape(-1, 2)
     dist, idx = torch.cdist(pixels, bins).topk(k, dim=1, largest=False)  # (P, k), nearest first
     z = torch.softmax(-dist.square() / (2 * sigma**2), dim=1)  # Gaussian, normalised over the k

@@ -132,22 +132,29 @@ def _parse_env_config() -> dict[str, tuple[int, int, int | None]]:
 INTERP_BLOCK = {"enc": 65536, "ce": 4096, "ce_persistent": 4096, "am": 4096, "am_stream": 4096}
 
 
-def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | None = None
-           ) -> tuple[int, int, int | None]:
+def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | None = None, *, k: int = 5,
+           encode: bool = True, probs: bool = False) -> tuple[int, int, int | None]:
     """(pixels per program BP, warps, register cap or None) of kernel ``kind`` ("ce", "am", "enc",
-    "am_stream", "ce_persistent": pixels per tile).
+    "am_stream", "ce_persistent": pixels per tile), for ``p`` pixels per image; for "ce" also the
+    target's ``k`` and whether the kernel encodes ab (``encode``), for "am" whether it decodes ``probs``.
 
     The loss and decode programs hold 320 x BP logits in registers: 80 per thread for BP = 32 and
-    4 warps, whatever the dtype. Capped at 168 registers (no spills for k <= 10, ptxas for sm_90),
-    three programs fit on an SM (12 warps, 120 KB of logits in flight). BP = 32 gives each class row
-    a 128 B (float32) / 64 B (16-bit) contiguous, aligned segment when P % 32 == 0.
-    When ``P % 16 != 0`` triton cannot prove the rows aligned, loads one element at a time with one
-    64-bit address each, and BP = 32 would spill: such odd images take BP = 16.
-    The 16-bit decode (read only, no gradient to keep) takes BP = 64: 160 logits per thread, 231
-    registers, two programs per SM, and a third fewer instructions per logit than BP = 32 (16 vs 23
-    by ptxas for sm_90), which matters at 2 bytes a logit.
+    4 warps, whatever the dtype. Capped at 168 registers, three programs fit on an SM (12 warps,
+    120 KB of logits in flight): no spills for the training path (ab target, k <= 5). A SoftLabels
+    target (the k entries summed per bin, issue 21.6) or k > 5 spills 8-264 bytes at 168 (ptxas
+    -v, sm_80 and sm_90, triton 3.8): these take a cap of 232, with which no k <= 16 spills (two
+    programs per SM). Every cap here is checked by :mod:`.compile_check`; none of this was timed.
+    BP = 32 gives each class row a 128 B (float32) / 64 B (16-bit) contiguous, aligned segment when
+    P % 32 == 0. When ``P % 16 != 0`` triton cannot prove the rows aligned, loads one element at a
+    time with one 64-bit address each, and BP = 32 would spill: such odd images take BP = 16.
+    The 16-bit decode of logits takes BP = 64: 160 logits per thread, 231 registers, two programs
+    per SM, and a third fewer instructions per logit than BP = 32 (16 vs 23 by ptxas for sm_90),
+    which matters at 2 bytes a logit; of probabilities (a log2 per logit) BP = 64 spills (255
+    registers, ~430 bytes): BP = 32 there.
     The encode kernel's BP = 32 * warps gives every thread one pixel, whose k candidate slots
-    (distance and bin) stay in that thread's registers through the whole search.
+    (distance and bin) stay in that thread's registers through the whole search; without a cap
+    ptxas for sm_90 chose 64-96 registers and spilled 96-208 bytes (k = 5, 10), with a cap of 168
+    it takes what it needs (76-124) and spills nothing; k > 10 spilled 8 bytes at 168: 232.
     On a CPU ``device`` (the interpreter) BP is the next power of two of ``p`` up to
     :data:`INTERP_BLOCK` (warps and register caps mean nothing there).
     """
@@ -158,14 +165,16 @@ def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | Non
         return (min(max(16, 1 << max(0, int(p) - 1).bit_length()), INTERP_BLOCK[kind]), 1, None)
     if kind == "am_stream":  # [32, 64] chunks: 16 values per thread a chunk (a first guess, untimed)
         return (64, 4, None)
-    if kind == "ce_persistent":  # [32, 64] chunks, 16-byte loads along pixels (a first guess, untimed)
-        return (64, 4, None)
+    if kind == "ce_persistent":  # [32, 64] chunks, 16-byte loads along pixels (a first guess, untimed);
+        return (64, 4, 232)  # uncapped, ptxas for sm_90 chose 128 registers and spilled 32 bytes (bf16, ab)
     if kind == "enc":
-        return (128, 4, None)
+        return (128, 4, 168 if k <= 10 else 232)
     if p % 16:
         return (16, 4, None)
     if kind == "am" and dtype != torch.float32:
-        return (64, 4, None)
+        return (32, 4, 168) if probs else (64, 4, None)
+    if kind == "ce" and (k > 5 or not encode):
+        return (32, 4, 232)
     return (32, 4, 168)
 
 
@@ -185,11 +194,26 @@ def _knn_consts(k: int, device: torch.device) -> tuple[DeviceTable, dict]:
                    CELL=float(t.cell), NSUB=int(t.n))
 
 
+def _layout(n: int, p: int) -> tuple[int, int, bool]:
+    """(images, pixels per image, ROWS) as the kernels see an ``(N, C, P)`` tensor: itself, or, for
+    ``P == 1`` (a list of N pixels, e.g. ``(M, 2)`` ab or ``(M, 313)`` logits), one image of N pixels
+    read row-wise (``ROWS``: a pixel's channels contiguous), so that no lane of a program is idle."""
+    if p == 1 and n > 1:
+        return 1, n, True
+    return n, p, False
+
+
+#: The most programs CUDA allows on grid axes 1 and 2 (axis 0: 2^31 - 1). Every kernel here runs
+#: on a 1-D grid (program -> image and tile: ``kernels._tile``), so no launch comes near it.
+GRID_YZ_MAX = 65535
+
 _maxnreg_ok = True
 
 
 def _launch(kernel, grid, args, consts, cfg, device):
     global _maxnreg_ok
+    if any(g > GRID_YZ_MAX for g in grid[1:]):  # CUDA would refuse it (triton passes it through)
+        raise ValueError(f"grid {grid}: axes 1 and 2 hold at most {GRID_YZ_MAX} programs on CUDA")
     if device.type != "cuda":
         kernel[grid](*args, **consts)
         return
@@ -220,11 +244,12 @@ def soft_encode(ab: torch.Tensor, *, k: int, sigma: float) -> tuple[torch.Tensor
     ab = ab.float().contiguous()
     km = _kernels(ab.device)
     t, consts = _knn_consts(k, ab.device)
-    cfg = config("enc", torch.float32, p, device=ab.device)
-    grid = (triton.cdiv(p, cfg[0]), n)
-    _launch(km.encode_kernel, grid,
+    n, p, rows = _layout(n, p)
+    cfg = config("enc", torch.float32, p, device=ab.device, k=k)
+    tpi = triton.cdiv(p, cfg[0])
+    _launch(km.encode_kernel, (n * tpi,),
             (ab, idx, w, t.offsets, t.bins, bin_centres(ab.device), p, -1.0 / (2.0 * float(sigma) ** 2)),
-            dict(**consts, BP=cfg[0]), cfg, ab.device)
+            dict(**consts, BP=cfg[0], TPI=tpi, ROWS=rows), cfg, ab.device)
     return idx, w
 
 
@@ -260,15 +285,14 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
                   for t in (call.class_weights, call.image_mask, call.pixel_scale))
     km = _kernels(dev)
     t, consts = _knn_consts(kk, dev)
-    cfg = config("ce", logits.dtype, p, device=dev)
-    grid = (triton.cdiv(p, cfg[0]), n)
+    n, p, rows = _layout(n, p)
     args = (logits, ab if encode else loss, dummy_i, dummy_w,
             cw if cw is not None else loss, im if im is not None else loss, ps if ps is not None else loss,
             t.offsets, t.bins, bin_centres(dev), loss, grad if grad is not None else loss,
             p, -1.0 / (2.0 * float(call.sigma) ** 2), float(call.grad_scale))
     consts.update(ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None, HAS_PS=ps is not None,
                   WRITE_GRAD=bool(call.need_grad))
-    if loss_mode() == "persistent":
+    if loss_mode() == "persistent" and not rows:
         cfg = config("ce_persistent", logits.dtype, p, device=dev)
         tpi = triton.cdiv(p, cfg[0])
         tiles = n * tpi
@@ -276,8 +300,9 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         args = args[:12] + (p, tiles, tpi) + args[13:]
         _launch(km.ce_persistent_kernel, grid, args, dict(consts, BP=cfg[0], QC=PERSISTENT_CLASSES), cfg, dev)
         return loss, grad
-    consts.update(BP=cfg[0])
-    _launch(km.ce_kernel, grid, args, consts, cfg, dev)
+    cfg = config("ce", logits.dtype, p, device=dev, k=kk, encode=encode)
+    tpi = triton.cdiv(p, cfg[0])
+    _launch(km.ce_kernel, (n * tpi,), args, dict(consts, BP=cfg[0], TPI=tpi, ROWS=rows), cfg, dev)
     return loss, grad
 
 
@@ -329,15 +354,18 @@ def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
         x = x.float()
     x = x.contiguous()
     km = _kernels(x.device)
+    n, p, rows = _layout(n, p)
     args = (x, out, bin_centres(x.device), p, 1.0 / float(T))
     if decode_mode() == "stream":
         cfg = config("am_stream", x.dtype, p, device=x.device)
-        _launch(km.annealed_mean_stream_kernel, (triton.cdiv(p, cfg[0]), n), args,
-                dict(IS_PROBS=bool(is_probs), BP=cfg[0], QC=STREAM_CLASSES), cfg, x.device)
+        tpi = triton.cdiv(p, cfg[0])
+        _launch(km.annealed_mean_stream_kernel, (n * tpi,), args,
+                dict(IS_PROBS=bool(is_probs), BP=cfg[0], QC=STREAM_CLASSES, TPI=tpi, ROWS=rows), cfg, x.device)
         return out
-    cfg = config("am", x.dtype, p, device=x.device)
-    grid = (triton.cdiv(p, cfg[0]), n)
-    _launch(km.annealed_mean_kernel, grid, args, dict(IS_PROBS=bool(is_probs), BP=cfg[0]), cfg, x.device)
+    cfg = config("am", x.dtype, p, device=x.device, probs=bool(is_probs))
+    tpi = triton.cdiv(p, cfg[0])
+    _launch(km.annealed_mean_kernel, (n * tpi,), args, dict(IS_PROBS=bool(is_probs), BP=cfg[0], TPI=tpi, ROWS=rows),
+            cfg, x.device)
     return out
 
 

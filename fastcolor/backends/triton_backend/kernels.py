@@ -101,6 +101,27 @@ def _sum(x, axis: tl.constexpr):
         return tl.sum(x, axis=axis)
 
 
+@jit
+def _at(c, p, C, P, ROWS: tl.constexpr):
+    """Offset of channel ``c`` of pixel ``p`` in one image of an ``(N, C, P)`` tensor: ``c P + p``;
+    with ``ROWS`` (an ``(M, C, 1)`` tensor, e.g. a list of M pixels, seen as one image of ``P = M``
+    pixels whose channels are contiguous) ``p C + c``. ``c`` and ``p`` broadcast."""
+    if ROWS:
+        return p * C + c
+    else:
+        return c * P + p
+
+
+@jit
+def _tile(TPI, BP: tl.constexpr):
+    """(image n, pixels p [BP]) of this program on a 1-D grid of ``N * TPI`` programs, ``TPI`` tiles
+    of ``BP`` pixels per image (CUDA caps grid axes 1 and 2 at 65535, axis 0 at 2^31 - 1)."""
+    pid = tl.program_id(0)
+    n = (pid // TPI).to(tl.int64)
+    p = (pid % TPI).to(tl.int64) * BP + tl.arange(0, BP)
+    return n, p
+
+
 # ----------------------------------------------------------------------------- k-nearest search
 
 
@@ -149,15 +170,19 @@ def _insert(sd, sq, d, q, K: tl.constexpr):
 
 @jit
 def _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q: tl.constexpr, HAS_CW: tl.constexpr,
-                 HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, BP: tl.constexpr):
+                 HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr):
     """[BP] per-pixel factor of the loss and gradient: s * m * v (pixel factor, image factor, the
-    class weight of the pixel's nearest target bin), each only when its HAS_* flag is set."""
+    class weight of the pixel's nearest target bin), each only when its HAS_* flag is set (with
+    ``ROWS`` every pixel is an image of its own: its image factor is ``mask[p]``)."""
     scale = tl.full([BP], 1.0, tl.float32)
     if HAS_CW:
         q0 = _sum(tl.where(kk == 0, sel_q, 0), 0)
         scale = scale * tl.load(cw_ptr + q0, mask=pm & (q0 >= 0) & (q0 < Q), other=0.0)
     if HAS_MASK:
-        scale = scale * tl.load(mask_ptr + n)
+        if ROWS:
+            scale = scale * tl.load(mask_ptr + p, mask=pm, other=0.0)
+        else:
+            scale = scale * tl.load(mask_ptr + n)
     if HAS_PS:
         scale = scale * tl.load(ps_ptr + n * P + p, mask=pm, other=0.0)
     return scale
@@ -253,13 +278,13 @@ def _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K: tl.constexp
 
 
 @jit
-def _load_classes(xbase, p, pm2, P, other):
+def _load_classes(xbase, p, pm2, P, other, ROWS: tl.constexpr):
     """The 313 classes of pixels p as a [256, QB] and a [QB, BP] float32 tile (rows >= 313: other)."""
     qa = tl.arange(0, 256)
     qb = 256 + tl.arange(0, QB)
     qbm = (qb < Q)[:, None]
-    offs_a = qa.to(tl.int64)[:, None] * P + p[None, :]
-    offs_b = qb.to(tl.int64)[:, None] * P + p[None, :]
+    offs_a = _at(qa.to(tl.int64)[:, None], p[None, :], Q, P, ROWS)
+    offs_b = _at(qb.to(tl.int64)[:, None], p[None, :], Q, P, ROWS)
     xa = tl.load(xbase + offs_a, mask=pm2, other=other).to(tl.float32)
     xb = tl.load(xbase + offs_b, mask=qbm & pm2, other=other).to(tl.float32)
     return xa, xb, offs_a, offs_b, qbm
@@ -268,16 +293,15 @@ def _load_classes(xbase, p, pm2, P, other):
 @jit
 def encode_kernel(ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
                   K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-                  CELL: tl.constexpr, NSUB: tl.constexpr, BP: tl.constexpr):
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+                  CELL: tl.constexpr, NSUB: tl.constexpr, BP: tl.constexpr, TPI, ROWS: tl.constexpr):
+    n, p = _tile(TPI, BP)
     pm = p < P
     abase = ab_ptr + n * 2 * P
-    a = tl.load(abase + p, mask=pm, other=0.0)
-    b = tl.load(abase + P + p, mask=pm, other=0.0)
+    a = tl.load(abase + _at(0, p, 2, P, ROWS), mask=pm, other=0.0)
+    b = tl.load(abase + _at(1, p, 2, P, ROWS), mask=pm, other=0.0)
     idx, w = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
     kk = tl.arange(0, KP)[:, None]
-    offs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+    offs = n * K * P + _at(kk.to(tl.int64), p[None, :], K, P, ROWS)
     m = (kk < K) & pm[None, :]
     tl.store(idx_ptr + offs, idx, mask=m)
     tl.store(w_ptr + offs, w, mask=m)
@@ -286,22 +310,35 @@ def encode_kernel(ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_
 @jit
 def _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
                   K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, CELL: tl.constexpr,
-                  NSUB: tl.constexpr, ENCODE: tl.constexpr, BP: tl.constexpr):
+                  NSUB: tl.constexpr, ENCODE: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr):
     """The target of pixels ``p`` of image ``n`` (masked by ``pm``): (bins [KP, BP] int32,
     weights [KP, BP] float32), encoded from ab by the one candidate-table search, or read from a
     precomputed SoftLabels target."""
     kk = tl.arange(0, KP)[:, None]
     if ENCODE:
         abase = ab_ptr + n * 2 * P
-        a = tl.load(abase + p, mask=pm, other=0.0)
-        b = tl.load(abase + P + p, mask=pm, other=0.0)
+        a = tl.load(abase + _at(0, p, 2, P, ROWS), mask=pm, other=0.0)
+        b = tl.load(abase + _at(1, p, 2, P, ROWS), mask=pm, other=0.0)
         sel_q, z = _knn(a, b, offs_ptr, tbins_ptr, cent_ptr, neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, BP)
     else:
-        toffs = n * K * P + kk.to(tl.int64) * P + p[None, :]
+        toffs = n * K * P + _at(kk.to(tl.int64), p[None, :], K, P, ROWS)
         tm = (kk < K) & pm[None, :]
         sel_q = tl.load(idx_ptr + toffs, mask=tm, other=0)
         z = tl.load(w_ptr + toffs, mask=tm, other=0.0)
     return sel_q, z
+
+
+@jit
+def _duplicates_summed(sel_q, z, valid, kk, K: tl.constexpr, KP: tl.constexpr, BP: tl.constexpr):
+    """[KP, BP]: for each target entry j, the sum of the weights of every valid entry with j's bin
+    (``z`` itself where no bin repeats, bit for bit: 0 + z_j)."""
+    selv = tl.where(valid, sel_q, -1)
+    zs = tl.full([KP, BP], 0.0, tl.float32)
+    for j in tl.static_range(K):
+        qj = _sum(tl.where(kk == j, selv, 0), 0)
+        zj = _sum(tl.where(kk == j, z, 0.0), 0)
+        zs = tl.where(selv == qj[None, :], zs + zj[None, :], zs)
+    return zs
 
 
 @jit
@@ -310,23 +347,23 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
               K: tl.constexpr, KP: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
               CELL: tl.constexpr, NSUB: tl.constexpr, ENCODE: tl.constexpr, HAS_CW: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_PS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-              BP: tl.constexpr):
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+              BP: tl.constexpr, TPI, ROWS: tl.constexpr):
+    n, p = _tile(TPI, BP)
     pm = p < P
     pm2 = pm[None, :]
     xbase = x_ptr + n * Q * P
     # The target: k bins and normalised weights per pixel, encoded here or read.
     kk = tl.arange(0, KP)[:, None]
     sel_q, z = _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P,
-                             neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
+                             neg_inv_two_sigma2, K, KP, LO, HI, CELL, NSUB, ENCODE, BP, ROWS)
     valid = (kk < K) & (sel_q >= 0) & (sel_q < Q) & pm2
     # The logits tile: all 313 classes of BP pixels (loaded after the encoding, so that the
     # encoding's registers are free again: fewer registers, more programs per SM).
-    xa, xb, offs_a, offs_b, qbm = _load_classes(xbase, p, pm2, P, 0.0)
+    xa, xb, offs_a, offs_b, qbm = _load_classes(xbase, p, pm2, P, 0.0, ROWS)
     xb = tl.where(qbm, xb, float("-inf"))
     # The logits at the target bins (lines this program is reading anyway: cache hits).
-    x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
+    sel_offs = _at(sel_q.to(tl.int64), p[None, :], Q, P, ROWS)
+    x_sel = tl.load(xbase + sel_offs, mask=valid, other=0.0).to(tl.float32)
 
     # log-sum-exp, on the shifted logits x - m: exp2((x - m) log2 e), never exp2(x log2 e -
     # m log2 e) (an FMA of two numbers of x's magnitude: off by up to ulp(x log2 e) / 2, which
@@ -338,7 +375,7 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
     s = _sum(ea, 0) + _sum(eb, 0)
     lsum = tl.log2(s) * LN2
 
-    scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP)
+    scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP, ROWS)
 
     # The loss from the shifted logits, -z ((x - m) - log s), never z (m + log s - x): in
     # float32, m + log s rounds log 313 away from |m| ~ 1e7 on. x - m is -inf only when the two
@@ -356,16 +393,22 @@ def ce_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr, offs_ptr,
         # has stored its part (same addresses, other threads: the barrier orders them).
         tl.debug_barrier()
         e_sel = tl.exp2((x_sel - m2) * LOG2E)  # bit for bit the dense entries' softmax
-        corr = c1[None, :] * e_sel - c[None, :] * z
-        tl.store(gbase + sel_q.to(tl.int64) * P + p[None, :], corr.to(grad_ptr.dtype.element_ty), mask=valid)
+        zt = z
+        if not ENCODE:
+            # A precomputed target may list a bin twice: its gradient entry is c (softmax_q - Z_q)
+            # with Z_q the SUM of that bin's weights (the reference's densify; the loss sums them
+            # too). Each duplicate stores that same value, so whichever store lands last is right.
+            zt = _duplicates_summed(sel_q, z, valid, kk, K, KP, BP)
+        corr = c1[None, :] * e_sel - c[None, :] * zt
+        tl.store(gbase + sel_offs, corr.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 @jit
-def annealed_mean_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr):
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+def annealed_mean_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr, TPI,
+                         ROWS: tl.constexpr):
+    n, p = _tile(TPI, BP)
     pm = p < P
-    xa, xb, _, _, qbm = _load_classes(x_ptr + n * Q * P, p, pm[None, :], P, 1.0)
+    xa, xb, _, _, qbm = _load_classes(x_ptr + n * Q * P, p, pm[None, :], P, 1.0, ROWS)
     if IS_PROBS:
         # softmax(log(x) / T) = exp2(log2(x) / T) / sum
         ya = tl.log2(xa)
@@ -392,8 +435,8 @@ def annealed_mean_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.conste
     sb = _sum(ea * bb_a, 0) + _sum(eb * bb_b, 0)
     inv_s = 1.0 / s
     obase = out_ptr + n * 2 * P
-    tl.store(obase + p, sa * inv_s, mask=pm)
-    tl.store(obase + P + p, sb * inv_s, mask=pm)
+    tl.store(obase + _at(0, p, 2, P, ROWS), sa * inv_s, mask=pm)
+    tl.store(obase + _at(1, p, 2, P, ROWS), sb * inv_s, mask=pm)
 
 
 @jit
@@ -413,7 +456,7 @@ def scale_kernel(g_ptr, f_ptr, numel, BLOCK: tl.constexpr):
 
 @jit
 def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl.constexpr, BP: tl.constexpr,
-                                QC: tl.constexpr):
+                                QC: tl.constexpr, TPI, ROWS: tl.constexpr):
     """The annealed mean, streaming each pixel's 313 classes in chunks of ``QC`` (an alternative to
     ``annealed_mean_kernel``, which holds all 313 in registers; selected by
     ``FASTCOLOR_TRITON_DECODE=stream``).
@@ -431,10 +474,10 @@ def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl
     is ``(s_a / s, s_b / s)``: the expectation of the bin centres under softmax(y / T)
     (Zhang et al. 2016, eq. 5). A pixel whose classes so far are all -inf keeps zero sums
     (rather than inf - inf = NaN); an all -inf pixel ends 0 / 0 = NaN, and NaN or +inf inputs
-    give NaN, as the register kernel does.
+    give NaN, as the register kernel does. ``TPI``, ``ROWS``: as ``annealed_mean_kernel``'s (the
+    1-D grid of :func:`_tile`, the row-wise layout of :func:`_at`).
     """
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    n, p = _tile(TPI, BP)
     pm = p < P
     xbase = x_ptr + n * Q * P
     if IS_PROBS:
@@ -448,7 +491,7 @@ def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl
     for q0 in tl.range(0, Q, QC):
         q = q0 + tl.arange(0, QC)
         qm = q < Q
-        x = tl.load(xbase + q.to(tl.int64)[:, None] * P + p[None, :], mask=qm[:, None] & pm[None, :],
+        x = tl.load(xbase + _at(q.to(tl.int64)[:, None], p[None, :], Q, P, ROWS), mask=qm[:, None] & pm[None, :],
                     other=1.0).to(tl.float32)
         if IS_PROBS:
             y = tl.log2(x)
@@ -467,8 +510,8 @@ def annealed_mean_stream_kernel(x_ptr, out_ptr, cent_ptr, P, inv_t, IS_PROBS: tl
         m = m_new
     inv_s = 1.0 / s
     obase = out_ptr + n * 2 * P
-    tl.store(obase + p, sa * inv_s, mask=pm)
-    tl.store(obase + P + p, sb * inv_s, mask=pm)
+    tl.store(obase + _at(0, p, 2, P, ROWS), sa * inv_s, mask=pm)
+    tl.store(obase + _at(1, p, 2, P, ROWS), sb * inv_s, mask=pm)
 
 
 # ----------------------------------------------------------------------------- the persistent loss
@@ -485,7 +528,7 @@ def _tile_target(t, T, TPI, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_pt
     p = (t % TPI).to(tl.int64) * BP + tl.arange(0, BP)
     pm = (p < P) & (t < T)
     return _pixel_target(n, p, pm, ab_ptr, idx_ptr, w_ptr, offs_ptr, tbins_ptr, cent_ptr, P, neg_inv_two_sigma2,
-                         K, KP, LO, HI, CELL, NSUB, ENCODE, BP)
+                         K, KP, LO, HI, CELL, NSUB, ENCODE, BP, False)
 
 
 @jit
@@ -581,7 +624,8 @@ def ce_persistent_kernel(x_ptr, ab_ptr, idx_ptr, w_ptr, cw_ptr, mask_ptr, ps_ptr
         lsum = tl.log2(s) * LN2
         x_sel = tl.load(xbase + sel_q.to(tl.int64) * P + p[None, :], mask=valid, other=0.0).to(tl.float32)
 
-        scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP)
+        scale = _pixel_scale(sel_q, kk, n, p, pm, cw_ptr, mask_ptr, ps_ptr, P, Q, HAS_CW, HAS_MASK, HAS_PS, BP,
+                             False)
         ce = _sum(tl.where(valid, z * (lsum[None, :] - (x_sel - m2)), 0.0), 0)
         tl.store(loss_ptr + n * P + p, scale * ce, mask=pm)
 
