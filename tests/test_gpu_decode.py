@@ -226,3 +226,33 @@ def test_eval_reads_a_folder_through_the_same_decode(mixed, tmp_path):
     with warnings.catch_warnings(), pytest.raises(ValueError, match="decode: 'gpu'"):
         warnings.simplefilter("ignore")
         evaluate(model, data, out_dir=tmp_path / "eval2", grid_images=0, device="cpu", decode="gpu")
+
+
+def test_colorize_decodes_jpegs_on_the_device_as_pil_does(mixed, tmp_path):
+    """fastcolor colorize --decode gpu: a JPEG's full-size L made from the device's decode equals
+    PIL's (torchvision's and PIL's libjpeg-turbo agree here), so the files written are the same;
+    other files are read by PIL either way."""
+    from fastcolor.app.cli import main
+    from fastcolor.app.colorize_files import Job, _read_image, colorize_files
+    from fastcolor.models import build_model
+    from fastcolor.models.serialization import save_model
+
+    root, good, _ = mixed
+    for name in good:
+        on_device, pil = _read_image(root / name, "cpu"), _read_image(root / name)
+        torch.testing.assert_close(on_device[0], pil[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(on_device[1], pil[1], atol=1e-4, rtol=0)
+        assert on_device[2] is None and pil[2] is None
+    torch.manual_seed(0)
+    model = build_model("zhang_tiny").eval()
+    for out, dev in (("pil", None), ("device", "cpu")):
+        (tmp_path / out).mkdir()
+        jobs = [Job(root / n, tmp_path / out / n, n) for n in ("astronaut.jpg", "turned.jpg", "chelsea.png")]
+        assert len(colorize_files(model, jobs, 32, progress=False, decode_device=dev)) == 3
+    for n in ("astronaut.jpg", "turned.jpg", "chelsea.png"):
+        assert (tmp_path / "pil" / n).read_bytes() == (tmp_path / "device" / n).read_bytes(), n
+    weights = save_model(tmp_path / "m.safetensors", model)
+    args = ["colorize", str(root / "astronaut.jpg"), "-o", str(tmp_path / "cli"), "--weights", str(weights),
+            "--device", "cpu", "-q"]
+    assert main([*args, "--decode", "gpu"]) == 2  # one line: nvjpeg needs a CUDA device
+    assert main([*args, "--decode", "auto"]) == 0 and (tmp_path / "cli").is_dir()

@@ -221,6 +221,9 @@ examples:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--skip-existing", action="store_true", help="leave existing output files alone")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",  # fastcolor.data.DECODES
+                   help="where JPEGs are decoded: cpu (PIL), gpu (nvjpeg on the GPU; PIL for what it cannot), auto "
+                        "(gpu on CUDA when most inputs are JPEGs; default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_threads(p)
     p.add_argument("--json", action="store_true", help="the summary as JSON on stdout (what was written, skipped, "
@@ -689,6 +692,9 @@ def cmd_colorize(args) -> int:
     device = _device(args.device)
     model = load_weights(str(weights), args.model, device, backbone_weights=args.backbone_weights)
     size = args.size or int(model.config["input_size"])
+    from fastcolor.data import resolve_decode
+
+    decode = resolve_decode(args.decode, device, [str(job.src) for job in jobs])  # "gpu": nvjpeg on the device
     if model.config["arch"] == "fusion" and args.temperature is not None:
         note("--temperature has no effect on a fusion model (it regresses ab directly)")
     late: list[str] = []
@@ -701,7 +707,8 @@ def cmd_colorize(args) -> int:
     with idle_cpu_threads(device, log=None, threads=args.threads):
         written = colorize_files(model, jobs, size, args.temperature, args.batch_size, args.overwrite,
                                  progress=not args.quiet, on_skip=on_skip, skip_existing=args.skip_existing,
-                                 on_existing=raced.append)
+                                 on_existing=raced.append,
+                                 decode_device=device if decode == "gpu" else None)
     n_skip, existing = len(skipped) + len(late), existing + len(raced)
     if not written and existing and not n_skip:
         if not args.json:

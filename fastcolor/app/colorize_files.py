@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from fastcolor.app.messages import EXIT_FAILURE, CLIError, one_line, warn
-from fastcolor.color import l_ab_to_rgb
+from fastcolor.color import l_ab_to_rgb, rgb_to_l
 from fastcolor.colorize import (
     STRIP_PIXELS,
     MemoryLimitError,
@@ -33,7 +33,8 @@ from fastcolor.colorize import (
     predict_ab,
     to_l_tensor,
 )
-from fastcolor.data import IMAGE_EXTENSIONS, file_kind, load_rgb, open_image
+from fastcolor.data import IMAGE_EXTENSIONS, file_kind, load_rgb, open_image, read_bytes
+from fastcolor.data.decode import decode_full
 from fastcolor.io import atomic_write_bytes, temp_prefix
 
 __all__ = ["Job", "plan_colorize", "colorize_files", "write_new_file"]
@@ -214,13 +215,33 @@ def write_new_file(path: Path, data: bytes, overwrite: bool, skip_existing: bool
             os.unlink(part)
 
 
-def _read_image(path: Path):
+def _decoded_l(path: Path, device: torch.device | str) -> torch.Tensor | None:
+    """L (1, H, W) on the CPU of a JPEG decoded on ``device`` (nvjpeg on CUDA), computed there strip
+    by strip as :func:`~fastcolor.colorize.to_l_tensor` does; None for any other file, or a JPEG
+    the decoder refuses (PIL reads those)."""
+    rgb = decode_full(read_bytes(path), device)
+    if rgb is None:
+        return None
+    H, W = rgb.shape[-2:]
+    L = torch.empty((1, H, W), dtype=torch.float32)
+    step = max(1, STRIP_PIXELS // max(W, 1))
+    for r0 in range(0, H, step):
+        L[:, r0:r0 + step] = rgb_to_l(rgb[:, r0:r0 + step]).cpu()
+    return L
+
+
+def _read_image(path: Path, decode_device: torch.device | str | None = None):
     """(L the network sees, L joined with the predicted ab, alpha band or None); L (1, H, W) in 0..100.
 
     With transparency, the network sees the image composited over white, while the output
     keeps the input's own (straight) colour lightness and its alpha, so that the output
-    composited over anything looks as light as the input does.
+    composited over anything looks as light as the input does. With ``decode_device`` a JPEG
+    is decoded there (:func:`_decoded_l`); every other file as without it.
     """
+    if decode_device is not None:
+        L = _decoded_l(path, decode_device)
+        if L is not None:
+            return L, L, None  # a JPEG has no alpha
     rgb = load_rgb(path)  # any mode -> upright 8-bit RGB (alpha composited over white)
     L_seen = to_l_tensor(np.array(rgb)).float()  # np.array: a writable copy for torch
     with open_image(path) as im:  # only a regular file is opened
@@ -246,13 +267,15 @@ def _rgb_u8_in_strips(L: torch.Tensor, ab: torch.Tensor) -> np.ndarray:
 def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: float | None = None,
                    batch_size: int = 8, overwrite: bool = False, progress: bool = True,
                    on_skip: Callable[[str], None] | None = None, skip_existing: bool = False,
-                   on_existing: Callable[[Path], None] | None = None) -> list[Path]:
+                   on_existing: Callable[[Path], None] | None = None,
+                   decode_device: torch.device | str | None = None) -> list[Path]:
     """Colorize ``jobs`` with ``model``; returns the written paths. ``T=None`` decodes at the
     model's own temperature (:func:`fastcolor.colorize.decode_temperature`: 0.38, or 1.0 for the
     authors' released weights). Unreadable inputs are passed to ``on_skip`` (a message) and left
     out. An output that another process created meanwhile is left alone with ``skip_existing``
     (passed to ``on_existing``), else a :class:`CLIError`. Not enough memory raises
-    :class:`CLIError` (exit 1) before anything of the batch concerned is written."""
+    :class:`CLIError` (exit 1) before anything of the batch concerned is written. ``decode_device``:
+    decode JPEGs there (nvjpeg on CUDA; ``fastcolor colorize --decode gpu``), PIL otherwise."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -265,7 +288,7 @@ def colorize_files(model: torch.nn.Module, jobs: Sequence[Job], size: int, T: fl
             batch, Ls, L_joins, alphas = [], [], [], []
             for job in jobs[start:start + batch_size]:
                 try:
-                    L, L_join, alpha = _read_image(job.src)
+                    L, L_join, alpha = _read_image(job.src, decode_device)
                 except (OSError, ValueError, MemoryError) as exc:  # a bad file is skipped, not fatal
                     reason = one_line(str(exc), 300)
                     (on_skip or warn)(reason if job.shown in reason else f"{job.shown}: {reason}")

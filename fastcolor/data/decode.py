@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from fastcolor.data.images import UnreadableImageError, _open_regular, load_square
 
 __all__ = ["DECODES", "JPEG_SUFFIXES", "read_bytes", "is_jpeg", "nvjpeg_problem", "resolve_decode", "collate_bytes",
-           "decode_batch"]
+           "decode_full", "decode_batch"]
 
 #: Values of ``--decode``: ``auto`` is ``gpu`` on a CUDA device when most files are JPEGs, else ``cpu``.
 DECODES = ("auto", "cpu", "gpu")
@@ -131,6 +131,14 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device, raise_: bool =
             except RuntimeError:
                 out.append(None)
         return out
+
+
+def decode_full(data: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    """One JPEG's bytes decoded on ``device`` (nvjpeg on CUDA) at full size: upright uint8 RGB
+    (3, H, W), or None when it is no JPEG or the decoder refuses it (then PIL reads the file)."""
+    if not is_jpeg(data):
+        return None
+    return _decode_jpegs([data], torch.device(device))[0]
 
 
 def decode_batch(data: Sequence[torch.Tensor], paths: Sequence[str], size: int, device: torch.device | str,
