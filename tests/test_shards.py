@@ -478,3 +478,24 @@ def test_torchrun_two_ranks_train_from_shards_of_unequal_share(shards, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and history[0]["step"] == 4, history
+
+
+def test_a_workers_shard_error_reaches_the_trainer_as_one_line(shards, tmp_path):
+    from fastcolor.models import build_model
+    from fastcolor.train import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.shard_source import ShardSource
+
+    copy = _copy(shards, tmp_path / "copy")
+    for p in copy.glob("val-*.tar"):
+        p.write_bytes(b"")
+    cfg = TrainConfig(data_dir=str(copy), run_dir=str(tmp_path / "run"), model="zhang_tiny", batch_size=4, workers=1)
+    src = ShardSource(cfg, tmp_path / "run", Dist(), torch.device("cpu"))
+    src.prepare()
+    src.attach(build_model("zhang_tiny"), 16, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ShardError) as e:
+            list(src.val_loader())
+    msg = str(e.value)
+    assert msg.startswith("shards: none of the 2 shard(s)") and "val-000000.tar" in msg and "\n" not in msg, msg
