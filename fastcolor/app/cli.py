@@ -917,7 +917,7 @@ def cmd_train(args) -> int:
     say_(f"trained {model_name} ({loss} loss, recipe {cfg.recipe}) for {res.epochs_completed} epoch(s){stop} in "
          f"{time.perf_counter() - t0:.0f} s; {kept} {res.best_val_loss:.4f} at epoch {res.best_epoch}")
     say_(f"run directory: {run}  (model.safetensors, loss_curve.png, metrics.jsonl)")
-    say_(f"next: fastcolor eval {run} {data}")
+    say_(f"next: fastcolor eval {run} {'IMAGES/' if shards else data}")  # eval reads image folders, not shards
     say_(f"      fastcolor colorize IMAGES... -o colorized/ --weights {run}")
     return EXIT_OK
 
