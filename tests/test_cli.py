@@ -392,3 +392,22 @@ def test_eval_errors_name_evals_own_arguments(capsys, tmp_path):
     rc, _, err = run(capsys, "eval", tmp_path / "empty", tmp_path)
     assert_one_line_error(rc, err, f"RUN_DIR_or_WEIGHTS {tmp_path / 'empty'}: not a run directory")
     assert "--weights" not in err
+
+
+def test_parser_literals_match_the_library():
+    """The parser is built without importing torch (tests/test_import.py), so a few library
+    constants are spelled out in it: they must stay equal."""
+    from fastcolor.app.cli import build_parser
+    from fastcolor.data import TARGET_REDUCTIONS
+    from fastcolor.export import DEFAULT_OPSET, MIN_OPSET
+    from fastcolor.models import PRESETS
+
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+
+    def action(command, dest):
+        return next(a for a in subs[command]._actions if a.dest == dest)
+
+    for command in ("train", "eval"):
+        assert tuple(action(command, "target_reduction").choices) == tuple(TARGET_REDUCTIONS)
+    assert action("export", "opset").help == f"ONNX opset to write, {MIN_OPSET} or newer (default: {DEFAULT_OPSET})"
+    assert set(action("colorize", "model").choices) <= {k.replace("_", "-") for k in PRESETS}
