@@ -119,3 +119,27 @@ def test_lazy_names_and_submodules():
     assert {"soft_encode", "metrics", "load_model"} <= set(dir(fastcolor))
     with pytest.raises(AttributeError, match="no attribute 'soft_encoder'"):
         fastcolor.soft_encoder  # noqa: B018 - the lookup is the test
+
+
+def test_after_import_hook_runs_once_and_leaves_no_trace(tmp_path, monkeypatch):
+    """The hook that marks resolve() when dynamo is imported, on a module of this test's own."""
+    from fastcolor.backends import _AfterImport
+
+    (tmp_path / "hookpkg").mkdir()
+    (tmp_path / "hookpkg" / "__init__.py").write_text("")
+    (tmp_path / "hookpkg" / "sub.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+    hook = _AfterImport("hookpkg.sub", lambda: calls.append(sys.modules["hookpkg"].sub.VALUE))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    import hookpkg.sub
+
+    assert calls == [42]  # after the module ran, with the parent's attribute already set
+    assert hook not in sys.meta_path
+    assert type(hookpkg.sub.__loader__).__name__ == "SourceFileLoader"  # the real loader, not the hook's
+    import importlib
+
+    importlib.reload(hookpkg.sub)
+    assert calls == [42]  # once
+    for name in ("hookpkg.sub", "hookpkg"):
+        monkeypatch.delitem(sys.modules, name)

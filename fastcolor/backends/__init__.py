@@ -90,6 +90,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             def exec_module(self, module):
                 module.__loader__ = module.__spec__.loader = loader  # as if this hook were not there
                 loader.exec_module(module)
+                parent, _, child = module.__name__.rpartition(".")
+                if parent:  # what importlib does next, done first so that then() can reach it
+                    setattr(sys.modules[parent], child, module)
                 then()
 
         spec.loader = Loader()
