@@ -212,7 +212,7 @@ if numba is not None:
                 return
             try:
                 super().save_overload(sig, data)
-            except OSError as exc:
+            except Exception as exc:  # OSError mostly (ENOSPC, EROFS); an index damaged meanwhile
                 _stop_writing(f"{type(exc).__name__}: {exc}")
 
     #: Why a cache write failed in this process (no more are tried), or None.
