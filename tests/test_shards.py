@@ -499,3 +499,29 @@ def test_a_workers_shard_error_reaches_the_trainer_as_one_line(shards, tmp_path)
             list(src.val_loader())
     msg = str(e.value)
     assert msg.startswith("shards: none of the 2 shard(s)") and "val-000000.tar" in msg and "\n" not in msg, msg
+
+
+def test_unreadable_files_are_left_out_of_the_folders_split_as_the_trainer_makes_it(photos, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "cat" / "empty.png").write_bytes(b"")
+    (data / "cat" / "garbage.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        index = write_shards(data, tmp_path / "out", PER_SHARD, seed=3, progress=False)
+    msgs = [str(x.message) for x in w if "could not be read while sharding" in str(x.message)]
+    assert len(msgs) == 1 and "empty.png" in msgs[0] and "garbage.jpg" in msgs[0]
+    assert sorted(s.split(" ")[0] for s in index["skipped"]) == ["cat/empty.png", "cat/garbage.jpg"]
+    # the trainer's split of the folder (listed, nothing opened), less the two files
+    split = split_items(index_images(data, verify=False), seed=3)
+    for name in ("train", "val", "test"):
+        stored = []
+        for e in index["splits"][name]:
+            with tarfile.open(tmp_path / "out" / e["name"]) as tar:
+                stored += [json.loads(tar.extractfile(m).read())["path"] for m in tar.getmembers()
+                           if m.name.endswith(".json")]
+        assert sorted(stored) == sorted(it.path for it in split[name] if it.path not in ("cat/empty.png",
+                                                                                         "cat/garbage.jpg"))
+        assert sum(e["images"] for e in index["splits"][name]) == len(stored)

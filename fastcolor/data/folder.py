@@ -33,10 +33,11 @@ class ImageItem:
     path: str
     label: str
 
-def _verify(path: Path) -> str | None:
-    """Cheap check (header + PIL verify, no full decode): None if fine, else the reason."""
+def _verify(path: Path, data: bytes | None = None) -> str | None:
+    """Cheap check (header + PIL verify, no full decode): None if fine, else the reason. With
+    ``data`` (the file's bytes, already read) nothing is opened: ``path`` names it."""
     try:
-        with open_image(path) as im:
+        with open_image(path, data) as im:
             im.verify()
         return None
     except UnreadableImageError as e:

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastcolor.data.folder import ImageItem, index_images, list_folder, split_items, split_source
+from fastcolor.data.folder import ImageItem, _verify, index_images, list_folder, split_items, split_source
 from fastcolor.data.images import UnreadableImageError
 from fastcolor.io import atomic_write_bytes, atomic_write_json
 
@@ -99,14 +99,19 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 def _shard_bytes(root: Path, items: Sequence[ImageItem], keys: Sequence[str], class_ids: dict[str, int],
                  skipped: list[str]) -> tuple[bytes, Counter]:
-    """One tar of ``items`` (the files' own bytes); files that cannot be read now go to ``skipped``."""
+    """One tar of ``items`` (the files' own bytes); files that cannot be read, or whose bytes are no
+    image PIL can open (header and ``verify``, no decode), go to ``skipped``."""
     buf, counts = io.BytesIO(), Counter()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for it, key in zip(items, keys, strict=True):
             try:
                 data = (root / it.path).read_bytes()
-            except OSError as exc:  # vanished or unreadable since it was indexed
+            except OSError as exc:  # vanished or unreadable since it was listed
                 skipped.append(f"{it.path} ({exc.strerror or exc})")
+                continue
+            why = _verify(root / it.path, data)
+            if why is not None:
+                skipped.append(f"{it.path} ({why})")
                 continue
             ext = Path(it.path).suffix.lower().lstrip(".")
             meta = json.dumps({"path": it.path, "label": it.label}, sort_keys=True).encode()
@@ -123,8 +128,10 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, images
     """Write the images of ``data_dir`` as WebDataset tar shards in ``out_dir``; returns the index.
 
     Args:
-        data_dir: a data folder (flat, or one subfolder per class), indexed as the trainer does
-            (:func:`~fastcolor.data.index_images`: unreadable files skipped with one warning).
+        data_dir: a data folder (flat, or one subfolder per class), listed and split as the
+            trainer does (no file opened); a file that is no readable image is left out of its
+            shard when its bytes are read (header and ``verify``), with one warning for all, and
+            listed in the index's ``skipped``.
         out_dir: a new or empty directory; gets ``<split>-NNNNNN.tar`` for each split and
             :data:`SHARD_INDEX`.
         images_per_shard: images per shard (the last of each split may hold fewer). The
@@ -141,8 +148,10 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, images
         what = "a file" if not out.is_dir() else f"a directory holding {sum(1 for _ in out.iterdir())} entries"
         raise ValueError(f"out_dir: expected a new or empty directory, got {str(out)!r}, {what}; choose another "
                          f"or empty it")
-    listing = list_folder(root, classes)  # one listing; then a header check, unreadable files skipped (one warning)
-    listed, items = listing.items, index_images(root, classes, listing=listing)
+    # the trainer's split of this folder: of every image file listed (no file opened); a file that
+    # is no readable image is left out of its shard when its bytes are read (one warning for all)
+    listing = list_folder(root, classes)
+    listed, items = listing.items, index_images(root, classes, verify=False, listing=listing)
     readable = set(items)
     split = split_items(items, seed, fractions)
     labels = sorted({it.label for it in items})
@@ -176,6 +185,7 @@ def write_shards(data_dir: str | os.PathLike, out_dir: str | os.PathLike, images
     if skipped:
         warnings.warn(f"skipped {len(skipped)} image file(s) that could not be read while sharding: "
                       + "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""), stacklevel=2)
+    index["skipped"] = skipped
     atomic_write_json(out / SHARD_INDEX, index)  # last: a set without an index did not finish
     return index
 
