@@ -176,3 +176,47 @@ def test_fastcolor_info_says_where_the_cache_is_and_whether_it_is_warm(tmp_path)
         line = next(x for x in proc.stdout.splitlines() if x.startswith("numba cache: "))
         assert line.startswith(f"numba cache: {cache_dir / 'numba'}{os.sep}") and want in line, line
         assert "chosen by FASTCOLOR_CACHE_DIR" in line, line
+
+
+def test_pip_uninstall_leaves_nothing_importable(tmp_path):
+    """A wheel installed with pip into a fresh virtual environment (torch and numba reached
+    through a .pth file), a numba op run, then ``pip uninstall``: ``import fastcolor`` must fail.
+    Before, numba's cache files stayed in the package's folders and ``import fastcolor`` found them
+    as a namespace package (and failed later with an AttributeError). Built without the native
+    extension, which this does not look at."""
+    import site
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; "
+                            f"print(b.build_wheel({str(tmp_path)!r}))"], cwd=root, capture_output=True, text=True,
+                           timeout=600, env=dict(os.environ, FASTCOLOR_NO_EXT="1"))
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = tmp_path / build.stdout.strip().splitlines()[-1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, capture_output=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}  # torch, numba, ... (not fastcolor's)
+    (Path(purelib) / "outer.pth").write_text("\n".join(sorted(ours)) + "\n")
+    env = _env(FASTCOLOR_BACKEND="", PYTHONPATH="", FASTCOLOR_NO_EXT="1")
+    env.pop("PYTHONPATH")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(py), *args], capture_output=True, text=True, timeout=600, env=env,
+                              cwd=tmp_path)
+
+    pip = run("-m", "pip", "install", "--no-deps", "--no-index", str(wheel))
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    op = run("-c", "import torch, fastcolor; print(fastcolor.__file__); "
+                   "print(fastcolor.soft_encode(torch.zeros(1, 2, 3), backend='numba').indices[0, 0].tolist())")
+    assert op.returncode == 0, op.stderr[-3000:]
+    assert op.stdout.splitlines()[0].startswith(purelib) and op.stdout.splitlines()[1] == "[120, 120, 120]"
+    pip = run("-m", "pip", "uninstall", "-y", "fastcolor")
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    left = sorted(str(p.relative_to(purelib)) for p in (Path(purelib) / "fastcolor").rglob("*")) \
+        if (Path(purelib) / "fastcolor").exists() else []
+    assert left == []
+    gone = run("-c", "import fastcolor")
+    assert gone.returncode != 0 and "ModuleNotFoundError: No module named 'fastcolor'" in gone.stderr, gone.stderr
