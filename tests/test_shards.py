@@ -525,3 +525,9 @@ def test_unreadable_files_are_left_out_of_the_folders_split_as_the_trainer_makes
         assert sorted(stored) == sorted(it.path for it in split[name] if it.path not in ("cat/empty.png",
                                                                                          "cat/garbage.jpg"))
         assert sum(e["images"] for e in index["splits"][name]) == len(stored)
+
+
+def test_a_transform_that_does_not_keep_uint8_is_an_error_not_a_skip(shards):
+    sh, _ = resolve_shards(shards, "val")
+    with pytest.raises(ValueError, match="augment must keep uint8 images with output='rgb'"):
+        next(iter(ShardDataset(sh, 16, 4, augment=lambda x: x.float(), output="rgb", shuffle=False)))

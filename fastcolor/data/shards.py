@@ -498,34 +498,37 @@ class ShardDataset(IterableDataset):
                       f"far by rank {self.rank} (this worker)", stacklevel=3)
 
     def _sample(self, group: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        """(the sample of one image's members, "") or (None, "<name>\t<why>") if it cannot be used."""
-        key = group["__key__"]
-        image = [k for k in group if k not in ("__key__", "__url__", "cls", "json")]
-        name = f"{group['__url__']}/{key}.{image[0] if image else 'jpg'}"
-        try:
-            if len(image) != 1 or "cls" not in group:
-                got = sorted(k for k in group if not k.startswith("__"))
-                raise ValueError(f"expected an image and a .cls member, got {got}")
-            return self._to_sample(group[image[0]], name, int(key.rsplit("-", 1)[-1])), ""
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            return None, f"{name}\t{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-
-    def _to_sample(self, data: bytes, name: str, index: int) -> dict[str, Any]:
+        """(the sample of one image's members, "") or (None, "<name>\t<why>") if its members are
+        not an image and a class, or its bytes do not decode. Only decoding is judged here: a
+        transform that fails is a mistake of the caller's, raised."""
         from fastcolor.color import rgb_to_lab
         from fastcolor.data.images import load_square
         from fastcolor.data.transforms import reduce_target
 
-        if self.output == "bytes":
-            return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "path": name, "index": index}
-        x = load_square(name, self.size, data=data)
+        key = group["__key__"]
+        image = [k for k in group if k not in ("__key__", "__url__", "cls", "json")]
+        name = f"{group['__url__']}/{key}.{image[0] if image else 'jpg'}"
+        index = int(key.rsplit("-", 1)[-1])
+        try:
+            if len(image) != 1 or "cls" not in group:
+                got = sorted(k for k in group if not k.startswith("__"))
+                raise ValueError(f"expected an image and a .cls member, got {got}")
+            data = group[image[0]]
+            if self.output == "bytes":
+                return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "path": name, "index": index}, ""
+            x = load_square(name, self.size, data=data)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            return None, f"{name}\t{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         if self.transform is not None:
             x = self.transform(x)
         if self.output == "rgb":
             if x.dtype != torch.uint8:
-                raise ValueError(f"augment must keep uint8 images with output='rgb', got {x.dtype}")
-            return {"rgb": x, "index": index}
+                raise ValueError(f"augment must keep uint8 images with output='rgb' (crops, flips), got {x.dtype} "
+                                 f"from {self.transform!r}")
+            return {"rgb": x, "index": index}, ""
         lab = rgb_to_lab(x)
-        return {"L": lab[:1], "ab": reduce_target(lab[1:], self.target_stride, self.target_reduction), "index": index}
+        return {"L": lab[:1], "ab": reduce_target(lab[1:], self.target_stride, self.target_reduction),
+                "index": index}, ""
 
 
 def _reason(exc: BaseException) -> str:
