@@ -531,3 +531,20 @@ def test_a_transform_that_does_not_keep_uint8_is_an_error_not_a_skip(shards):
     sh, _ = resolve_shards(shards, "val")
     with pytest.raises(ValueError, match="augment must keep uint8 images with output='rgb'"):
         next(iter(ShardDataset(sh, 16, 4, augment=lambda x: x.float(), output="rgb", shuffle=False)))
+
+
+def test_more_workers_than_a_ranks_shards_is_said(shards, tmp_path):
+    from fastcolor.models import build_model
+    from fastcolor.train import TrainConfig
+    from fastcolor.training.distributed import Dist
+    from fastcolor.training.shard_source import ShardSource
+
+    for workers, warned in ((4, False), (5, True)):  # 9 training shards for 2 ranks: 4 or 5 each
+        cfg = TrainConfig(data_dir=str(shards), run_dir=str(tmp_path / "run"), model="zhang_tiny", workers=workers)
+        src = ShardSource(cfg, tmp_path / "run", Dist(rank=0, world=2), torch.device("cpu"))
+        src.prepare()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            src.attach(build_model("zhang_tiny"), 16, 4)
+        msgs = [str(x.message) for x in w if "idle" in str(x.message)]
+        assert bool(msgs) == warned and (not msgs or "9 training shard(s) for 2 rank(s) of 5 loader workers" in msgs[0])

@@ -99,6 +99,12 @@ class ShardSource(FolderSource):
                   "output": "bytes" if self.decode == "gpu" else "rgb",
                   "report_skips": "sample"}  # unreadable images: warned once per run by the main process
         self.train_ds = ShardDataset(self.train_shards, rank=d.rank, world=d.world, repeat=True, **common)
+        fewest = len(self.train_shards) // d.world  # shards of the rank with the fewest
+        if d.main and cfg.workers > fewest:
+            warnings.warn(f"shards: {len(self.train_shards)} training shard(s) for {d.world} rank(s) of {cfg.workers} "
+                          f"loader workers: a rank has {fewest} or {fewest + 1}, so up to {cfg.workers - fewest} of "
+                          f"its workers have none and idle; write smaller shards (fastcolor shard "
+                          f"--images-per-shard) or use fewer workers", stacklevel=4)
         self.val_ds = ShardDataset(self.val_items, rank=d.rank, world=d.world, shuffle=False, **common)
         kind, n = parse_prior(cfg.prior)  # rank 0 computes the prior: from all, or a few whole shards
         shards = sample_shards(self.train_shards, n, cfg.seed) if kind == "sample" else self.train_shards
