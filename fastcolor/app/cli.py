@@ -237,9 +237,11 @@ Train a Zhang et al. network (313-bin classification with the fused class-rebala
 cross-entropy) or the Deep Koalarization fusion network (ab regression) on DATA.
 
 DATA is a folder of images (one class) or of class subfolders. It is split 80/10/10
-(train/validation/test, per class, seeded). The run directory gets the split, the class
-prior and rarity weights, atomically written checkpoints after every epoch
-(last.safetensors, best.safetensors), the best model (model.safetensors + model.json),
+(train/validation/test, per class, seeded; with --val-data all of DATA trains). The run
+directory gets the split (the file index: a resume does not list DATA again), the class
+prior and rarity weights (--prior), atomically written checkpoints at every validation
+(each epoch's end, or every --val-every steps; last.safetensors, best.safetensors),
+the best model (model.safetensors + model.json),
 metrics.jsonl, loss_curve.png and result.json. Training stops early when the validation
 loss stops improving (--patience). DATA can also be tar shards written by 'fastcolor shard'
 (their folder, or a brace pattern of the training shards: 'shards/train-{000000..000099}.tar'),
@@ -267,6 +269,7 @@ examples:
   fastcolor train photos/ --out runs/zhang                      # zhang-small, rebalanced loss
   fastcolor train photos/ --recipe zhang2016 --out runs/eccv16  # the authors' solver settings
   fastcolor train photos/ --recipe zhang2016 --max-steps 5000 --lr-milestones 2250 --out runs/z
+  fastcolor train imagenet/train/ --val-data imagenet/val/ --val-images 10000 --recipe zhang2016 --out runs/eccv16
   fastcolor train photos/ --recipe study --nongray --target-reduction subsample --out runs/s
   fastcolor train photos/ --model fusion-small --out runs/fusion --epochs 20
   fastcolor train photos/ --model zhang --size 256 --class beach --class forest --out runs/z256

@@ -125,17 +125,22 @@ def resume_model_config(last_path: Path, ckpt: dict[str, Any], backbone_weights:
     return config
 
 
-def check_resume_model(last_path: Path, stored: dict[str, Any], wanted: str | dict[str, Any]) -> None:
+def check_resume_model(last_path: Path, stored: dict[str, Any], wanted: str | dict[str, Any],
+                       image_size: int | None = None) -> None:
     """Refuse (ValueError naming ``model``) to resume ``last_path``, whose model is ``stored``,
     as a run of another model ``wanted`` (a preset name or config): its weights could only be
-    continued as the stored model, while the run would record and announce the other one."""
+    continued as the stored model, while the run would record and announce the other one. The
+    input size counts only where ``image_size`` is given (None: the size the model was trained at)."""
     from fastcolor.models import PRESETS
 
     config = PRESETS.get(wanted, {}) if isinstance(wanted, str) else wanted
     if not isinstance(config, dict):
         return
+    config = {k: v for k, v in config.items() if k not in ("backbone_weights", "input_size")}
+    if image_size is not None:
+        config["input_size"] = image_size
     diff = [f"{k} {json.dumps(stored.get(k))} -> {json.dumps(v)}" for k, v in config.items()
-            if k != "backbone_weights" and json.dumps(stored.get(k)) != json.dumps(v)]
+            if json.dumps(stored.get(k)) != json.dumps(v)]
     if diff:
         def name(c):  # the preset it is (the most specific one that fits; its size aside)
             fits = [n for n, p in PRESETS.items()
