@@ -53,7 +53,9 @@ def mixed(tmp_path_factory):
 
 
 def _batch(root, names):
-    return [read_bytes(root / n) for n in names], [str(root / n) for n in names]
+    """The files' bytes as they are (read_bytes would refuse the text file named .jpg)."""
+    return ([torch.frombuffer(bytearray((root / n).read_bytes()), dtype=torch.uint8) for n in names],
+            [str(root / n) for n in names])
 
 
 def test_a_mixed_batch_decodes_like_the_pil_path_and_drops_only_the_unreadable(mixed):
@@ -123,23 +125,27 @@ def test_a_batch_of_unreadable_files_raises_naming_the_reason(mixed):
 
 def test_bytes_dataset_and_device_stage_give_the_rgb_path_batch(mixed):
     """Workers read bytes only (output="bytes"); the device stage decodes, centre-crops and
-    converts: the same L and ab as the uint8 worker path (output="rgb"), the bad files dropped."""
+    converts: the same L and ab as the uint8 worker path (output="rgb"). A file whose header is
+    no image (notes.jpg) is replaced in the worker by the next readable one (the dataset's rule);
+    one that only the decoders find broken (truncated.jpg) is dropped by the device stage."""
     root, good, bad = mixed
     items = [ImageItem(n, "x") for n in [*good, *bad]]
     crop = CropMirror(128, random_crop=False)
     raw = ColorizationDataset(root, items, SIZE, 4, output="bytes")
     sample = raw[0]
     assert sample["data"].dtype == torch.uint8 and sample["data"].dim() == 1 and is_jpeg(sample["data"])
-    batch = next(iter(DataLoader(raw, batch_size=len(items), collate_fn=collate_bytes)))
-    assert isinstance(batch["data"], list) and batch["index"].tolist() == list(range(len(items)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match="skipping unreadable image 'notes.jpg'"):
+        batch = next(iter(DataLoader(raw, batch_size=len(items), collate_fn=collate_bytes)))
+    assert isinstance(batch["data"], list) and batch["index"].tolist() == [*range(len(items) - 1), 0]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
         out = DeviceStage("cpu", 4, size=SIZE, crop_mirror=crop)(batch)
-    assert out["index"].tolist() == list(range(len(good)))
+    assert out["index"].tolist() == [*range(len(good)), 0]
+    assert ["truncated.jpg" in str(m.message) for m in w if "skipping" in str(m.message)] == [True]
     rgb = ColorizationDataset(root, items[: len(good)], SIZE, 4, crop, output="rgb")
     want = DeviceStage("cpu", 4)(next(iter(DataLoader(rgb, batch_size=len(good)))))
-    torch.testing.assert_close(out["L"], want["L"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(out["ab"], want["ab"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["L"][: len(good)], want["L"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["ab"][: len(good)], want["ab"], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="augment must be off"):
         ColorizationDataset(root, items, SIZE, 4, augment=True, output="bytes")
     with pytest.raises(ValueError, match="size"):
@@ -182,9 +188,19 @@ def test_read_bytes_refuses_what_is_no_regular_file(tmp_path):
         read_bytes(tmp_path / "empty.jpg")
     with pytest.raises(UnreadableImageError, match="not a regular file"):
         read_bytes(tmp_path)
-    data = np.frombuffer(b"\xff\xd8\xff\xe0rest", np.uint8)
-    (tmp_path / "x.jpg").write_bytes(data.tobytes())
-    assert read_bytes(tmp_path / "x.jpg").tolist() == data.tolist()
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
+    with pytest.raises(UnreadableImageError, match="x.jpg: not a readable image"):
+        read_bytes(tmp_path / "x.jpg")
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "ok.jpg")
+    assert read_bytes(tmp_path / "ok.jpg").tolist() == list((tmp_path / "ok.jpg").read_bytes())
+
+
+def test_read_bytes_keeps_the_pixel_limit(tmp_path, monkeypatch):
+    """nvjpeg would decode a decompression bomb; read_bytes refuses it from its header, as PIL does."""
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "big.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UnreadableImageError, match="40x30 = 1200 pixels is over the limit of 1000"):
+        read_bytes(tmp_path / "big.jpg")
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from fastcolor.data.images import UnreadableImageError, _open_regular, load_square
+from fastcolor.data.images import UnreadableImageError, _open_regular, load_square, open_image
 
 __all__ = ["DECODES", "JPEG_SUFFIXES", "read_bytes", "is_jpeg", "nvjpeg_problem", "resolve_decode", "collate_bytes",
            "decode_full", "decode_batch"]
@@ -42,9 +42,15 @@ _JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marke
 
 def read_bytes(path: str | os.PathLike) -> torch.Tensor:
     """The bytes of the file at ``path`` as a 1-D uint8 tensor (what ``decode_jpeg`` takes).
-    Only a non-empty regular file is read (see :func:`~fastcolor.data.images.open_image`)."""
+    Only a non-empty regular file is read, and only an image whose header PIL reads and whose
+    size is within ``PIL.Image.MAX_IMAGE_PIXELS`` is returned (the header alone is parsed: what
+    PIL would refuse to decode is not handed to nvjpeg either); else
+    :class:`~fastcolor.data.images.UnreadableImageError` naming the file and the reason."""
     with _open_regular(path) as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        blob = f.read()
+    with open_image(path, blob):  # the format and the pixel limit, from the header
+        pass
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
 def is_jpeg(data: torch.Tensor | bytes) -> bool:
