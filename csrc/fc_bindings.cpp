@@ -276,6 +276,22 @@ void annealed_mean(py::handle x_, py::handle out_, py::handle centres, double T,
   fc::cpu::annealed_mean(p, nthreads);
 }
 
+// grad *= factor on the device (CUDA tensors only: the CPU backends read the factor on the host).
+void scale(py::handle grad_, py::handle factor_, uintptr_t stream) {
+  const Tensor g = tensor(grad_, "grad");
+  if (!g.cuda) fail("grad: scale_ is the CUDA kernel; expected a CUDA tensor, got one on " + g.where());
+  fc::ScaleParams p{};
+  p.dtype = dtype_code(g);
+  p.grad = g.data<void>();
+  p.n = g.numel();
+  p.factor = tensor(factor_, "factor").expect("float32", {1}).on(g).data<const float>();
+#if FASTCOLOR_WITH_CUDA
+  cuda_check(fc::cuda::scale(g.device, stream_ptr(stream), p));
+#else
+  no_cuda();
+#endif
+}
+
 using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 F32Array map_array(const F32Array& in, void (*fn)(const float*, float*, int64_t)) {
@@ -307,6 +323,9 @@ void register_kernels(py::module_& m) {
   m.def("annealed_mean", &annealed_mean, py::arg("x"), py::arg("out"), py::arg("centres"), py::arg("T"),
         py::arg("is_probs"), py::kw_only(), py::arg("nthreads") = 0, py::arg("stream") = 0,
         "Annealed mean of (N, 313, P) logits or probabilities into float32 ab `out` (N, 2, P).");
+  m.def("scale_", &scale, py::arg("grad"), py::arg("factor"), py::kw_only(), py::arg("stream") = 0,
+        "grad *= factor in place on the tensors' CUDA device, factor a float32 (1,) tensor read by the kernel "
+        "(nothing moves when it is 1).");
   m.def(
       "cpu_exp", [](const F32Array& x) { return map_array(x, fc::cpu::exp_array); }, py::arg("x"),
       "exp_ of kernels/fc_math.cuh over a float32 array, with the current CPU instruction set (tests).");

@@ -82,6 +82,16 @@ struct AnnealParams {
   bool is_probs;         // x holds probabilities (log taken first), else logits
 };
 
+// The fused loss's backward on CUDA: grad *= *factor in place (factor: grad_output, a float32 on
+// the device, read by the kernel; when it is 1 every block returns at once: no data moves, and the
+// host never read it).
+struct ScaleParams {
+  void* grad;            // (n,) of `dtype`, contiguous
+  int dtype;             // DType of grad
+  const float* factor;   // (1,) float32
+  int64_t n;             // elements
+};
+
 namespace cpu {
 // nthreads <= 0: OpenMP's default. Release the GIL before calling.
 void soft_encode(const EncodeParams& p, int nthreads);
@@ -102,6 +112,7 @@ namespace cuda {
 const char* soft_encode(int device, void* stream, const EncodeParams& p);
 const char* ce_forward(int device, void* stream, const LossParams& p);
 const char* annealed_mean(int device, void* stream, const AnnealParams& p);
+const char* scale(int device, void* stream, const ScaleParams& p);
 // Launch-bounds variant of the loss and annealed-mean kernels: minimum blocks per SM
 // 4 (the default) or 0 (no minimum). Benchmarking knob; false if invalid.
 bool set_min_blocks(int min_blocks);

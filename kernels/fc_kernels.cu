@@ -301,6 +301,31 @@ bool grid_for(int64_t items, int per_block, unsigned& blocks) {
 
 const char* kTooLarge = "input too large for one launch (more than 2^31 - 1 blocks)";
 
+// ---------------------------------------------------------------------------- scale (backward)
+// grad *= f, f read on the device: a plain loss.backward() passes 1 and then nothing moves (each
+// block reads the 4-byte factor and returns). kScaleItems elements per thread, strided by the
+// block, so that every load and store of a warp is one coalesced 128-byte line (float32).
+constexpr int kScaleThreads = 256;
+constexpr int kScaleItems = 4;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <int DT>
+__global__ void scale_kernel(ScaleParams a) {
+  const float f = *a.factor;
+  if (f == 1.0f) return;
+  using T = typename Dev<DT>::T;
+  T* g = static_cast<T*>(a.grad);
+  const int64_t base = (int64_t)blockIdx.x * kScaleThreads * kScaleItems + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < kScaleItems; ++j) {
+    const int64_t i = base + (int64_t)j * kScaleThreads;
+    if (i < a.n) g[i] = Dev<DT>::cvt(to_f32(g[i]) * f);  // (no __ldg: this kernel writes g)
+  }
+}
+
 int g_min_blocks = 4;  // launch-bounds variant (set_min_blocks)
 
 template <int DT>
@@ -370,6 +395,21 @@ const char* annealed_mean(int device, void* stream, const AnnealParams& a) {
   return status(cudaSuccess);
 }
 
+const char* scale(int device, void* stream, const ScaleParams& a) {
+  unsigned blocks;
+  if (a.n == 0) return nullptr;
+  if (!grid_for((a.n + kScaleItems - 1) / kScaleItems, kScaleThreads, blocks)) return kTooLarge;
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return status(guard.error());
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case kF32: scale_kernel<kF32><<<blocks, kScaleThreads, 0, s>>>(a); break;
+    case kF16: scale_kernel<kF16><<<blocks, kScaleThreads, 0, s>>>(a); break;
+    default: scale_kernel<kBF16><<<blocks, kScaleThreads, 0, s>>>(a); break;
+  }
+  return status(cudaSuccess);
+}
+
 bool set_min_blocks(int min_blocks) {
   if (min_blocks != 0 && min_blocks != 4) return false;
   g_min_blocks = min_blocks;
@@ -379,7 +419,8 @@ bool set_min_blocks(int min_blocks) {
 const char* const* kernel_names() {
   static const char* const names[] = {"soft_encode_kernel<top-k capacity 8|10|16>",
                                       "ce_forward_kernel<f32|f16|bf16, min blocks 4|0>",
-                                      "annealed_mean_kernel<f32|f16|bf16, min blocks 4|0>", nullptr};
+                                      "annealed_mean_kernel<f32|f16|bf16, min blocks 4|0>",
+                                      "scale_kernel<f32|f16|bf16>", nullptr};
   return names;
 }
 

@@ -190,3 +190,77 @@ def test_modes_table_of_a_gpu_row():
     assert row["pct_peak"] == pytest.approx(50.0) and "4200 GB/s" in table
     bad = [ln for ln in table.splitlines() if ln.startswith("| loss_fwdbwd")][0]
     assert "stream is capturing" in bad and bad.count("|") == line.count("|")
+
+
+# ----------------------------------------------------------------------------- the device script (issue 21.3)
+
+
+def test_cuda_run_order_checks_first_compile_last_opt_in_kernels_beside_the_defaults():
+    from fastcolor.app.bench import driver
+
+    args = driver.argparse.Namespace(device="cuda", providers=None, mode_backend=None)
+    steps = driver.plan_parts(list(driver.PART_NAMES), args)
+    assert steps == ["check:triton", "check:triton:persistent", "check:triton:stream", "check:cuda", "base",
+                     "modes", "modes:triton:persistent", "modes:triton:stream", "train",
+                     "torch", "cuda", "triton", "triton:persistent", "triton:stream", "compile"]
+    cpu = driver.plan_parts(["check", "base", "providers"], driver.argparse.Namespace(
+        device="cpu", providers="torch,triton", mode_backend=None))
+    assert cpu == ["check:triton", "base", "torch", "triton"]  # no cuda check, no opt-in timings on the CPU
+    assert sum(driver._share(p) or 0 for p in steps) <= 0.8  # the providers keep at least a fifth of the budget
+
+
+def test_json_is_written_after_every_part_and_a_crash_loses_only_its_part(monkeypatch, tmp_path):
+    from fastcolor.app.bench import driver
+
+    out = tmp_path / "b.json"
+    seen = {}
+    real = driver.run_part
+
+    def spy(part, *a, **kw):
+        seen[part] = json.loads(out.read_text()) if out.exists() else None
+        if part == "torch":
+            raise RuntimeError("planted crash")
+        return real(part, *a, **kw)
+
+    monkeypatch.setattr(driver, "run_part", spy)
+    rc = bench.main(["--device", "cpu", "--quick", "--parts", "check,base,providers", "--providers", "cpp,torch",
+                     "--json", str(out)])
+    assert list(seen) == ["base", "cpp", "torch"]  # (no check on the CPU without the interpreter's triton)
+    assert seen["base"] is None and "base" in seen["cpp"] and [p["provider"] for p in seen["torch"]["providers"]] \
+        == ["cpp"]
+    data = json.loads(out.read_text())
+    cpp, torch_part = data["providers"]
+    assert torch_part["crashed"].startswith("RuntimeError('planted crash") and cpp["correctness"] and rc == 0
+
+
+@pytest.mark.triton
+def test_check_part_runs_triton_and_its_opt_in_kernels_first(interp, tmp_path, monkeypatch):
+    from fastcolor.app.bench import driver
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(driver, "CHECKED", ("triton", "triton:stream"))
+    monkeypatch.setattr(correctness, "loss_cases", lambda quick: [])  # the decode and encode checks suffice here
+    out = tmp_path / "c.json"
+    rc = bench.main(["--device", "cpu", "--quick", "--parts", "check", "--providers", "triton,triton:stream",
+                     "--budget-s", "3000", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and [c["provider"] for c in data["check"]] == ["triton", "triton:stream"]
+    for part in data["check"]:
+        assert part["correctness"] and all(c["ok"] for c in part["correctness"]), part
+    assert "### Correctness first" in data["table"] and "- triton:stream: " in data["table"]
+
+
+def test_a_missing_extension_and_old_versions_are_said_loudly(monkeypatch, capsys):
+    from fastcolor.app.bench import driver
+
+    monkeypatch.setattr(driver, "version_problems", lambda: ["torch 2.9.0 is older than supported (>= 2.11)"])
+    m = {"build": {"extension": False, "reason": "No module named 'fastcolor._C'", "cuda": False}}
+    driver._say_what_is_missing("cuda", m)
+    err = capsys.readouterr().err
+    assert "fastcolor._C (the cuda backend) is NOT available: No module named" in err
+    assert driver.BUILD_COMMAND in err and "UNSUPPORTED VERSIONS: torch 2.9.0" in err
+    assert m["extension_missing"] and m["version_problems"]
+    m = {"build": {"extension": True, "cuda": True}}
+    monkeypatch.setattr(driver, "version_problems", lambda: [])
+    driver._say_what_is_missing("cuda", m)
+    assert capsys.readouterr().err == "" and "extension_missing" not in m

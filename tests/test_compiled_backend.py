@@ -579,3 +579,31 @@ def test_cuda_runs_on_the_current_stream():
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     torch.testing.assert_close(am, cb.annealed_mean(x, T=0.38, is_probs=False), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the backward's scale (issue 21.7)
+
+
+def test_cuda_backward_scale_kernel_is_built_and_refuses_cpu_tensors():
+    """The cuda backend's backward scales the saved gradient by grad_output on the device (nothing
+    moves when it is 1), like triton's; the CPU route (the tests' device route) multiplies."""
+    lib = _ext.load_extension()
+    if lib is None or not lib.has_cuda_kernels:
+        pytest.skip("fastcolor._C without CUDA kernels here")
+    assert "scale_kernel<f32|f16|bf16>" in lib.cuda_kernels
+    with pytest.raises(ValueError, match="grad: scale_ is the CUDA kernel; expected a CUDA tensor"):
+        lib.scale_(torch.ones(3), torch.ones(1))
+    g = torch.full((2, 313, 3), 2.0)
+    cb.scale_(g, torch.tensor([0.5]))
+    assert torch.equal(g, torch.ones(2, 313, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_scale_kernel_on_gpu(dtype):
+    g0 = (torch.randn(3, 313, 1001) * 4).to(dtype).cuda()
+    for f in (1.0, 0.37, 0.0, -2.0):
+        g = g0.clone()
+        cb.scale_(g, torch.tensor([f], device="cuda"))
+        torch.testing.assert_close(g, (g0.float() * f).to(dtype), rtol=0, atol=0)

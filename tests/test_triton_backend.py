@@ -428,6 +428,16 @@ def test_loss_mode(monkeypatch):
     assert tb.persistent_programs(torch.device("cpu")) == tb.INTERP_PROGRAMS
 
 
+def test_persistent_programs_per_sm_from_registers():
+    """Issue 21.7: as many persistent programs per SM as the compiled kernel's registers allow
+    (4 were launched where 166 registers x 4 warps let 3 fit on an sm_90 SM's 65536)."""
+    assert tb.programs_per_sm(166, 4) == 3
+    assert tb.programs_per_sm(232, 4) == 2
+    assert tb.programs_per_sm(64, 4) == tb.PERSISTENT_PROGRAMS_PER_SM  # no more than the cap
+    assert tb.programs_per_sm(255, 8) == 1  # at least one
+    assert tb.programs_per_sm(64, 4, shared_bytes=80_000, shared_per_sm=228 * 1024) == 2
+
+
 # ----------------------------------------------------------------------------- duplicates, lists of pixels, grids
 
 

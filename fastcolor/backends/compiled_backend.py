@@ -116,3 +116,17 @@ def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
         return out
     _lib().annealed_mean(x, out, bin_centres(x.device), float(T), bool(is_probs), **_where(x))
     return out
+
+
+def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """The fused loss's backward, ``grad *= factor`` in place, ``factor`` a float32 ``(1,)`` tensor
+    on grad's device. On CUDA the kernel reads it (no host sync) and moves no data when it is 1 (a
+    plain ``loss.backward()``; before, the cuda backend multiplied the whole gradient by 1: a read
+    and a write of N x 313 x P); CPU tensors (the tests' device route) take one multiply."""
+    if grad.is_cuda and hasattr(_lib(), "scale_"):
+        if not grad.is_contiguous():
+            raise ValueError("grad: expected a contiguous tensor")
+        _lib().scale_(grad, factor.to(device=grad.device, dtype=torch.float32).reshape(1),
+                      stream=torch.cuda.current_stream(grad.device).cuda_stream)
+        return
+    grad.mul_(factor.to(grad.dtype))

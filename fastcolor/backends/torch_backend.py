@@ -93,4 +93,5 @@ def annealed_mean(x: torch.Tensor, *, T: float, is_probs: bool) -> torch.Tensor:
     if is_probs:
         x = torch.log(x)
     f = torch.softmax(x / T, dim=1)
-    return torch.einsum("nqp,qc->ncp", f, _bins(x).to(compute))
+    # contiguous (N, 2, P), as the other backends and the custom op's fake implementation promise
+    return torch.einsum("nqp,qc->ncp", f, _bins(x).to(compute)).contiguous()

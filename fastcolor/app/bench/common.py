@@ -2,6 +2,8 @@
 the time budget."""
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
@@ -32,6 +34,12 @@ OPS_SHAPES = {
 PROVIDERS = {"cuda": ("torch", "cuda", "triton"), "cpu": ("cpp", "numba", "torch", "triton")}
 T_DECODE = 0.38
 K_TIMED = 5
+#: The opt-in triton kernels, measured beside the defaults: provider name -> (environment, the ops
+#: it changes). A name ``backend:variant`` runs ``backend`` with that environment set.
+VARIANTS = {
+    "triton:persistent": ({"FASTCOLOR_TRITON_LOSS": "persistent"}, ("loss_fwd", "loss_fwdbwd")),
+    "triton:stream": ({"FASTCOLOR_TRITON_DECODE": "stream"}, ("decode",)),
+}
 #: The versions fastcolor supports (README, "Requirements"; pyproject.toml): Python 3.11-3.12 (both
 #: ends inclusive), torch >= 2.11, triton >= 3.6 (the lent GPUs' image: Python 3.12, torch 2.11,
 #: triton 3.6; this repository's CI: Python 3.11, torch 2.14, triton 3.8).
@@ -70,6 +78,28 @@ def version_problems() -> list[str]:
         if mm is None or mm < want:
             out.append(f"{name} {version} is older than supported (>= {want[0]}.{want[1]})")
     return out
+
+
+def backend_of(provider: str) -> str:
+    """The backend name of a provider (``"triton:persistent"`` -> ``"triton"``)."""
+    return provider.split(":", 1)[0]
+
+
+@contextlib.contextmanager
+def variant_env(provider: str):
+    """The environment of an opt-in variant of :data:`VARIANTS` (nothing for a plain backend),
+    restored afterwards."""
+    env = VARIANTS.get(provider, ({}, ()))[0]
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def log(*a):

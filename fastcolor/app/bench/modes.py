@@ -334,22 +334,27 @@ def measure(case: Case, mode: str, yard: Yardsticks, quick=False) -> dict:
     return rec
 
 
-def plan(device, quick, shapes_arg=None, dtypes=None):
+def plan(device, quick, shapes_arg=None, dtypes=None, ops=OPS):
     """(op, shape name, dtype) in priority order: the training shape first, the loss first."""
     names = QUICK_SHAPE_NAMES if quick else tuple(s for s in SHAPE_NAMES if shapes_arg is None or s in shapes_arg)
     dtypes = dtypes or ([torch.float32, torch.bfloat16] if _cuda(device) else [torch.float32])
-    return [(op, s, dt) for s in names for op in OPS for dt in dtypes if op != "encode" or dt == dtypes[0]]
+    return [(op, s, dt) for s in names for op in OPS for dt in dtypes
+            if op in ops and (op != "encode" or dt == dtypes[0])]
 
 
 def run(device, modes=MODES, quick=False, shapes_arg=None, budget=None, backend="auto", seed=0,
-        checkpoint=lambda rows: None) -> list[dict]:
+        checkpoint=lambda rows: None, ops=OPS, variant=None) -> list[dict]:
     """Every row of the table, in priority order; a failure is recorded and the run goes on;
-    ``checkpoint(rows)`` after each row (a child process writes its JSON there)."""
+    ``checkpoint(rows)`` after each row (a child process writes its JSON there). ``ops``: a subset
+    of :data:`OPS`; ``variant``: the name of an opt-in kernel (``common.VARIANTS``) whose
+    environment the caller has set, recorded in each row."""
     rows = []
     yard = Yardsticks(device, quick)
-    for op, s, dtype in plan(device, quick, shapes_arg):
+    for op, s, dtype in plan(device, quick, shapes_arg, ops=ops):
         shape = shape_of(s)
         base = {"op": op, "shape_name": s, "shape": list(shape), "dtype": str(dtype)[6:]}
+        if variant:
+            base["variant"] = variant
         try:
             case = Case(op, shape, dtype, device, backend, seed)
         except Exception as exc:  # noqa: BLE001

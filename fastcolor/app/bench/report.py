@@ -121,7 +121,7 @@ def modes_table(rows: list, peak_gbps: float | None) -> str:
            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        head = f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r.get('backend', '-')} |"
+        head = f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r.get('variant') or r.get('backend', '-')} |"
         if "us" not in r:
             msg = (r.get("error") or r.get("skipped") or "?").replace("|", "/")[:160]
             out.append(f"{head} {msg} |" + " |" * 13)
@@ -147,6 +147,8 @@ def summarize(result):
     to the records too) where it timed backends."""
     peak = (result.get("base") or {}).get("peak_copy", {}).get("gbps")
     sections = []
+    if result.get("check"):
+        sections.append(check_lines(result["check"]))
     if result.get("train_step"):
         sections.append(train_step_table(result["train_step"], result.get("meta", {})))
     if result.get("modes"):
@@ -154,6 +156,25 @@ def summarize(result):
     if result.get("providers") or result.get("base"):
         sections.append(_providers_table(result, peak))
     return "\n\n".join(sections)
+
+
+def check_lines(checks: list) -> str:
+    """The correctness parts run first (``check:<provider>``), one line each."""
+    out = ["### Correctness first (against fastcolor.reference)", ""]
+    for part in checks:
+        name = part.get("provider", "?").removeprefix("check:")
+        if "unavailable" in part:
+            out.append(f"- {name}: unavailable ({part['unavailable']})")
+            continue
+        cs = part.get("correctness", [])
+        bad = [c for c in cs if c.get("ok") is False]
+        line = f"- {name}: {sum(bool(c.get('ok')) for c in cs)}/{len(cs)} ok"
+        if bad:
+            line += "; FAILED: " + ", ".join(f"{c['check']}:{c['case']}" for c in bad)
+        if "crashed" in part:
+            line += f"; CRASHED ({part['crashed'][-300:]})"
+        out.append(line)
+    return "\n".join(out)
 
 
 def _providers_table(result, peak):

@@ -124,10 +124,14 @@ def timing_plan(quick, shapes_arg, device="cuda"):
     return plan
 
 
-def timings(name, device, quick, shapes_arg, budget):
+def timings(name, device, quick, shapes_arg, budget, ops=None):
+    """Milliseconds of every op (or of ``ops``) at every shape of the plan, one record each (an
+    error is recorded and the next one runs)."""
     out = []
     dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
     for op, s in timing_plan(quick, shapes_arg, device):
+        if ops is not None and op not in ops:
+            continue
         for dtype in dtypes:
             if op == "encode" and dtype != torch.float32:
                 continue

@@ -166,7 +166,9 @@ def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | Non
     if kind == "am_stream":  # [32, 64] chunks: 16 values per thread a chunk (a first guess, untimed)
         return (64, 4, None)
     if kind == "ce_persistent":  # [32, 64] chunks, 16-byte loads along pixels (a first guess, untimed);
-        return (64, 4, 232)  # uncapped, ptxas for sm_90 chose 128 registers and spilled 32 bytes (bf16, ab)
+        # uncapped, ptxas for sm_90 chose 128 registers and spilled 32 bytes (bf16, ab); at 232, k = 16
+        # with a SoftLabels target spilled 16 bytes (sm_90): 255 there
+        return (64, 4, 232 if k <= 5 else 255)
     if kind == "enc":
         return (128, 4, 168 if k <= 10 else 232)
     if p % 16:
@@ -293,12 +295,13 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     consts.update(ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None, HAS_PS=ps is not None,
                   WRITE_GRAD=bool(call.need_grad))
     if loss_mode() == "persistent" and not rows:
-        cfg = config("ce_persistent", logits.dtype, p, device=dev)
+        cfg = config("ce_persistent", logits.dtype, p, device=dev, k=kk)
         tpi = triton.cdiv(p, cfg[0])
         tiles = n * tpi
-        grid = (min(tiles, persistent_programs(dev)),)
         args = args[:12] + (p, tiles, tpi) + args[13:]
-        _launch(km.ce_persistent_kernel, grid, args, dict(consts, BP=cfg[0], QC=PERSISTENT_CLASSES), cfg, dev)
+        pconsts = dict(consts, BP=cfg[0], QC=PERSISTENT_CLASSES)
+        grid = (min(tiles, persistent_programs(dev, km.ce_persistent_kernel, args, pconsts, cfg)),)
+        _launch(km.ce_persistent_kernel, grid, args, pconsts, cfg, dev)
         return loss, grad
     cfg = config("ce", logits.dtype, p, device=dev, k=kk, encode=encode)
     tpi = triton.cdiv(p, cfg[0])
@@ -308,25 +311,67 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 #: Classes per chunk of the persistent loss kernel.
 PERSISTENT_CLASSES = 32
-#: Programs per SM of the persistent loss kernel on a GPU (a first guess, untimed).
+#: Programs per SM of the persistent loss kernel at most (and where its registers cannot be read).
 PERSISTENT_PROGRAMS_PER_SM = 4
 #: Programs of the persistent loss kernel in the interpreter (CPU tensors): a few, so that each
 #: loops over several tiles when the tiles are small.
 INTERP_PROGRAMS = 2
+#: 32-bit registers per SM (sm_70 .. sm_90) and their allocation unit per warp.
+REGISTERS_PER_SM = 65536
+_WARP_REGISTER_UNIT = 256
 
 _sm_count: dict[int, int] = {}
+_per_sm: dict[tuple, int] = {}
 
 
-def persistent_programs(device: torch.device) -> int:
-    """The most programs the persistent loss kernel launches on ``device``: SMs x
-    :data:`PERSISTENT_PROGRAMS_PER_SM` on a GPU (the SM count read once per device, a host
-    attribute, no sync), :data:`INTERP_PROGRAMS` in the interpreter."""
+def programs_per_sm(n_regs: int, num_warps: int, shared_bytes: int = 0, shared_per_sm: int = 0,
+                    most: int = PERSISTENT_PROGRAMS_PER_SM) -> int:
+    """How many programs of a kernel using ``n_regs`` registers per thread (and ``shared_bytes`` of
+    shared memory, of ``shared_per_sm``) fit on one SM at once, at most ``most``, at least 1.
+    Registers are allocated per warp in units of 256: 166 registers and 4 warps take 21504 of
+    65536, so 3 programs fit (the persistent loss, f32, k = 5, sm_90: 4 were launched per SM)."""
+    per_warp = -(-n_regs * 32 // _WARP_REGISTER_UNIT) * _WARP_REGISTER_UNIT
+    fit = REGISTERS_PER_SM // max(1, per_warp * num_warps)
+    if shared_bytes and shared_per_sm:
+        fit = min(fit, shared_per_sm // shared_bytes)
+    return max(1, min(most, fit))
+
+
+def persistent_programs(device: torch.device, kernel=None, args=(), consts=None, cfg=None) -> int:
+    """The most programs the persistent loss kernel launches on ``device``: SMs x the programs
+    that fit on one SM by the registers of the compiled kernel (``kernel.warmup`` compiles it, as
+    the launch would, without running it; cached per device and compile-time flags), at most
+    :data:`PERSISTENT_PROGRAMS_PER_SM`; :data:`INTERP_PROGRAMS` in the interpreter. The SM count
+    and the registers are host attributes: no sync."""
     if device.type != "cuda":
         return INTERP_PROGRAMS
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _sm_count:
         _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _sm_count[i] * PERSISTENT_PROGRAMS_PER_SM
+    per_sm = PERSISTENT_PROGRAMS_PER_SM
+    if kernel is not None:
+        key = (i, tuple(sorted((consts or {}).items())), tuple(cfg or ()), tuple(str(a.dtype) for a in args
+                                                                                if isinstance(a, torch.Tensor)))
+        if key not in _per_sm:
+            _per_sm[key] = _registers_per_sm(kernel, args, consts, cfg, i)
+        per_sm = _per_sm[key]
+    return _sm_count[i] * per_sm
+
+
+def _registers_per_sm(kernel, args, consts, cfg, index: int) -> int:
+    """:func:`programs_per_sm` of the compiled kernel (of its register cap, all of it used, when
+    this triton cannot say)."""
+    _, nw, maxnreg = cfg
+    opts = dict(num_warps=nw) | (dict(maxnreg=maxnreg) if maxnreg and _maxnreg_ok else {})
+    try:
+        with torch.cuda.device(index):
+            compiled = kernel.warmup(*args, grid=(1,), **consts, **opts)
+            compiled._init_handles()
+            props = torch.cuda.get_device_properties(index)
+            smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+            return programs_per_sm(int(compiled.n_regs), nw, int(compiled.metadata.shared or 0), int(smem))
+    except Exception:  # noqa: BLE001 - an API this triton lacks: as if every register of the cap were used
+        return programs_per_sm(maxnreg or 255, nw)
 
 
 def loss_mode() -> str:
