@@ -73,10 +73,7 @@ def part_provider(name, device, quick, shapes_arg, budget, seed, checkpoint=lamb
     hands back what it measured."""
     res = dict(provider=name, correctness=[], timing=[], memory=[])
     backend = backend_of(name)
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        res["unavailable"] = reason
-        log(f"[{name}] unavailable: {reason}")
+    if _unavailable(res, backend, device, name):
         return res
     gen = torch.Generator().manual_seed(seed)
     try:
@@ -113,14 +110,20 @@ def part_provider(name, device, quick, shapes_arg, budget, seed, checkpoint=lamb
     return res
 
 
+def _unavailable(res: dict, backend: str, device: str, label: str) -> bool:
+    """Record in ``res`` (and log) why ``backend`` cannot run on ``device``; False if it can."""
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        res["unavailable"] = reason
+        log(f"[{label}] unavailable: {reason}")
+    return reason is not None
+
+
 def part_check(name, device, quick, budget, seed):
     """Correctness only of one provider (the ``check:<name>`` part)."""
     res = dict(provider=name, correctness=[])
     backend = backend_of(name)
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        res["unavailable"] = reason
-        log(f"[check {name}] unavailable: {reason}")
+    if _unavailable(res, backend, device, f"check {name}"):
         return res
     t0 = time.time()
     try:
