@@ -35,16 +35,21 @@ while is enough:
    target and no loss (the floor), round-robin, as ms per step, images per second and the share
    above the floor.
 
-On CUDA each backend runs in its own child process (``--no-isolate`` to run in-process), so that
-a crash or a corrupted CUDA context in one backend costs only that backend's numbers; any error
-is printed and recorded, and the run goes on. A time budget (``--budget-s``) drops the
-lower-priority measurements when compilation is slow. The last thing printed is a markdown
-table; ``--json [PATH]`` writes everything (to stdout when no path is given, before the table).
+On CUDA the run starts with the correctness of triton (its default kernels and the opt-in
+``FASTCOLOR_TRITON_LOSS=persistent`` and ``FASTCOLOR_TRITON_DECODE=stream``, each then measured
+beside the defaults) and cuda, and ends with the ``torch.compile`` rows; each part runs in its own
+child process (``--no-isolate`` to run in-process), so that a crash or a corrupted CUDA context
+costs only that part's remaining numbers; any error is printed and recorded, and the run goes on.
+A time budget (``--budget-s``, 300 s on CUDA) is split among the parts
+(:data:`~fastcolor.app.bench.driver.PART_SHARE`) and drops the lower-priority measurements when
+compilation is slow. ``--json PATH`` is rewritten after every part; the last thing printed is a
+markdown table (``--json`` alone: everything to stdout, before the table). The command for a lent
+GPU (build ``fastcolor._C`` first) is in bench/RESULTS.md.
 
 ``--quick`` uses tiny shapes (for tests, and for ``--device cpu`` through the interpreter);
 ``--device cpu`` alone times (4, 313, 64, 64); ``--shapes zhang,seed`` picks shapes;
-``--providers triton,torch`` picks backends; ``--parts base,modes,train,providers`` picks parts
-(``--device cuda`` runs all four in about five minutes, ``--budget-s`` 280).
+``--providers triton,torch`` picks backends; ``--parts check,base,modes,train,providers,compile``
+picks parts (``--device cuda`` runs all six, in that order, within ``--budget-s``).
 
 The parts: :mod:`~fastcolor.app.bench.correctness` (1.), :mod:`~fastcolor.app.bench.timing`
 (2.-5.), :mod:`~fastcolor.app.bench.modes` (6.), :mod:`~fastcolor.app.bench.train_step` (7.),

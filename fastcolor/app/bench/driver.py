@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     ap.add_argument("--providers", default=None, help="comma-separated backends (default: all for the device)")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated parts to run: base, modes, train, providers (default: all on cuda; "
-                         "base,providers on the CPU)")
+                    help=f"comma-separated parts to run, of {list(PART_NAMES)} (default: all, in that order, on "
+                         "cuda; base,providers on the CPU)")
     ap.add_argument("--train-step", action="store_true",
                     help="only the training-step table (same as --parts train)")
     ap.add_argument("--modes", default=None,

@@ -29,6 +29,10 @@ CPU only when named. The kernels used for CPU tensors are always interpreted one
 use whatever the variable said when triton was imported, so the order in which test modules
 import this backend does not matter.
 
+Grids are 1-D (CUDA caps axes 1 and 2 at 65535; :data:`GRID_YZ_MAX`), and ``(M, C, 1)`` inputs
+(lists of pixels) are read row-wise (:func:`_layout`). Every launch configuration is compiled for
+sm_80 and sm_90 by :mod:`.compile_check`, which allows no spill.
+
 Launch configuration: a fixed heuristic (:func:`config`), overridable for experiments through
 :data:`CONFIG_OVERRIDE` (``{"ce": (BP, num_warps, maxnreg), "am": ..., "enc": ...}``) or the
 environment variable ``FASTCOLOR_TRITON_CONFIG`` (e.g. ``ce=32x4x160,am=64x8``). With a

@@ -2,7 +2,10 @@
 
 Layout: every tensor is contiguous ``(N, C, P)`` (class / channel stride ``P``), so a tile is
 ``[classes, pixels]`` with pixels contiguous: every load and store is coalesced along pixels.
-All pointer offsets are computed in int64.
+All pointer offsets are computed in int64. A list of pixels (``P = 1``: ``(M, 2)`` ab, ``(M, 313)``
+logits) is read as one image of ``M`` pixels with contiguous channels (``ROWS``, :func:`_at`), so
+that no lane idles. Every kernel runs on a 1-D grid (:func:`_tile`: program -> image, tile): CUDA
+caps grid axes 1 and 2 at 65535, which a batch axis would pass (issue 21.4).
 
 The kernels:
 
