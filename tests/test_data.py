@@ -200,3 +200,31 @@ def test_lab_of_loaded_image_matches_direct_conversion(folder):
     ds = ColorizationDataset(folder, [ImageItem("animals/a0.png", "animals")], size=48, target_stride=1)
     direct = rgb_to_lab(torch.from_numpy(np.array(_photo("chelsea"))).permute(2, 0, 1))
     torch.testing.assert_close(ds[0]["ab"], direct[1:])
+
+
+def test_the_listing_tells_regular_files_without_opening_them_and_the_split_knows_its_folders(folder, tmp_path):
+    """One os.scandir listing (issue 20.1): a FIFO named like an image is no regular file; the folders' times let
+    split_current tell an unchanged folder without listing it, and a file added or removed changes them."""
+    import os
+
+    from fastcolor.data import folder_times, list_folder, save_split, split_current, split_source
+
+    os.mkfifo(folder / "things" / "pipe.png")
+    for d in (folder, folder / "animals", folder / "things"):  # times older than any change below
+        os.utime(d, ns=(10**18, 10**18))
+    listing = list_folder(folder)
+    kinds = {it.path: regular for it, regular in zip(listing.items, listing.regular, strict=True)}
+    assert kinds["things/pipe.png"] is False and kinds["animals/a0.png"] is True and kinds["things/empty.png"] is True
+    assert set(listing.folders) == {".", "animals", "things"} and listing.folders == folder_times(
+        folder, [".", "animals", "things"])
+    with pytest.warns(UserWarning, match="pipe.png"):
+        items = index_images(folder, verify=False, listing=listing)
+    path = tmp_path / "split.json"
+    save_split(path, split_items(items), seed=0,
+               source=split_source(listing.items, [], None, (0.8, 0.1, 0.1), listing.folders))
+    assert split_current(path, folder, 0, None, (0.8, 0.1, 0.1))
+    assert not split_current(path, folder, 1, None, (0.8, 0.1, 0.1))  # another seed
+    assert not split_current(path, folder, 0, ["things"], (0.8, 0.1, 0.1))
+    assert not split_current(path, folder, 0, None, (0.8, 0.1, 0.1), val_data=tmp_path)
+    (folder / "animals" / "a0.png").rename(tmp_path / "moved.png")
+    assert not split_current(path, folder, 0, None, (0.8, 0.1, 0.1))

@@ -87,7 +87,9 @@ class Listing:
 def folder_times(root: str | os.PathLike, names: Sequence[str]) -> dict[str, int | None]:
     """The modification times (ns) of ``root/name`` for each name (``"."``: root itself); None
     for one that is gone. A file added to, or removed from, a folder changes its time, so equal
-    times mean the same files without listing them (what lets a resumed run skip the listing)."""
+    times mean the same files without listing them (what lets a resumed run skip the listing), to
+    the file system's resolution of times (a few milliseconds on Linux: a file added within that
+    much of the listing can go unseen)."""
     out: dict[str, int | None] = {}
     for name in names:
         try:
