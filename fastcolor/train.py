@@ -483,6 +483,10 @@ def _train_monitored(t: _Trainer, cfg: TrainConfig, d: Dist, monitor: _Monitor |
     resuming_from = last_path if ckpt is not None else None
     if ckpt is not None:
         check_resume_model(last_path, ckpt["model_config"], cfg.model, cfg.image_size)
+    if cfg.val_data is not None and isinstance(t.source, ShardSource):
+        raise ValueError(f"val_data (--val-data): tar shards carry their own validation set (the val shards "
+                         f"'fastcolor shard' writes beside the training ones), got val_data={cfg.val_data!r} for the "
+                         f"shards {cfg.data_dir}")
     if cfg.val_data is not None and not Path(cfg.val_data).is_dir():
         raise ValueError(f"val_data (--val-data): expected a folder of validation images, got {cfg.val_data!r} "
                          f"({'not a folder' if Path(cfg.val_data).exists() else 'no such folder'})")

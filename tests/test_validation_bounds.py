@@ -142,3 +142,14 @@ def test_images_beside_class_subfolders_are_one_more_class(tmp_path):
         items = list_images(data)
     assert sorted({it.label for it in items}) == ["beach", "data"] and len(items) == 7
     assert {it.path for it in items if it.label == "data"} == {"im00.png", "im01.png", "im02.png"}
+
+
+def test_val_data_with_shards_is_refused_before_anything_is_written(tmp_path):
+    """Shards carry their own validation set: a --val-data beside them would be ignored, so it is refused."""
+    from fastcolor.data import write_shards
+
+    data, val = _photos(tmp_path / "data", 12), _photos(tmp_path / "val", 3, start=50)
+    write_shards(data, tmp_path / "shards", 4, progress=False)
+    with pytest.raises(ValueError, match=r"val_data \(--val-data\): tar shards carry their own validation set"):
+        train(_cfg(tmp_path / "shards", tmp_path / "run", val_data=str(val)))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".fastcolor.lock"]
