@@ -522,6 +522,12 @@ def test_every_launch_keeps_grid_axes_1_and_2_within_cuda_limits(monkeypatch):
         tb.soft_encode(ab.reshape(m // 2, 2, 2), k=5, sigma=5.0)
     tb.scale_(torch.zeros(m, Q, 1), torch.ones(1))
     assert len(seen) == 13, seen
+    assert [name for name, _ in seen].count("ce_persistent_kernel") == 1  # (M, C, 1) lists take ce_kernel
+    seen.clear()
+    monkeypatch.setenv("FASTCOLOR_TRITON_LOSS", "persistent")
+    for k in (5, tb.PERSISTENT_K_MAX + 1):  # a larger k takes ce_kernel: the persistent one spills there
+        tb.ce_forward(LossCall(logits=x.reshape(m // 2, Q, 2), ab=ab.reshape(m // 2, 2, 2), k=k))
+    assert [name for name, _ in seen if name.startswith("ce")] == ["ce_persistent_kernel", "ce_kernel"], seen
     for name, grid in seen:
         assert all(g <= tb.GRID_YZ_MAX for g in grid[1:]) and 1 <= grid[0] < 2**31, (name, grid)
     with pytest.raises(ValueError, match="axes 1 and 2 hold at most 65535"):

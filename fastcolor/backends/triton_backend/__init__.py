@@ -170,9 +170,7 @@ def config(kind: str, dtype: torch.dtype, p: int = 0, device: torch.device | Non
     if kind == "am_stream":  # [32, 64] chunks: 16 values per thread a chunk (a first guess, untimed)
         return (64, 4, None)
     if kind == "ce_persistent":  # [32, 64] chunks, 16-byte loads along pixels (a first guess, untimed);
-        # uncapped, ptxas for sm_90 chose 128 registers and spilled 32 bytes (bf16, ab); at 232, k = 16
-        # with a SoftLabels target spilled 16 bytes (sm_90): 255 there
-        return (64, 4, 232 if k <= 5 else 255)
+        return (64, 4, 232)  # uncapped, ptxas for sm_90 chose 128 registers and spilled 32 bytes (bf16, ab)
     if kind == "enc":
         return (128, 4, 168 if k <= 10 else 232)
     if p % 16:
@@ -298,8 +296,8 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
             p, -1.0 / (2.0 * float(call.sigma) ** 2), float(call.grad_scale))
     consts.update(ENCODE=encode, HAS_CW=cw is not None, HAS_MASK=im is not None, HAS_PS=ps is not None,
                   WRITE_GRAD=bool(call.need_grad))
-    if loss_mode() == "persistent" and not rows:
-        cfg = config("ce_persistent", logits.dtype, p, device=dev, k=kk)
+    if loss_mode() == "persistent" and not rows and kk <= PERSISTENT_K_MAX:
+        cfg = config("ce_persistent", logits.dtype, p, device=dev)
         tpi = triton.cdiv(p, cfg[0])
         tiles = n * tpi
         args = args[:12] + (p, tiles, tpi) + args[13:]
@@ -315,6 +313,11 @@ def ce_forward(call: LossCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 #: Classes per chunk of the persistent loss kernel.
 PERSISTENT_CLASSES = 32
+#: The largest k the persistent loss kernel takes (a larger one takes ``ce_kernel``): with a
+#: SoftLabels target its k bins and weights per pixel (kept as 2k rows for the gradient sweep, with
+#: the next tile's target) spilled 16-480 bytes for k = 16 and 400 bytes for k = 10 (float32, sm_80)
+#: at every configuration tried (BP 32/64, 4/8 warps, caps 232/255; ptxas -v, triton 3.8).
+PERSISTENT_K_MAX = 5
 #: Programs per SM of the persistent loss kernel at most (and where its registers cannot be read).
 PERSISTENT_PROGRAMS_PER_SM = 4
 #: Programs of the persistent loss kernel in the interpreter (CPU tensors): a few, so that each

@@ -69,8 +69,8 @@ def variants() -> list[Variant]:
             for probs in ((), ("IS_PROBS",)):
                 out.append(Variant("annealed_mean_kernel", dt, layout, 0, probs))
                 out.append(Variant("annealed_mean_stream_kernel", dt, layout, 0, probs))
-            if layout != "rows":  # lists of pixels take ce_kernel
-                for k in (5, 16):
+            if layout != "rows":  # lists of pixels, and k > PERSISTENT_K_MAX, take ce_kernel
+                for k in (5,):
                     out.append(Variant("ce_persistent_kernel", dt, layout, k, ("ENCODE", "WRITE_GRAD")))
                     out.append(Variant("ce_persistent_kernel", dt, layout, k, ("WRITE_GRAD",)))
         if layout == "aligned":
