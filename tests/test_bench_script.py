@@ -264,3 +264,21 @@ def test_a_missing_extension_and_old_versions_are_said_loudly(monkeypatch, capsy
     monkeypatch.setattr(driver, "version_problems", lambda: [])
     driver._say_what_is_missing("cuda", m)
     assert capsys.readouterr().err == "" and "extension_missing" not in m
+
+
+@pytest.mark.triton
+def test_opt_in_kernel_rows_beside_the_defaults(interp):
+    """``modes:triton:stream``: the decode rows of the per-mode table with the streaming kernel,
+    labelled with the variant; the default modes part leaves compile to its own part when split."""
+    from fastcolor.app.bench import driver
+
+    pytest.importorskip("triton")
+    data = driver.run_part("modes:triton:stream", "cpu", True, None, common.Budget(float("inf")), 0,
+                           opts={"modes": ["kernel", "eager"]})
+    rows = data["rows"]
+    assert [(r["op"], r["mode"], r["variant"]) for r in rows] == [("decode", "kernel", "triton:stream"),
+                                                                   ("decode", "eager", "triton:stream")]
+    assert all(r["ok"] and r["backend"] == "triton" for r in rows), rows
+    assert "FASTCOLOR_TRITON_DECODE" not in os.environ  # the variant's environment is restored
+    table = report.modes_table(rows, None)
+    assert "| decode | 1x313x5x7 | float32 | kernel | triton:stream |" in table
