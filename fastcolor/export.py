@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastcolor._extras import MissingExtraError
 from fastcolor._version import __version__
 from fastcolor.colorize import decode_temperature
 from fastcolor.gamut import ab_bins
 from fastcolor.io import atomic_write_bytes
-from fastcolor.monitor import MissingExtraError
 from fastcolor.reference import T_MODE
 
 __all__ = ["ColorizerGraph", "export_onnx", "DEFAULT_OPSET", "MIN_OPSET", "max_opset", "require_exporter"]

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, safe_open, save
 
 __all__ = [
     "DiskFullError", "DirectoryLockedError", "lock_directory", "check_unlocked", "LOCK_FILE", "temp_prefix",
+    "file_kind", "open_regular",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
     "save_tensors", "load_tensors", "flatten_optimizer_state", "unflatten_optimizer_state",
     "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "tensor_shapes", "load_state_file",
@@ -286,6 +288,48 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 MAX_SAFETENSORS_HEADER = 100_000_000
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, what: str = "here", error: type[OSError] = OSError):
+    """A binary file object for ``path``, refusing anything but a regular file *before* reading
+    from it: opening a FIFO for reading waits for a writer (forever), a device never ends. The
+    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read.
+    ``what`` ends the refusal ("only regular files are read <what>"); a refusal raises ``error``
+    (an ``OSError`` subclass: :class:`fastcolor.data.UnreadableImageError` for images), a missing
+    file ``FileNotFoundError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                        f"fix or remove the link") from None
+        raise
+    except OSError as e:  # permission denied, a loop of symbolic links, ...
+        raise error(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: {file_kind(st.st_mode)}, not a regular file; only regular files "
+                        f"are read {what}")
+        if st.st_size == 0:
+            raise error(f"{path}: empty file (0 bytes)")
+        return open(path, "rb", opener=lambda _p, _f: fd)  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _RefusedFile(OSError):
+    """:func:`open_regular`'s refusal of a weights file, turned into a ``ValueError`` by :func:`open_weights_file`."""
+
+
 def open_weights_file(path: str | os.PathLike):
     """``path`` opened for binary reading, refusing before any byte is read anything but a regular,
     non-empty file: ``FileNotFoundError`` if nothing is there, ``ValueError`` naming the file and
@@ -297,13 +341,11 @@ def open_weights_file(path: str | os.PathLike):
         with open_weights_file("model.safetensors") as f:   # os.mkfifo'd name: ValueError, no hang
             head = f.read(8)
     """
-    from fastcolor.data.images import UnreadableImageError, _open_regular  # fastcolor.data imports this module
-
     try:
-        return _open_regular(path, what="as weights files")
+        return open_regular(path, "as weights files", _RefusedFile)
     except FileNotFoundError:
         raise FileNotFoundError(f"path: no such weights file: {path}") from None
-    except UnreadableImageError as exc:
+    except _RefusedFile as exc:
         raise ValueError(f"path: cannot read {exc}") from None
 
 

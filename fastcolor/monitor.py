@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastcolor._extras import MissingExtraError
 from fastcolor.color import gray_rgb, l_ab_to_rgb
 from fastcolor.colorize import colorize_tensor
 
@@ -36,8 +37,6 @@ __all__ = ["TensorBoardMonitor", "MissingExtraError", "IMAGE_TAG"]
 IMAGE_TAG = "validation/gray|predicted|truth"
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency of fastcolor is not installed; the message names the extra to install."""
 
 
 def _summary_writer_class():

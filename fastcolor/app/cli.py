@@ -822,9 +822,9 @@ def _describe_config(cfg: TrainConfig) -> str:
 def cmd_train(args) -> int:
     import torch
 
+    from fastcolor._extras import MissingExtraError
     from fastcolor.data import NoReadableImagesError
     from fastcolor.io import DiskFullError, check_unlocked
-    from fastcolor.monitor import MissingExtraError
     from fastcolor.train import RUN_FILES, CheckpointError, check_device, checkpoint_meta, train
 
     main_rank = _rank() == 0

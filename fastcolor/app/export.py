@@ -29,10 +29,10 @@ WEIGHTS_ARG = "RUN_OR_WEIGHTS"
 def cmd_export(args) -> int:
     """Resolve and load ``args.weights`` on the CPU, export it to ``args.output``, say what was written
     (one line, or with ``args.json`` a JSON object on stdout)."""
+    from fastcolor._extras import MissingExtraError
     from fastcolor.app.weights import load_weights
     from fastcolor.colorize import decode_temperature
     from fastcolor.export import DEFAULT_OPSET, MIN_OPSET, export_onnx, max_opset, require_exporter
-    from fastcolor.monitor import MissingExtraError
 
     path = _check_output(args.output, args.overwrite)
     try:  # first: without onnx nothing else matters, and the opset check below imports it

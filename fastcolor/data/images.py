@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import stat
 import struct
 import warnings
 
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
+from fastcolor.io import file_kind, open_regular
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "check_pixel_limit", "file_kind", "open_image", "draft_jpeg",
            "load_rgb", "pil_to_rgb", "load_square", "load_l"]
@@ -52,40 +52,9 @@ def check_pixel_limit(im: Image.Image, path: str | os.PathLike) -> None:
             f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it")
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def file_kind(mode: int) -> str:
-    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
 def _open_regular(path: str | os.PathLike, what: str = "as images"):
-    """A binary file object for ``path``, refusing anything but a regular file *before* reading
-    from it: opening a FIFO for reading waits for a writer (forever), a device never ends. The
-    file is opened non-blocking and checked with ``fstat``, so what is checked is what is read.
-    ``what`` ends the refusal ("only regular files are read <what>")."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise UnreadableImageError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist; "
-                                       f"fix or remove the link") from None
-        raise
-    except OSError as e:  # permission denied, a loop of symbolic links, ...
-        raise UnreadableImageError(f"{path}: cannot be opened ({e.strerror or e})") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnreadableImageError(f"{path}: {file_kind(st.st_mode)}, not a regular file; only regular files "
-                                       f"are read {what}")
-        if st.st_size == 0:
-            raise UnreadableImageError(f"{path}: empty file (0 bytes)")
-        return open(path, "rb", opener=lambda _p, _f: fd)  # noqa: SIM115 - closed by open_image
-    except BaseException:
-        os.close(fd)
-        raise
+    """:func:`fastcolor.io.open_regular` refusing with :class:`UnreadableImageError`."""
+    return open_regular(path, what, UnreadableImageError)
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ def require_webdataset():
     try:
         import webdataset
     except ImportError as exc:
-        from fastcolor.monitor import MissingExtraError
+        from fastcolor._extras import MissingExtraError
 
         raise MissingExtraError(f"reading shards needs the webdataset package ({exc}); install it with "
                                 f"pip install 'fastcolor[shards]'") from None
