@@ -20,15 +20,18 @@ from safetensors.torch import save_file
 import fastcolor.train as ft
 from fastcolor.app import cli
 
+_train = ft.train
+
+
 def train(cfg):  # the CLI's own train(), and each rank's weights for the test
-    res = ft.train(cfg)
+    res = _train(cfg)
     state = {k: v.detach().clone().contiguous() for k, v in res.model.state_dict().items()}
     save_file(state, os.path.join(os.environ["FC_OUT"], "rank" + os.environ["RANK"] + ".safetensors"))
     with open(os.path.join(os.environ["FC_OUT"], "val" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump([h["val_loss"] for h in res.history], f)
     return res
 
-cli.train = train
+ft.train = train  # cmd_train imports train from fastcolor.train when it runs
 sys.exit(cli.main(sys.argv[1:]))
 """
 
