@@ -110,6 +110,7 @@ class ShardSource(FolderSource):
         shards = sample_shards(self.train_shards, n, cfg.seed) if kind == "sample" else self.train_shards
         self.prior_ds = ShardDataset(shards, shuffle=False, **common)
         self._reported: set[str] = set()
+        self._make_stages()
 
     @property
     def train_images(self) -> int:

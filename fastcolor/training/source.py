@@ -187,6 +187,7 @@ class FolderSource:
         prior_items = sample_items(self.split["train"], n, cfg.seed) if kind == "sample" else self.split["train"]
         self.prior_ds = dataset(cfg.data_dir, prior_items, False)
         self._reported: set[str] = set()
+        self._make_stages()
 
     def transforms(self) -> tuple[bool | v2.Transform, bool | v2.Transform]:
         """The ``augment=`` of the training and validation datasets: ``augment`` (zoom, rotation,
@@ -257,18 +258,23 @@ class FolderSource:
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
 
     def _stage(self, name: str) -> DeviceStage:
-        """The device half of the ``name`` batches ("train", "val" or "prior"): decoding (bytes), the
-        augmentation (training), the crop (training: random; validation: the centre) and mirror
-        (training), Lab and the target (:class:`~fastcolor.data.DeviceStage`)."""
-        stages = self.__dict__.setdefault("_stages", {})
-        if name not in stages:
-            cfg, train = self.cfg, name == "train"
+        """The device half of the ``name`` batches ("train", "val" or "prior")."""
+        return self._stages[name]
+
+    def _make_stages(self) -> None:
+        """The device halves of the batches (:class:`~fastcolor.data.DeviceStage`): decoding
+        (bytes), the augmentation (training), the crop (training: random; validation: the centre)
+        and mirror (training), Lab and the target. Made by :meth:`attach`, not at the first batch:
+        kornia reads its parameter ranges on the host once, when its samplers are made, and that
+        belongs to the setup, not to a training step (tests/test_train_syncs.py)."""
+        cfg, self._stages = self.cfg, {}
+        for name in ("train", "val", "prior"):
+            train = name == "train"
             crop = CropMirror(cfg.crop_size if name != "prior" else None, random_crop=train,
                               mirror=train and cfg.mirror)
             augment = augmentation().ops.to(self.device) if train and cfg.augment else None
-            stages[name] = DeviceStage(self.device, self.stride, cfg.target_reduction, size=self.size, crop_mirror=crop,
-                                       augment=augment)
-        return stages[name]
+            self._stages[name] = DeviceStage(self.device, self.stride, cfg.target_reduction, size=self.size,
+                                             crop_mirror=crop, augment=augment)
 
     def _report(self, batch: dict[str, Any]) -> None:
         """Warn once per run about each unreadable file a batch's samples skipped (the workers
