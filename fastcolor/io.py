@@ -293,7 +293,13 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
 
 
 def file_kind(mode: int) -> str:
-    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages."""
+    """What ``st_mode`` says a path is, in words ("a FIFO (named pipe)", ...), for messages.
+
+    Example:
+        >>> import os
+        >>> file_kind(os.stat("/").st_mode), file_kind(os.stat("/dev/null").st_mode)
+        ('a directory', 'a character device')
+    """
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
@@ -303,7 +309,16 @@ def open_regular(path: str | os.PathLike, what: str = "here", error: type[OSErro
     file is opened non-blocking and checked with ``fstat``, so what is checked is what is read.
     ``what`` ends the refusal ("only regular files are read <what>"); a refusal raises ``error``
     (an ``OSError`` subclass: :class:`fastcolor.data.UnreadableImageError` for images), a missing
-    file ``FileNotFoundError``."""
+    file ``FileNotFoundError``.
+
+    Example:
+        >>> with open_regular(__file__) as f:        # a regular file: opened
+        ...     f.readable()
+        True
+        >>> open_regular("/dev/null", "as weights files")
+        Traceback (most recent call last):
+        OSError: /dev/null: a character device, not a regular file; only regular files are read as weights files
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

@@ -48,6 +48,23 @@ def test_import_and_public_names_import_no_heavy_module():
     assert out["heavy"] == []
 
 
+#: The library's modules a user imports to load, colorize, evaluate or train: without torch._dynamo
+#: too (torchvision imports it, so torchvision is imported where a resize, a decode or a fusion
+#: backbone is needed; kornia where a colour conversion or the augmentation runs).
+LIBRARY_MODULES = ("fastcolor.colorize", "fastcolor.models", "fastcolor.data", "fastcolor.train", "fastcolor.metrics",
+                   "fastcolor.export", "fastcolor.io")
+
+
+def test_library_modules_import_no_heavy_module():
+    out = _run(f"""
+        import importlib, json, sys
+        for name in {LIBRARY_MODULES!r}:
+            importlib.import_module(name)
+        print(json.dumps({{"heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert out["heavy"] == []
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], []])
 def test_cli_help_and_version_import_no_torch(argv):
     out = _run(f"""

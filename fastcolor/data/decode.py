@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import default_collate
-from torchvision.transforms import v2
 
 from fastcolor.data.images import UnreadableImageError, _open_regular, load_square, open_image
 
@@ -165,6 +164,8 @@ def decode_batch(data: Sequence[torch.Tensor], paths: Sequence[str], size: int, 
     """
     if len(data) != len(paths):
         raise ValueError(f"data and paths must have the same length, got {len(data)} and {len(paths)}")
+    from torchvision.transforms.v2.functional import resize  # here: torchvision imports torch._dynamo (~1 s)
+
     device = torch.device(device)
     reported = set() if reported is None else reported
     jpeg = [i for i, x in enumerate(data) if is_jpeg(x)]
@@ -176,7 +177,7 @@ def decode_batch(data: Sequence[torch.Tensor], paths: Sequence[str], size: int, 
     for i, x in enumerate(data):
         img = decoded.get(i)
         if img is not None:
-            img = v2.functional.resize(img, [size, size], antialias=True)
+            img = resize(img, [size, size], antialias=True)
         else:  # not a JPEG, or one the batched decoder refused (CMYK, corrupt, ...): PIL, from the same bytes
             try:
                 img = load_square(paths[i], size, data=x.numpy().tobytes()).to(device, non_blocking=True)

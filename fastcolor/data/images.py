@@ -15,7 +15,6 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
 
 from fastcolor.color import rgb_to_lab
 from fastcolor.io import file_kind, open_regular
@@ -153,7 +152,9 @@ def load_square(path: str | os.PathLike, size: int, data: bytes | None = None) -
     2) of a full decode's, at a quarter to an eighth of the decode time (tests/test_loader.py;
     drafting to ``size`` itself differed by up to 3 levels on average on sharp 500x375 photos).
     ``data``: the file's bytes, already read (see :func:`load_rgb`)."""
-    return v2.functional.resize(_pil_to_tensor(load_rgb(path, 2 * size, data)), [size, size], antialias=True)
+    from torchvision.transforms.v2.functional import resize  # here: torchvision imports torch._dynamo (~1 s)
+
+    return resize(_pil_to_tensor(load_rgb(path, 2 * size, data)), [size, size], antialias=True)
 
 
 def load_l(path: str | os.PathLike, size: int) -> torch.Tensor:

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from fastcolor.color import gray_rgb
@@ -106,6 +105,8 @@ class Embedder(nn.Module):
         # cached by one process match a model rebuilt later from its config.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
+            import torchvision  # here: it imports torch._dynamo (~1 s), which only a fusion model needs
+
             self.net = getattr(torchvision.models, backbone)(weights=None, **kwargs)
         self.weights_id = None
         if weights is not None:

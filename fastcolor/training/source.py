@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from torchvision.transforms import v2
 
 from fastcolor.data import (
     ColorizationDataset,
@@ -180,7 +179,9 @@ class FolderSource:
                                        target_reduction=cfg.target_reduction, report_skips="sample",
                                        output="bytes" if self.decode == "gpu" else "rgb")
 
-        train_aug, val_aug = self.transforms()
+        # images that the device transforms (augments, crops) have no cached embedding
+        train_aug = cfg.augment or cfg.crop_size is not None or cfg.mirror
+        val_aug = cfg.crop_size is not None
         self.train_ds = dataset(cfg.data_dir, self.split["train"], train_aug)
         self.val_ds = dataset(self.val_root, self.val_items, val_aug)
         kind, n = parse_prior(cfg.prior)
@@ -188,20 +189,6 @@ class FolderSource:
         self.prior_ds = dataset(cfg.data_dir, prior_items, False)
         self._reported: set[str] = set()
         self._make_stages()
-
-    def transforms(self) -> tuple[bool | v2.Transform, bool | v2.Transform]:
-        """The ``augment=`` of the training and validation datasets: ``augment`` (zoom, rotation,
-        shear, flip), then a random ``crop_size`` crop and a random horizontal mirror (the authors'
-        data layer); validation sees the centre crop (what Caffe's data layer does in its TEST phase)."""
-        cfg = self.cfg
-        if cfg.crop_size is None and not cfg.mirror:
-            return cfg.augment, False
-        ts: list[v2.Transform] = [augmentation()] if cfg.augment else []
-        if cfg.crop_size is not None:
-            ts.append(v2.RandomCrop(cfg.crop_size))
-        if cfg.mirror:
-            ts.append(v2.RandomHorizontalFlip())
-        return v2.Compose(ts), (v2.CenterCrop(cfg.crop_size) if cfg.crop_size is not None else False)
 
     @property
     def train_images(self) -> int:
