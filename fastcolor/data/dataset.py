@@ -23,6 +23,22 @@ __all__ = ["OUTPUTS", "ColorizationDataset"]
 OUTPUTS = ("lab", "rgb", "bytes")
 
 
+def _square_sample(ds: Any, x: torch.Tensor, index: int) -> dict[str, Any]:
+    """The sample of one decoded square ``x`` (uint8 (3, S, S)) of a dataset ``ds`` (a
+    :class:`ColorizationDataset` or a :class:`~fastcolor.data.shards.ShardDataset`: its
+    ``transform``, ``output``, ``target_stride`` and ``target_reduction``): ``{"rgb", "index"}``
+    for ``output="rgb"``, else ``{"L", "ab", "index"}``."""
+    if ds.transform is not None:
+        x = ds.transform(x)
+    if ds.output == "rgb":
+        if x.dtype != torch.uint8:
+            raise ValueError(f"augment must keep uint8 images with output='rgb' (crops, flips; the affine "
+                             f"augmentation runs on the device), got {x.dtype} from {ds.transform!r}")
+        return {"rgb": x, "index": index}
+    lab = rgb_to_lab(x)
+    return {"L": lab[:1], "ab": reduce_target(lab[1:], ds.target_stride, ds.target_reduction), "index": index}
+
+
 class ColorizationDataset(Dataset):
     """L and ab target tensors from a list of :class:`ImageItem` under ``root``.
 
@@ -95,18 +111,7 @@ class ColorizationDataset(Dataset):
         if self.output == "bytes":
             sample = {"data": read_bytes(path), "path": str(path), "index": index}
         else:
-            x = load_square(path, self.size)
-            if self.transform is not None:
-                x = self.transform(x)
-            if self.output == "rgb":
-                if x.dtype != torch.uint8:
-                    raise ValueError(f"augment must keep uint8 images with output='rgb' (crops, flips; the affine "
-                                     f"augmentation runs on the device), got {x.dtype} from {self.transform!r}")
-                sample = {"rgb": x, "index": index}
-            else:
-                lab = rgb_to_lab(x)
-                ab = reduce_target(lab[1:], self.target_stride, self.target_reduction)
-                sample = {"L": lab[:1], "ab": ab, "index": index}
+            sample = _square_sample(self, load_square(path, self.size), index)
         if self.embeddings is not None:
             emb = self.embeddings.get(path)
             if emb is None:

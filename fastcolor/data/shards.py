@@ -501,9 +501,8 @@ class ShardDataset(IterableDataset):
         """(the sample of one image's members, "") or (None, "<name>\t<why>") if its members are
         not an image and a class, or its bytes do not decode. Only decoding is judged here: a
         transform that fails is a mistake of the caller's, raised."""
-        from fastcolor.color import rgb_to_lab
+        from fastcolor.data.dataset import _square_sample
         from fastcolor.data.images import load_square
-        from fastcolor.data.transforms import reduce_target
 
         key = group["__key__"]
         image = [k for k in group if k not in ("__key__", "__url__", "cls", "json")]
@@ -519,16 +518,7 @@ class ShardDataset(IterableDataset):
             x = load_square(name, self.size, data=data)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             return None, f"{name}\t{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        if self.transform is not None:
-            x = self.transform(x)
-        if self.output == "rgb":
-            if x.dtype != torch.uint8:
-                raise ValueError(f"augment must keep uint8 images with output='rgb' (crops, flips), got {x.dtype} "
-                                 f"from {self.transform!r}")
-            return {"rgb": x, "index": index}, ""
-        lab = rgb_to_lab(x)
-        return {"L": lab[:1], "ab": reduce_target(lab[1:], self.target_stride, self.target_reduction),
-                "index": index}, ""
+        return _square_sample(self, x, index), ""
 
 
 def _reason(exc: BaseException) -> str:
