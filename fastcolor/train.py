@@ -72,9 +72,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import inspect
 import io
-import itertools
 import json
 import math
 import os
@@ -307,15 +305,6 @@ class _Trainer:
         end = (self.step // every + 1) * every
         return end if self.limit is None else min(end, self.limit)
 
-    def _train_batches(self, epoch: int, skip: int):
-        """The training batches of data epoch ``epoch`` from its batch ``skip`` on (a source that
-        cannot start there has its first batches read and dropped)."""
-        if not skip:
-            return self.source.train_loader(epoch)
-        if "skip" in inspect.signature(self.source.train_loader).parameters:
-            return self.source.train_loader(epoch, skip=skip)
-        return itertools.islice(self.source.train_loader(epoch), skip, None)
-
     def run_period(self, model, opt, weights, period: int) -> float:
         """Train from the current step to :meth:`period_end` (over data epochs' ends where
         ``val_every`` says so); the mean training loss. The loss is read every ``log_every`` steps
@@ -336,7 +325,7 @@ class _Trainer:
                 torch.manual_seed(epoch_seed(cfg.seed, epoch, self.d.rank))
             stop = min(end, (epoch + 1) * self.steps_per_epoch)
             taken = 0
-            for batch in self._train_batches(epoch, skip):
+            for batch in self.source.train_loader(epoch, skip=skip):
                 self.train_step(model, opt, batch, weights, meter, i)
                 i, taken = i + 1, taken + 1
                 if i % cfg.log_every == 0 or i == steps:
@@ -376,9 +365,7 @@ class _Trainer:
         the fixed validation order)."""
         model.eval()
         meter = _LossMeter(self.device)
-        bounded = "max_batches" in inspect.signature(self.source.val_loader).parameters
-        loader = self.source.val_loader(max_batches) if bounded else self.source.val_loader()
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(self.source.val_loader(max_batches)):
             if max_batches is not None and i >= max_batches:
                 break
             batch = self.source.to_device(batch)
