@@ -240,13 +240,9 @@ class FolderSource:
     def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``L``, ``ab`` (and ``embedding`` when the batch has one) on the model's device."""
         if "stage" in batch:  # uint8 images or file bytes from the workers: the device does the rest
-            return self._stage(batch["stage"])(batch)
+            return self._stages[batch["stage"]](batch)  # "train", "val" or "prior"
         keys = ("L", "ab", "embedding")  # made by the workers (shards)
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
-
-    def _stage(self, name: str) -> DeviceStage:
-        """The device half of the ``name`` batches ("train", "val" or "prior")."""
-        return self._stages[name]
 
     def _make_stages(self) -> None:
         """The device halves of the batches (:class:`~fastcolor.data.DeviceStage`): decoding
